@@ -65,6 +65,13 @@ class _HTTPServer(ThreadingHTTPServer):
     counter: ByteCounter
     host_id: str
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Clients hanging up (or tests resetting connections) are routine; anything else is a bug.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return
+        logger.exception("local OSS server: error while serving %s", client_address)
+
 
 class OSSServer:
     """A threaded OSS-compatible HTTP server on 127.0.0.1.
