@@ -1,7 +1,7 @@
 """Byte formats of the ODPS tunnel download, as the real pyodps 0.13.2 client decodes them.
 
 The local ODPS server (:mod:`kubeai_train.testing.odps_server`) encodes table rows with these
-functions; :mod:`kubeai_train.data.odps` decodes the Arrow framing with :func:`ArrowDeframer`.
+functions.
 
 Arrow download body (``GET ...?data&arrow``)::
 
@@ -10,7 +10,8 @@ Arrow download body (``GET ...?data&arrow``)::
     last:     0..chunk_size-1 data bytes + uint32 BE CRC32C(all data bytes)     (always present)
 
 The concatenated data bytes are an Arrow IPC stream *without* its schema message (the client
-prepends the schema it derives from the session's ODPS schema). Record download bodies are
+prepends the schema it derives from the session's ODPS schema); the reader in
+:mod:`kubeai_train.data.odps` deframes and verifies it. Record download bodies are
 protobuf-wire records with per-record CRC32C and a CRC-of-CRCs footer. Compression
 (deflate, zstd, lz4 frame) wraps the whole body.
 """
@@ -27,8 +28,6 @@ import pyarrow as pa
 __all__ = [
     "ARROW_EOS",
     "ENCODINGS",
-    "ArrowDeframer",
-    "ChecksumMismatch",
     "compress_body",
     "crc32c",
     "encode_arrow_batches",
@@ -43,10 +42,6 @@ ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 ENCODINGS = ("deflate", "zstd", "x-lz4-frame", "x-odps-lz4-frame", "lz4_frame")
 
 _U32 = struct.Struct("!I")
-
-
-class ChecksumMismatch(IOError):
-    """A tunnel chunk's CRC32C does not match its data (corrupt or truncated body)."""
 
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -88,79 +83,6 @@ def frame_arrow(data: bytes, chunk_size: int = 65536, corrupt_chunk: int | None 
         total ^= 0xFFFFFFFF
     out += _U32.pack(total)
     return bytes(out)
-
-
-class ArrowDeframer:
-    """Incremental decoder of the tunnel's chunk + CRC32C framing, verifying every checksum.
-
-    Feed it body bytes in blocks of any size; it returns the verified data bytes. Checksums are
-    computed over whole chunks with hardware CRC32C (the crc32c package), so verifying costs a small
-    fraction of the wire time.
-
-    Raises:
-        ChecksumMismatch: from :meth:`feed` on a bad chunk CRC, from :meth:`finish` on a bad or
-            missing final CRC (a body cut short ends up here).
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._chunk: int | None = None
-        self._total = 0
-        self.data_bytes = 0
-
-    def feed(self, block: bytes | memoryview) -> list[memoryview]:
-        """Add body bytes; return the data of every complete, verified chunk."""
-        self._buf += block
-        buf = self._buf
-        pos = 0
-        if self._chunk is None:
-            if len(buf) < 4:
-                return []
-            (self._chunk,) = _U32.unpack_from(buf, 0)
-            if self._chunk < 1:
-                raise ChecksumMismatch(f"invalid tunnel chunk size {self._chunk}")
-            pos = 4
-        size = self._chunk
-        step = size + 4
-        out: list[memoryview] = []
-        # The final chunk is always shorter than chunk_size + 4, so a complete span of that length
-        # is a full chunk.
-        while len(buf) - pos >= step:
-            chunk = bytes(buf[pos : pos + size])
-            (expect,) = _U32.unpack_from(buf, pos + size)
-            got = crc32c(chunk)
-            if got != expect:
-                raise ChecksumMismatch(
-                    f"tunnel chunk CRC32C mismatch at data byte {self.data_bytes}: "
-                    f"got {got:#010x}, expected {expect:#010x}"
-                )
-            self._total = crc32c(chunk, self._total)
-            self.data_bytes += size
-            out.append(memoryview(chunk))
-            pos += step
-        if pos:
-            del buf[:pos]
-        return out
-
-    def finish(self) -> list[memoryview]:
-        """Verify the final short chunk and its whole-stream CRC; return its data.
-
-        Call after the body ended (and after a last :meth:`feed`).
-        """
-        buf = self._buf
-        if self._chunk is None or len(buf) < 4:
-            raise ChecksumMismatch(f"tunnel body ended early after {self.data_bytes} data bytes")
-        last = bytes(buf[:-4])
-        (expect,) = _U32.unpack_from(buf, len(buf) - 4)
-        total = crc32c(last, self._total)
-        if total != expect:
-            raise ChecksumMismatch(
-                f"tunnel stream CRC32C mismatch after {self.data_bytes + len(last)} data bytes "
-                "(corrupt or truncated body)"
-            )
-        self.data_bytes += len(last)
-        buf.clear()
-        return [memoryview(last)] if last else []
 
 
 def compress_body(body: bytes, encoding: str) -> bytes:

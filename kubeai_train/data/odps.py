@@ -1,0 +1,968 @@
+"""``odps://`` source: MaxCompute (ODPS) tables read through the real pyodps client's tunnel.
+
+URL: ``odps://<project>/tables/<table>[/<partition spec>]`` where the spec is a full or leading
+partial spec, ``ds=20260101`` or ``ds=20260101/hh=01`` (``,`` also separates keys). A partial
+spec reads every partition under it, in partition order.
+
+How it reads: one TableTunnel download session per table / partition per job, splits are row
+ranges of it, and rows come through the Arrow tunnel (``?data&arrow``, never the per-record
+reader). By default (``reader="fast"``) the download request is made and signed by pyodps's
+own session / RestClient, and its body is decoded here: chunks and their CRC32C checksums are
+verified with hardware CRC32C in whole chunks, and the Arrow IPC stream is decoded by pyarrow.
+``reader="pyodps"`` uses ``TableDownloadSession.open_arrow_reader`` unchanged instead.
+
+Sharing the download session (every rank and loader worker must read the same snapshot, and
+ODPS limits sessions): the session id of each partition is taken from, in order,
+
+1. the ``sessions`` option: ``{"<project>.<table>[/<spec>]": "<download id>"}``;
+2. the ``KUBEAI_ODPS_SESSIONS`` environment variable: the same mapping as JSON, which a chief,
+   a launcher or a scheduler sets after ``create_sessions(url)`` /
+   ``python -m kubeai_train.data.odps sessions URL`` (prints the ``export`` line);
+3. a shared directory (``session_dir`` option or ``KUBEAI_ODPS_SESSION_DIR``): the first process
+   creates the session under a lock file, the others reuse the id it writes;
+4. otherwise the process creates one when it first needs it; the source object then carries
+   the id to its DataLoader workers (pickled), so there is one session per rank.
+
+Faults: a reset or truncated body, HTTP 5xx and a CRC mismatch reopen the download at the exact
+row where the last complete batch ended (no row lost or duplicated), up to ``retries`` times;
+then :class:`~kubeai_train.data.types.ReadFailedError`. An expired session is replaced by a new
+one; if its row count differs, :class:`OdpsTableChangedError`. Missing table / partition:
+:class:`~kubeai_train.data.types.DatasetNotFoundError`; bad credentials or no permission:
+:class:`OdpsPermissionError`; each names project, table and partition.
+
+Credentials and endpoints (explicit options win): ``endpoint`` / ``ODPS_ENDPOINT``,
+``tunnel_endpoint`` / ``ODPS_TUNNEL_ENDPOINT``, ``access_id`` / ``ALIBABA_CLOUD_ACCESS_KEY_ID``,
+``secret_access_key`` / ``ALIBABA_CLOUD_ACCESS_KEY_SECRET``, ``security_token`` /
+``ALIBABA_CLOUD_SECURITY_TOKEN`` (STS). The project is the URL's. The secret is never logged,
+never in ``repr`` / ``describe`` / errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import struct
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from kubeai_train.data.types import (
+    ColumnNotFoundError,
+    DataError,
+    DatasetNotFoundError,
+    ReadFailedError,
+    Source,
+    Split,
+)
+
+try:
+    import odps as _odps  # noqa: F401  (fail early with the install hint)
+    import requests
+    import urllib3
+    from odps import ODPS
+    from odps import errors as odps_errors
+    from odps.tunnel import TableTunnel
+    from odps.tunnel.io.stream import CompressOption
+    from odps.tunnel.io.types import odps_type_to_arrow_type
+except ImportError as _e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("reading odps:// needs pyodps: pip install 'kubeai_train[odps]'") from _e
+
+import crc32c as _crc32c
+
+__all__ = [
+    "SESSIONS_ENV",
+    "SESSION_DIR_ENV",
+    "OdpsPermissionError",
+    "OdpsSessionError",
+    "OdpsSource",
+    "OdpsTableChangedError",
+    "create_sessions",
+    "main",
+]
+
+log = logging.getLogger("kubeai_train.data")
+
+SESSIONS_ENV = "KUBEAI_ODPS_SESSIONS"
+SESSION_DIR_ENV = "KUBEAI_ODPS_SESSION_DIR"
+_COMPRESSION = {
+    None: None,
+    "none": None,
+    "lz4": CompressOption.CompressAlgorithm.ODPS_LZ4,
+    "zstd": CompressOption.CompressAlgorithm.ODPS_ZSTD,
+    "zlib": CompressOption.CompressAlgorithm.ODPS_ZLIB,
+    "deflate": CompressOption.CompressAlgorithm.ODPS_ZLIB,
+}
+_READERS = ("fast", "pyodps")
+_URL = re.compile(r"^odps://(?P<project>[^/]+)/tables/(?P<table>[^/]+)(?:/(?P<spec>.*))?$")
+_ACCESS_DENIED = (
+    odps_errors.NoPermission,
+    odps_errors.SignatureNotMatch,
+    odps_errors.AuthorizationRequired,
+)
+
+
+class OdpsPermissionError(DataError, PermissionError):
+    """Credentials rejected or no permission on the table (names project, table, partition)."""
+
+
+class OdpsTableChangedError(DataError):
+    """A replacement download session sees a different row count: the table / partition was
+    rewritten while it was being read, so exactly-once cannot be kept. Restart the epoch."""
+
+
+class OdpsSessionError(DataError):
+    """A download session could not be created or shared (names the table and partition)."""
+
+
+Spec = tuple[tuple[str, str], ...]
+
+
+def _parse_spec(text: str, url: str) -> Spec:
+    out: list[tuple[str, str]] = []
+    for part in re.split(r"[,/]", text):
+        part = part.strip()
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        value = value.strip().strip("'\"")
+        if not eq or not key.strip() or not value:
+            raise ValueError(f"partition spec {text!r} in {url!r} must be key=value[/key=value...]")
+        out.append((key.strip(), value))
+    return tuple(out)
+
+
+def _spec_str(spec: Spec) -> str:
+    return ",".join(f"{k}={v}" for k, v in spec)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, DataError):
+        return False
+    if isinstance(exc, (ChecksumMismatch, odps_errors.ChecksumError)):
+        return True
+    if isinstance(exc, odps_errors.ODPSError):
+        status = getattr(exc, "status_code", None)
+        return status is not None and (status >= 500 or status == 429)
+    if isinstance(
+        exc,
+        (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            urllib3.exceptions.HTTPError,
+            http.client.HTTPException,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ):
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, PermissionError))
+
+
+_U32 = struct.Struct("!I")
+
+
+class ChecksumMismatch(IOError):
+    """A tunnel chunk's CRC32C does not match its data (corrupt or truncated body)."""
+
+
+class ArrowDeframer:
+    """Incremental decoder of the tunnel's chunk + CRC32C framing, verifying every checksum.
+
+    Feed it body bytes in blocks of any size; it returns the verified data bytes. Checksums are
+    computed over whole chunks with hardware CRC32C (the crc32c package), so verifying costs a small
+    fraction of the wire time.
+
+    Raises:
+        ChecksumMismatch: from :meth:`feed` on a bad chunk CRC, from :meth:`finish` on a bad or
+            missing final CRC (a body cut short ends up here).
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._chunk: int | None = None
+        self._total = 0
+        self.data_bytes = 0
+
+    def feed(self, block: bytes | memoryview) -> list[memoryview]:
+        """Add body bytes; return the data of every complete, verified chunk."""
+        self._buf += block
+        buf = self._buf
+        pos = 0
+        if self._chunk is None:
+            if len(buf) < 4:
+                return []
+            (self._chunk,) = _U32.unpack_from(buf, 0)
+            if self._chunk < 1:
+                raise ChecksumMismatch(f"invalid tunnel chunk size {self._chunk}")
+            pos = 4
+        size = self._chunk
+        step = size + 4
+        out: list[memoryview] = []
+        # The final chunk is always shorter than chunk_size + 4, so a complete span of that length
+        # is a full chunk.
+        while len(buf) - pos >= step:
+            chunk = bytes(buf[pos : pos + size])
+            (expect,) = _U32.unpack_from(buf, pos + size)
+            got = _crc32c.crc32c(chunk)
+            if got != expect:
+                raise ChecksumMismatch(
+                    f"tunnel chunk CRC32C mismatch at data byte {self.data_bytes}: "
+                    f"got {got:#010x}, expected {expect:#010x}"
+                )
+            self._total = _crc32c.crc32c(chunk, self._total)
+            self.data_bytes += size
+            out.append(memoryview(chunk))
+            pos += step
+        if pos:
+            del buf[:pos]
+        return out
+
+    def finish(self) -> list[memoryview]:
+        """Verify the final short chunk and its whole-stream CRC; return its data.
+
+        Call after the body ended (and after a last :meth:`feed`).
+        """
+        buf = self._buf
+        if self._chunk is None or len(buf) < 4:
+            raise ChecksumMismatch(f"tunnel body ended early after {self.data_bytes} data bytes")
+        last = bytes(buf[:-4])
+        (expect,) = _U32.unpack_from(buf, len(buf) - 4)
+        total = _crc32c.crc32c(last, self._total)
+        if total != expect:
+            raise ChecksumMismatch(
+                f"tunnel stream CRC32C mismatch after {self.data_bytes + len(last)} data bytes "
+                "(corrupt or truncated body)"
+            )
+        self.data_bytes += len(last)
+        buf.clear()
+        return [memoryview(last)] if last else []
+
+
+class OdpsSource(Source):
+    """Rows of an ODPS table (or of its partitions) as Arrow record batches, split by row range.
+
+    Args:
+        url: ``odps://<project>/tables/<table>[/<partition spec>]``.
+        endpoint, tunnel_endpoint, access_id, secret_access_key, security_token: see the module
+            docstring (explicit values win over the environment).
+        compression: ``None`` (default: loopback / fast networks), ``"lz4"``, ``"zstd"`` or
+            ``"zlib"``: the tunnel compresses the body, the reader decompresses it.
+        reader: ``"fast"`` (default) or ``"pyodps"`` (pyodps's own TunnelArrowReader).
+        parallel: range readers per ``read`` call fetching consecutive sub-ranges concurrently
+            (each its own HTTP connection), yielded in order.
+        split_rows: rows per split (a download request reads at most this many rows).
+        sessions: download ids to reuse, ``{"<project>.<table>[/<spec>]": id}``.
+        session_dir: a directory shared by all processes of the job, to share sessions.
+        partition_columns: append the partition keys as string columns (default True).
+        retries: reopen attempts per failing read before ReadFailedError.
+        timeout: seconds for connecting and for each socket read.
+
+    Raises:
+        ValueError: a malformed URL or option (one line naming it).
+        DatasetNotFoundError: the table, or a partition matching the spec, does not exist.
+        OdpsPermissionError: credentials rejected / no permission.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint: str | None = None,
+        tunnel_endpoint: str | None = None,
+        access_id: str | None = None,
+        secret_access_key: str | None = None,
+        security_token: str | None = None,
+        compression: str | None = None,
+        reader: str = "fast",
+        parallel: int = 1,
+        split_rows: int = 1 << 20,
+        sessions: Mapping[str, str] | None = None,
+        session_dir: str | os.PathLike[str] | None = None,
+        partition_columns: bool = True,
+        retries: int = 5,
+        backoff: float = 0.1,
+        timeout: float = 120.0,
+    ) -> None:
+        m = _URL.match(url) if isinstance(url, str) else None
+        if m is None:
+            raise ValueError(
+                f"ODPS URL must be odps://<project>/tables/<table>[/<partition spec>], got {url!r}"
+            )
+        self.url = url
+        self.project = m.group("project")
+        self.table_name = m.group("table")
+        self.spec: Spec = _parse_spec(m.group("spec") or "", url)
+        env = os.environ
+        self.endpoint = endpoint or env.get("ODPS_ENDPOINT")
+        self.tunnel_endpoint = tunnel_endpoint or env.get("ODPS_TUNNEL_ENDPOINT") or None
+        self.access_id = access_id or env.get("ALIBABA_CLOUD_ACCESS_KEY_ID")
+        self._secret = secret_access_key or env.get("ALIBABA_CLOUD_ACCESS_KEY_SECRET")
+        self._token = security_token or env.get("ALIBABA_CLOUD_SECURITY_TOKEN")
+        if not self.endpoint:
+            raise ValueError(f"{url}: no ODPS endpoint; set ODPS_ENDPOINT or pass endpoint=")
+        if not self.access_id or not self._secret:
+            raise ValueError(
+                f"{url}: no ODPS credentials; set ALIBABA_CLOUD_ACCESS_KEY_ID and "
+                "ALIBABA_CLOUD_ACCESS_KEY_SECRET or pass access_id= / secret_access_key="
+            )
+        if compression not in _COMPRESSION:
+            raise ValueError(f"compression must be one of None, 'lz4', 'zstd', 'zlib', got {compression!r}")
+        if reader not in _READERS:
+            raise ValueError(f"reader must be one of {_READERS}, got {reader!r}")
+        for name, v in (("parallel", parallel), ("split_rows", split_rows)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        self.compression = compression
+        self.reader = reader
+        self.parallel = parallel
+        self.split_rows = split_rows
+        self.partition_columns = partition_columns
+        self.retries = retries
+        self.backoff = backoff
+        self.timeout = timeout
+        sess_env = env.get(SESSIONS_ENV)
+        self._shared_sessions: dict[str, str] = {}
+        if sess_env:
+            try:
+                self._shared_sessions.update(json.loads(sess_env))
+            except ValueError as e:
+                raise ValueError(
+                    f"{SESSIONS_ENV} must be a JSON object of table keys to download ids: {e}"
+                ) from e
+        self._shared_sessions.update(sessions or {})
+        sdir = session_dir if session_dir is not None else env.get(SESSION_DIR_ENV)
+        self.session_dir = os.fspath(sdir) if sdir else None
+        # learned state (pickled to workers): partitions, session ids and their row counts
+        self._partitions: list[Spec] | None = None
+        self._partition_keys: tuple[str, ...] = ()
+        self._schema: pa.Schema | None = None
+        self._session_ids: dict[Spec, str] = {}
+        self._counts: dict[Spec, int] = {}
+        self._splits: list[Split] | None = None
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    # -- pickling / description: live clients stay behind, the secret never shows ------------------
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_local"] = None
+        d["_lock"] = None
+        return d
+
+    def __setstate__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OdpsSource({self.url!r}, endpoint={self.endpoint!r}, reader={self.reader!r})"
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "type": "odps",
+            "url": self.url,
+            "endpoint": self.endpoint,
+            "tunnel_endpoint": self.tunnel_endpoint,
+            "access_id": self.access_id,
+            "partitions": [_spec_str(s) for s in (self._partitions or [])],
+            "sessions": {self._key(s): i for s, i in self._session_ids.items()},
+            "compression": self.compression,
+            "reader": self.reader,
+            "parallel": self.parallel,
+        }
+
+    def _where(self, spec: Spec | None = None) -> str:
+        spec = self.spec if spec is None else spec
+        where = f"ODPS table {self.project}.{self.table_name}"
+        return where + (f" partition {_spec_str(spec)}" if spec else "")
+
+    def _key(self, spec: Spec) -> str:
+        return f"{self.project}.{self.table_name}" + (f"/{_spec_str(spec)}" if spec else "")
+
+    # -- pyodps objects (one set per thread: requests sessions are per thread in pyodps) ----------
+    @property
+    def _client(self) -> ODPS:
+        o = getattr(self._local, "odps", None)
+        if o is None:
+            kw: dict[str, Any] = {"project": self.project, "endpoint": self.endpoint}
+            if self.tunnel_endpoint:
+                kw["tunnel_endpoint"] = self.tunnel_endpoint
+            if self._token:
+                from odps.accounts import StsAccount
+
+                kw["account"] = StsAccount(self.access_id, self._secret, self._token)
+                o = ODPS(**kw)
+            else:
+                o = ODPS(self.access_id, self._secret, **kw)
+            self._local.odps = o
+            self._local.sessions = {}
+        return o
+
+    def _tunnel(self) -> TableTunnel:
+        t = getattr(self._local, "tunnel", None)
+        if t is None:
+            t = TableTunnel(self._client, endpoint=self.tunnel_endpoint)
+            self._local.tunnel = t
+        return t
+
+    def _translate(self, e: Exception, spec: Spec | None = None) -> Exception:
+        """A DataError for a pyodps error that will not heal by retrying."""
+        where = self._where(spec)
+        if isinstance(e, (odps_errors.NoSuchPartition,)):
+            return DatasetNotFoundError(
+                f"{where} does not exist (server: {e.code})", table=self._key(spec or ())
+            )
+        if isinstance(e, odps_errors.NoSuchObject):
+            return DatasetNotFoundError(
+                f"{where} does not exist (server: {getattr(e, 'code', '')})", table=self._key(spec or ())
+            )
+        if isinstance(e, _ACCESS_DENIED) or getattr(e, "status_code", None) in (401, 403):
+            return OdpsPermissionError(
+                f"access to {where} denied for access key id {self.access_id!r} "
+                f"(server: {getattr(e, 'code', type(e).__name__)}); check the credentials and the table's ACL",
+                table=self._key(spec or ()),
+            )
+        return e
+
+    # -- discovery -------------------------------------------------------------------------------
+    def _discover(self) -> None:
+        if self._partitions is not None:
+            return
+        o = self._client
+        table = o.get_table(self.table_name, project=self.project)
+        try:
+            table.reload()
+            tschema = table.table_schema
+            keys = tuple(p.name for p in tschema.partitions)
+            if keys and self.spec:
+                bad = [k for k, _ in self.spec if k not in keys]
+                if bad or [k for k, _ in self.spec] != list(keys[: len(self.spec)]):
+                    raise ValueError(
+                        f"{self.url}: partition spec {_spec_str(self.spec)!r} must name leading keys of "
+                        f"{', '.join(keys)}"
+                    )
+            elif self.spec:
+                raise ValueError(f"{self.url}: table {self.project}.{self.table_name} is not partitioned")
+            if keys:
+                prefix = _spec_str(self.spec) or None
+                found = [
+                    tuple((k, str(v)) for k, v in p.partition_spec.kv.items())
+                    for p in table.partitions.iterate_partitions(spec=prefix)
+                ]
+                parts: list[Spec] = sorted(found)
+                if not parts:
+                    raise DatasetNotFoundError(
+                        f"{self._where()} does not exist (no partition matches)", table=self._key(self.spec)
+                    )
+            else:
+                parts = [()]
+        except odps_errors.ODPSError as e:
+            raise self._translate(e) from e
+        fields = [pa.field(c.name, odps_type_to_arrow_type(c.type)) for c in tschema.simple_columns]
+        if self.partition_columns:
+            fields += [pa.field(k, pa.string()) for k in keys]
+        self._schema = pa.schema(fields)
+        self._partition_keys = keys
+        self._partitions = parts
+
+    def schema(self) -> pa.Schema:
+        self._discover()
+        assert self._schema is not None  # set by _discover
+        return self._schema
+
+    def partitions(self) -> list[str]:
+        """The partitions read (``k=v,k=v``), in order; ``[""]`` for a non-partitioned table."""
+        self._discover()
+        return [_spec_str(s) for s in self._partitions or []]
+
+    # -- sessions --------------------------------------------------------------------------------
+    def _create_session(self, spec: Spec, download_id: str | None = None):
+        kw: dict[str, Any] = {}
+        if spec:
+            kw["partition_spec"] = _spec_str(spec)
+        if self.compression:
+            kw["compress_option"] = CompressOption(_COMPRESSION[self.compression])
+        table = self._client.get_table(self.table_name, project=self.project)
+        try:
+            return self._tunnel().create_download_session(table, download_id=download_id, **kw)
+        except odps_errors.ODPSError as e:
+            raise self._translate(e, spec) from e
+
+    def _session(self, spec: Spec):
+        """This thread's pyodps TableDownloadSession for ``spec`` (shared id, see module doc)."""
+        cache = getattr(self._local, "sessions", None)
+        if cache is None:
+            _ = self._client
+            cache = self._local.sessions
+        sess = cache.get(spec)
+        if sess is not None:
+            return sess
+        sid = self._session_ids.get(spec) or self._shared_sessions.get(self._key(spec))
+        if sid is None and self.session_dir:
+            sid = self._session_from_dir(spec, stale=None)
+        if sid is None:
+            sess = self._create_session(spec)
+            log.info(
+                "created ODPS download session %s for %s (%d rows)", sess.id, self._where(spec), sess.count
+            )
+        else:
+            sess = self._create_session(spec, download_id=sid)
+            if sess.status == sess.Status.Expired:
+                sess = self._renew(spec, sess.id)
+        self._remember(spec, sess)
+        cache[spec] = sess
+        return sess
+
+    def _remember(self, spec: Spec, sess: Any) -> None:
+        count = int(sess.count)
+        with self._lock:
+            known = self._counts.get(spec)
+            if known is not None and known != count:
+                raise OdpsTableChangedError(
+                    f"{self._where(spec)} changed while being read: download session {sess.id} has "
+                    f"{count} rows, the splits were cut from {known}; restart the epoch (new splits)",
+                    table=self._key(spec),
+                )
+            self._counts[spec] = count
+            self._session_ids[spec] = sess.id
+
+    def _renew(self, spec: Spec, expired_id: str):
+        """A new session replacing ``expired_id`` (shared through session_dir if configured)."""
+        sid = self._session_from_dir(spec, stale=expired_id) if self.session_dir else None
+        sess = self._create_session(spec, download_id=sid) if sid else self._create_session(spec)
+        log.warning(
+            "ODPS download session %s of %s expired; continuing with %s",
+            expired_id,
+            self._where(spec),
+            sess.id,
+        )
+        return sess
+
+    def _session_from_dir(self, spec: Spec, stale: str | None) -> str | None:
+        """The id in the shared directory, creating (or replacing ``stale``) under a lock."""
+        assert self.session_dir is not None
+        d = Path(self.session_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        name = hashlib.sha1(f"{self.endpoint}|{self._key(spec)}".encode()).hexdigest()[:20]
+        path, lock = d / f"{name}.json", d / f"{name}.lock"
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if path.exists():
+                try:
+                    sid = json.loads(path.read_text())["id"]
+                except (ValueError, KeyError, OSError):
+                    sid = None
+                if sid and sid != stale:
+                    return str(sid)
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    if time.time() - lock.stat().st_mtime > 60:
+                        lock.unlink(missing_ok=True)  # a creator that died
+                except OSError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise OdpsSessionError(
+                        f"waited {self.timeout:.0f}s for another process to create the download session of "
+                        f"{self._where(spec)} in {d}; remove {lock} if no job is running"
+                    ) from None
+                time.sleep(0.05)
+                continue
+            try:
+                os.close(fd)
+                if path.exists():  # someone finished between our check and the lock
+                    sid = json.loads(path.read_text()).get("id")
+                    if sid and sid != stale:
+                        return str(sid)
+                sess = self._create_session(spec)
+                tmp = d / f"{name}.{os.getpid()}.tmp"
+                tmp.write_text(json.dumps({"key": self._key(spec), "id": sess.id, "count": int(sess.count)}))
+                os.replace(tmp, path)
+                log.info("created shared ODPS download session %s for %s", sess.id, self._where(spec))
+                return str(sess.id)
+            finally:
+                lock.unlink(missing_ok=True)
+
+    def session_ids(self) -> dict[str, str]:
+        """``{"<project>.<table>[/<spec>]": download id}`` of every partition (creating sessions)."""
+        self._discover()
+        return {self._key(s): self._session(s).id for s in self._partitions or []}
+
+    # -- splits ----------------------------------------------------------------------------------
+    def splits(self) -> Sequence[Split]:
+        if self._splits is None:
+            self._discover()
+            out: list[Split] = []
+            for spec in self._partitions or []:
+                count = int(self._session(spec).count)
+                key = self._key(spec)
+                for start in range(0, count, self.split_rows):
+                    out.append(
+                        Split(key, start, min(start + self.split_rows, count), {"partition": _spec_str(spec)})
+                    )
+            if not out and self._partitions:
+                log.info("%s holds no rows", self._where())
+            self._splits = out
+        return self._splits
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return _is_transient(exc)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read(
+        self, split: Split, columns: Sequence[str] | None = None, offset: int = 0
+    ) -> Iterator[pa.RecordBatch]:
+        schema = self.schema()
+        spec = _parse_spec(str(split.info.get("partition", "")), self.url) if split.info else ()
+        if not split.info and self._partition_keys:
+            spec = _parse_spec(split.key.partition("/")[2], self.url)
+        cols = list(columns) if columns is not None else schema.names
+        missing = [c for c in cols if schema.get_field_index(c) < 0]
+        if missing:
+            raise ColumnNotFoundError(
+                f"columns {missing} not in {self._where()}; columns: {', '.join(schema.names)}",
+                column=missing[0],
+            )
+        pkeys = set(self._partition_keys) if self.partition_columns else set()
+        data_cols = [c for c in cols if c not in pkeys]
+        all_data = [f.name for f in schema if f.name not in pkeys]
+        # the tunnel returns columns in table order; ask for all when all are wanted
+        fetch = (
+            None if sorted(data_cols) == sorted(all_data) else [c for c in all_data if c in set(data_cols)]
+        )
+        if fetch is not None and not fetch:
+            fetch = all_data[:1]  # only partition columns wanted: fetch the narrowest honest thing
+        start = split.start + offset
+        stop = split.stop
+        if start > stop:
+            raise ValueError(f"offset {offset} is beyond split {split!r}")
+        out_schema = pa.schema([schema.field(c) for c in cols])
+        pvals = dict(spec)
+
+        def shape(batch: pa.RecordBatch) -> pa.RecordBatch:
+            arrays = []
+            for c in cols:
+                if c in pkeys:
+                    arrays.append(pa.repeat(pa.scalar(pvals.get(c), pa.string()), batch.num_rows))
+                else:
+                    arrays.append(batch.column(batch.schema.get_field_index(c)))
+            return pa.RecordBatch.from_arrays(arrays, schema=out_schema)
+
+        if start == stop:
+            return
+        if self.parallel > 1 and stop - start > 1:
+            batches = self._read_parallel(spec, start, stop, fetch)
+        else:
+            batches = self._read_range(spec, start, stop, fetch)
+        for batch in batches:
+            yield shape(batch)
+
+    def _read_parallel(
+        self, spec: Spec, start: int, stop: int, fetch: list[str] | None
+    ) -> Iterator[pa.RecordBatch]:
+        n = self.parallel
+        step = max(1, min(-(-(stop - start) // n), 1 << 18))
+        ranges = [(a, min(a + step, stop)) for a in range(start, stop, step)]
+        pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="odps-range")
+        try:
+            pending: list[Future[list[pa.RecordBatch]]] = []
+            it = iter(ranges)
+            for a, b in it:
+                pending.append(pool.submit(self._range_list, spec, a, b, fetch))
+                if len(pending) >= n:
+                    break
+            while pending:
+                done = pending.pop(0)
+                nxt = next(it, None)
+                if nxt is not None:
+                    a, b = nxt
+                    pending.append(pool.submit(self._range_list, spec, a, b, fetch))
+                yield from done.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _range_list(self, spec: Spec, start: int, stop: int, fetch: list[str] | None) -> list[pa.RecordBatch]:
+        return list(self._read_range(spec, start, stop, fetch))
+
+    def _read_range(
+        self, spec: Spec, start: int, stop: int, fetch: list[str] | None
+    ) -> Iterator[pa.RecordBatch]:
+        """Rows [start, stop) of a partition; reopens at the exact row after transient faults."""
+        pos = start
+        attempt = 0
+        while pos < stop:
+            sess = self._session(spec)
+            try:
+                for batch in self._fetch(sess, pos, stop - pos, fetch):
+                    if batch.num_rows == 0:
+                        continue
+                    if pos + batch.num_rows > stop:
+                        raise ChecksumMismatch(f"tunnel returned more rows than asked for at row {pos}")
+                    pos += batch.num_rows
+                    attempt = 0
+                    yield batch
+                if pos < stop:
+                    raise ChecksumMismatch(f"tunnel body ended at row {pos}, expected {stop}")
+            except Exception as e:
+                if isinstance(e, DataError):
+                    raise
+                if isinstance(e, odps_errors.ODPSError) and not _is_transient(e):
+                    if self._expired(sess):
+                        self._local.sessions.pop(spec, None)
+                        new = self._renew(spec, sess.id)
+                        self._remember(spec, new)
+                        self._local.sessions[spec] = new
+                        continue
+                    raise self._translate(e, spec) from e
+                if not _is_transient(e):
+                    raise
+                if attempt >= self.retries:
+                    raise ReadFailedError(
+                        f"reading rows {pos}..{stop} of {self._where(spec)} failed {attempt + 1} times, last with "
+                        f"{type(e).__name__}: {e}; check the ODPS service / network and resume from the state",
+                        table=self._key(spec),
+                        row=pos,
+                    ) from e
+                log.warning(
+                    "transient %s reading %s at row %d (%s); reopening (%d/%d)",
+                    type(e).__name__,
+                    self._where(spec),
+                    pos,
+                    e,
+                    attempt + 1,
+                    self.retries,
+                )
+                time.sleep(min(2.0, self.backoff * (2**attempt)))
+                attempt += 1
+
+    def _expired(self, sess: Any) -> bool:
+        try:
+            sess.reload()
+        except odps_errors.ODPSError:
+            return False
+        return bool(sess.status == sess.Status.Expired)
+
+    def _fetch(self, sess: Any, start: int, count: int, fetch: list[str] | None) -> Iterator[pa.RecordBatch]:
+        if self.reader == "pyodps":
+            reader = sess.open_arrow_reader(start, count, columns=fetch, compress=bool(self.compression))
+            try:
+                yield from reader
+            finally:
+                reader.close()
+            return
+        yield from _FastArrowDownload(sess, start, count, fetch, self.compression, self.timeout).batches()
+
+
+class _FastArrowDownload:
+    """One tunnel Arrow download, requested and signed by pyodps's session, decoded here."""
+
+    BLOCK = 4 << 20
+
+    def __init__(
+        self,
+        sess: Any,
+        start: int,
+        count: int,
+        columns: list[str] | None,
+        compression: str | None,
+        timeout: float,
+    ) -> None:
+        self.sess = sess
+        self.start, self.count, self.columns = start, count, columns
+        self.compression = compression
+        self.timeout = timeout
+
+    def _request(self) -> Any:
+        sess = self.sess
+        params = sess.get_common_params(downloadid=sess.id)
+        params["rowrange"] = f"({self.start},{self.count})"
+        if self.columns:
+            params["columns"] = ",".join(self.columns)
+        headers = sess.get_common_headers(content_length=0, tags=sess._tags)
+        if self.compression:
+            headers["Accept-Encoding"] = CompressOption(
+                _COMPRESSION[self.compression]
+            ).algorithm.get_encoding()
+        else:
+            headers["Accept-Encoding"] = "identity"
+        return sess._client.get(
+            sess._table.table_resource(),
+            stream=True,
+            actions=["data", "arrow"],
+            params=params,
+            headers=headers,
+            timeout=(min(self.timeout, 30.0), self.timeout),
+        )
+
+    def _decompressor(self, encoding: str | None) -> Any:
+        if not encoding or encoding == "identity":
+            return None
+        if encoding == "deflate":
+            return zlib.decompressobj()
+        if encoding == "zstd":
+            import zstandard
+
+            return zstandard.ZstdDecompressor().decompressobj()
+        if encoding in ("x-lz4-frame", "x-odps-lz4-frame", "lz4_frame"):
+            import lz4.frame
+
+            return lz4.frame.LZ4FrameDecompressor()
+        raise ChecksumMismatch(f"tunnel answered with unknown Content-Encoding {encoding!r}")
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        resp = self._request()
+        try:
+            body = _DeframedBody(resp, self._decompressor(resp.headers.get("Content-Encoding")), self.BLOCK)
+            schema = pa.schema(
+                [
+                    pa.field(c.name, odps_type_to_arrow_type(c.type))
+                    for c in self.sess.schema.simple_columns
+                    if not self.columns or c.name in set(self.columns)
+                ]
+            )
+            body.prepend(schema.serialize().to_pybytes())
+            reader = pa.ipc.open_stream(body)
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                yield batch
+            body.check_end()
+        finally:
+            resp.close()
+
+
+class _DeframedBody:
+    """A read-only file over a tunnel body: decompresses, verifies every CRC, hands out data."""
+
+    def __init__(self, resp: Any, decompressor: Any, block: int) -> None:
+        # http.client's response reads straight from the socket buffer; urllib3 only wraps it
+        raw = resp.raw
+        self._fp = getattr(raw, "_fp", None) if decompressor is None else None
+        self._raw = raw
+        self._dec = decompressor
+        self._block = block
+        self._deframer = ArrowDeframer()
+        self._pending: list[memoryview] = []
+        self._avail = 0
+        self._eof = False
+        self.closed = False
+        self._scratch = bytearray(block)
+
+    def prepend(self, data: bytes) -> None:
+        self._pending.insert(0, memoryview(data))
+        self._avail += len(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def _pull(self) -> None:
+        if self._fp is not None:
+            n = self._fp.readinto(self._scratch)
+            raw = memoryview(self._scratch)[:n] if n else b""
+        else:
+            raw = self._raw.read(self._block, decode_content=False)
+            if raw and self._dec is not None:
+                raw = self._dec.decompress(raw)
+        if not raw:
+            if self._dec is not None and hasattr(self._dec, "flush"):
+                tail = self._dec.flush()
+                if tail:
+                    self._take(self._deframer.feed(tail))
+            self._take(self._deframer.finish())
+            self._eof = True
+            return
+        self._take(self._deframer.feed(raw))
+
+    def _take(self, chunks: list[memoryview]) -> None:
+        for c in chunks:
+            self._pending.append(c)
+            self._avail += len(c)
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            while not self._eof:
+                self._pull()
+            n = self._avail
+        while self._avail < n and not self._eof:
+            self._pull()
+        n = min(n, self._avail)
+        if self._pending and len(self._pending[0]) >= n:
+            head = self._pending[0]
+            out = head[:n].tobytes()
+            if len(head) == n:
+                self._pending.pop(0)
+            else:
+                self._pending[0] = head[n:]
+            self._avail -= n
+            return out
+        parts = []
+        need = n
+        while need:
+            head = self._pending[0]
+            if len(head) <= need:
+                parts.append(head)
+                self._pending.pop(0)
+                need -= len(head)
+            else:
+                parts.append(head[:need])
+                self._pending[0] = head[need:]
+                need = 0
+        self._avail -= n
+        return b"".join(parts)
+
+    def check_end(self) -> None:
+        """Drain and verify the rest of the body (the final whole-stream CRC)."""
+        while not self._eof:
+            self._pull()
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def create_sessions(url: str, **options: Any) -> dict[str, str]:
+    """Create (or reuse) the download sessions of ``url`` once, for a whole job.
+
+    Returns ``{"<project>.<table>[/<spec>]": download id}``; give it to every process as
+    ``KUBEAI_ODPS_SESSIONS=<json>`` (or the ``sessions=`` option) so that all ranks and loader
+    workers read one snapshot through one session per partition.
+    """
+    return OdpsSource(url, **options).session_ids()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kubeai_train.data.odps sessions URL``: print the export line for a job."""
+    parser = argparse.ArgumentParser(prog="python -m kubeai_train.data.odps")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("sessions", help="create the download sessions of URL and print the export line")
+    p.add_argument("url")
+    p.add_argument("--compression", default=None, choices=["lz4", "zstd", "zlib"])
+    args = parser.parse_args(argv)
+    try:
+        ids = create_sessions(args.url, compression=args.compression)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"export {SESSIONS_ENV}='{json.dumps(ids, sort_keys=True)}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
