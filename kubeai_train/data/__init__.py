@@ -9,6 +9,7 @@ Sources plug in by URL scheme (:func:`register_source`); fsspec storage options 
 come from :func:`register_storage_options` providers.
 """
 
+from kubeai_train.data.dataset import Dataset, ReadOptions, read
 from kubeai_train.data.registry import (
     open_source,
     register_source,
@@ -32,6 +33,9 @@ from kubeai_train.data.types import (
 )
 
 __all__ = [
+    "Dataset",
+    "ReadOptions",
+    "read",
     "Assignment",
     "ColumnNotFoundError",
     "CorruptFileError",

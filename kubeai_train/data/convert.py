@@ -1,0 +1,207 @@
+"""Arrow batches -> dicts of numpy arrays, with no Python work per row.
+
+Per column, by Arrow type:
+
+* fixed-width numbers / booleans / temporals: ``numpy`` arrays of the same type. Without nulls
+  this is zero-copy from the Arrow buffer (booleans are bit-packed in Arrow, so they copy).
+  Nulls become the column's ``fill_null`` value (default 0 / 0.0 / False).
+* strings / binary: with ``hash_buckets={"C1": n}`` an ``int64`` id in ``[0, n)`` equal to
+  ``FNV-1a-64(utf-8 bytes) % n`` (a fixed, documented hash, so serving code can reproduce it);
+  the hash runs vectorised over the Arrow buffers of the batch's distinct values
+  (``dictionary_encode`` then numpy), never per row in Python. Null -> ``fill_null`` (default
+  0). Without hashing: a numpy object array of ``str`` (nulls -> ``""``), slow: hash them.
+* lists: two arrays, ``name`` (the flat values, converted as above, nulls inside -> fill) and
+  ``name + ".offsets"`` (``int64``, ``batch rows + 1`` entries starting at 0; a null list is an
+  empty one), ready for ``torch.nn.EmbeddingBag(..., include_last_offset=True)`` and
+  ``tf.RaggedTensor.from_row_splits``.
+
+Anything else (structs, maps) is rejected when the dataset is opened, naming the column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from kubeai_train.data.types import DataError
+
+__all__ = ["OFFSETS_SUFFIX", "ColumnPlan", "convert", "fnv1a64", "hash_ids", "plan_columns"]
+
+OFFSETS_SUFFIX = ".offsets"
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """How one column becomes numpy arrays (decided once, from the schema)."""
+
+    name: str
+    kind: str  # "fixed" | "string" | "hash" | "list"
+    dtype: np.dtype[Any]  # of the (flat values) output
+    fill: Any
+    buckets: int | None = None
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return (self.name, self.name + OFFSETS_SUFFIX) if self.kind.startswith("list") else (self.name,)
+
+
+def _leaf_plan(
+    name: str, typ: pa.DataType, buckets: int | None, fill: Any, in_list: bool
+) -> tuple[str, np.dtype[Any], Any]:
+    if pa.types.is_dictionary(typ):
+        typ = typ.value_type
+    if (
+        pa.types.is_string(typ)
+        or pa.types.is_large_string(typ)
+        or pa.types.is_binary(typ)
+        or pa.types.is_large_binary(typ)
+    ):
+        if buckets is not None:
+            return "hash", np.dtype(np.int64), 0 if fill is None else int(fill)
+        return "string", np.dtype(object), "" if fill is None else fill
+    if buckets is not None:
+        raise DataError(
+            f"hash_buckets given for column {name!r} of type {typ}; hashing applies to string columns only"
+        )
+    if pa.types.is_boolean(typ):
+        return "fixed", np.dtype(bool), False if fill is None else bool(fill)
+    if pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_temporal(typ):
+        dtype = np.dtype(typ.to_pandas_dtype())
+        if fill is None:
+            fill = 0
+        return "fixed", dtype, fill
+    if pa.types.is_null(typ):
+        return "fixed", np.dtype(np.float32), 0 if fill is None else fill
+    where = "list values of " if in_list else ""
+    raise DataError(
+        f"column {name!r} has type {typ} ({where}not a number, string or list of those); "
+        "select other columns with columns=[...]"
+    )
+
+
+def plan_columns(
+    schema: pa.Schema,
+    columns: Sequence[str],
+    hash_buckets: Mapping[str, int] | None = None,
+    fill_null: Mapping[str, Any] | None = None,
+) -> list[ColumnPlan]:
+    """One :class:`ColumnPlan` per selected column; raises DataError for unsupported types."""
+    hash_buckets = dict(hash_buckets or {})
+    fill_null = dict(fill_null or {})
+    for what, opt in (("hash_buckets", hash_buckets), ("fill_null", fill_null)):
+        unknown = [c for c in opt if c not in columns]
+        if unknown:
+            raise DataError(
+                f"{what} names column {unknown[0]!r} that is not selected; selected: {', '.join(columns)}"
+            )
+    for c, n in hash_buckets.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise DataError(f"hash_buckets[{c!r}] must be an integer >= 1, got {n!r}")
+    plans = []
+    for c in columns:
+        typ = schema.field(c).type
+        if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+            kind, dtype, fill = _leaf_plan(c, typ.value_type, hash_buckets.get(c), fill_null.get(c), True)
+            plans.append(ColumnPlan(c, "list_" + kind, dtype, fill, hash_buckets.get(c)))
+        else:
+            kind, dtype, fill = _leaf_plan(c, typ, hash_buckets.get(c), fill_null.get(c), False)
+            plans.append(ColumnPlan(c, kind, dtype, fill, hash_buckets.get(c)))
+    return plans
+
+
+def fnv1a64(arr: pa.Array) -> np.ndarray:
+    """FNV-1a 64-bit hash of every (non-null) string / binary value of ``arr``, vectorised.
+
+    The loop runs over byte positions (the longest value's length), each step a numpy
+    operation over all values still that long; values are never visited one by one.
+    """
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    arr = arr.cast(pa.large_binary())
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
+    starts = offsets[:-1]
+    lengths = offsets[1:] - starts
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    idx = np.arange(n)
+    pos = starts.copy()
+    remaining = lengths.copy()
+    with np.errstate(over="ignore"):
+        while idx.size:
+            live = remaining > 0
+            if not live.all():
+                idx, pos, remaining = idx[live], pos[live], remaining[live]
+                if not idx.size:
+                    break
+            h[idx] = (h[idx] ^ data[pos].astype(np.uint64)) * _FNV_PRIME
+            pos += 1
+            remaining -= 1
+    return h
+
+
+def hash_ids(arr: pa.Array | pa.ChunkedArray, buckets: int, fill: int = 0) -> np.ndarray:
+    """``int64`` ids ``fnv1a64(value) % buckets`` for a string array; nulls -> ``fill``.
+
+    Distinct values are hashed once per call (``dictionary_encode`` in Arrow compute).
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    enc = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
+    codes = (fnv1a64(enc.dictionary) % np.uint64(buckets)).astype(np.int64)
+    indices = enc.indices
+    if indices.null_count:
+        out = (
+            codes[indices.fill_null(0).to_numpy(zero_copy_only=False)]
+            if len(codes)
+            else np.zeros(len(arr), np.int64)
+        )
+        out[indices.is_null().to_numpy(zero_copy_only=False)] = fill
+        return out
+    if len(codes) == 0:
+        return np.zeros(len(arr), np.int64)
+    return codes[indices.to_numpy(zero_copy_only=False)]
+
+
+def _leaf(arr: pa.Array, plan: ColumnPlan, kind: str) -> np.ndarray:
+    if kind == "hash":
+        return hash_ids(arr, plan.buckets or 1, plan.fill)
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    if arr.null_count:
+        if pa.types.is_null(arr.type):
+            return np.full(len(arr), plan.fill, dtype=plan.dtype)
+        arr = pc.fill_null(arr, pa.scalar(plan.fill, arr.type))
+    if kind == "string":
+        return arr.to_numpy(zero_copy_only=False)
+    if pa.types.is_null(arr.type):
+        return np.full(len(arr), plan.fill, dtype=plan.dtype)
+    return arr.to_numpy(zero_copy_only=False)  # zero-copy when Arrow allows (no nulls, not bool)
+
+
+def convert(batch: pa.RecordBatch, plans: Sequence[ColumnPlan]) -> dict[str, np.ndarray]:
+    """The batch's columns as numpy arrays, by ``plans`` (see the module doc)."""
+    out: dict[str, np.ndarray] = {}
+    for i, plan in enumerate(plans):
+        arr = batch.column(i)
+        if plan.kind.startswith("list_"):
+            if pa.types.is_fixed_size_list(arr.type):
+                arr = arr.cast(pa.large_list(arr.type.value_type))
+            lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+            offsets = np.zeros(len(arr) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            out[plan.name] = _leaf(pc.list_flatten(arr), plan, plan.kind[5:])
+            out[plan.name + OFFSETS_SUFFIX] = offsets
+        else:
+            out[plan.name] = _leaf(arr, plan, plan.kind)
+    return out

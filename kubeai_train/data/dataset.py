@@ -1,0 +1,546 @@
+"""The pipeline: a reader's splits -> a deterministic row stream -> exact batches of numpy arrays.
+
+For one reader (rank, DataLoader worker) and one epoch, the assignment gives an ordered list
+of (sub-)splits whose row counts are known up front; laid end to end they form the reader's
+*row stream* for that epoch. Everything else is a function of positions in that stream:
+
+* without shuffle, rows are emitted in stream order;
+* with shuffle, the stream is cut into fixed windows of ``shuffle_buffer`` rows (window ``w``
+  holds stream rows ``[w * W, (w + 1) * W)``) and each window is permuted by a generator seeded
+  from (seed, epoch, reader, w), on top of the split order already drawn from (seed, epoch).
+  Memory for shuffling is bounded by one window.
+
+So the emitted sequence of an epoch is a pure function of (seed, epoch, reader), and the
+state is just ``(epoch, rows emitted)``: resuming re-reads the current window from its first
+row (at most ``shuffle_buffer`` rows of extra reading), permutes it identically and skips the
+rows already emitted. No bookkeeping of which rows were seen is needed, and the state is a few
+integers whatever the dataset size.
+
+Batches are exactly ``batch_size`` rows across split, file and window boundaries; the last
+batch of an epoch is short unless ``drop_last``. A background thread reads and converts ahead
+into a queue of ``prefetch`` batches, so peak memory is about ``prefetch x batch bytes`` plus
+one source record batch (plus one shuffle window when shuffling).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kubeai_train import cluster
+from kubeai_train.data._retry import RetryPolicy
+from kubeai_train.data.assignment import StaticAssignment, share_bounds, slice_rows
+from kubeai_train.data.convert import ColumnPlan, convert, plan_columns
+from kubeai_train.data.registry import open_source
+from kubeai_train.data.types import (
+    Assignment,
+    ColumnNotFoundError,
+    DataError,
+    EmptyDatasetError,
+    ReaderId,
+    ReadFailedError,
+    Source,
+    Split,
+    StateError,
+    splits_fingerprint,
+)
+
+__all__ = ["Dataset", "ReadOptions", "read"]
+
+log = logging.getLogger("kubeai_train.data")
+STATE_VERSION = 1
+_END = object()
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How a dataset is read (everything but the source). Validated on construction.
+
+    Attributes:
+        columns: columns to read, in output order (None: all).
+        batch_size: rows per batch.
+        shuffle / seed: deterministic shuffle from (seed, epoch): split order + window shuffle.
+        shuffle_buffer: rows per shuffle window (memory bound of shuffling); default
+            ``max(8 * batch_size, 65536)``.
+        num_epochs: epochs per iteration (``None``: iterate forever).
+        drop_last: drop each epoch's short last batch.
+        prefetch: batches read ahead by a background thread (0: read in the caller's thread).
+        hash_buckets: ``{column: buckets}`` string columns -> int64 ids (see ``convert``).
+        fill_null: ``{column: value}`` per-column null replacement (defaults in ``convert``).
+        retries / backoff: transient read errors are retried this many times with
+            exponential backoff starting at ``backoff`` seconds.
+        allow_empty: an empty dataset iterates as nothing instead of raising EmptyDatasetError.
+    """
+
+    columns: tuple[str, ...] | None = None
+    batch_size: int = 4096
+    shuffle: bool = False
+    seed: int = 0
+    shuffle_buffer: int | None = None
+    num_epochs: int | None = 1
+    drop_last: bool = False
+    prefetch: int = 4
+    hash_buckets: Mapping[str, int] = field(default_factory=dict)
+    fill_null: Mapping[str, Any] = field(default_factory=dict)
+    retries: int = 3
+    backoff: float = 0.2
+    allow_empty: bool = False
+
+    def __post_init__(self) -> None:
+        def check_int(name: str, v: Any, lo: int) -> None:
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+        check_int("batch_size", self.batch_size, 1)
+        check_int("seed", self.seed, 0)
+        check_int("prefetch", self.prefetch, 0)
+        check_int("retries", self.retries, 0)
+        if self.shuffle_buffer is not None:
+            check_int("shuffle_buffer", self.shuffle_buffer, 1)
+        if self.num_epochs is not None:
+            check_int("num_epochs", self.num_epochs, 1)
+        if self.columns is not None:
+            if isinstance(self.columns, str) or not all(isinstance(c, str) for c in self.columns):
+                raise ValueError(f"columns must be a list of column names, got {self.columns!r}")
+            if len(set(self.columns)) != len(self.columns):
+                raise ValueError(f"columns has duplicates: {list(self.columns)}")
+        if self.backoff < 0:
+            raise ValueError(f"backoff must be >= 0, got {self.backoff!r}")
+
+    @property
+    def window(self) -> int:
+        return self.shuffle_buffer or max(8 * self.batch_size, 65536)
+
+
+_PIPELINE_OPTIONS = {
+    "shuffle_buffer",
+    "prefetch",
+    "hash_buckets",
+    "fill_null",
+    "retries",
+    "backoff",
+    "allow_empty",
+}
+
+
+def read(
+    source: str | Source,
+    columns: Sequence[str] | None = None,
+    batch_size: int = 4096,
+    shuffle: bool = False,
+    seed: int = 0,
+    num_epochs: int | None = 1,
+    drop_last: bool = False,
+    rank: int | None = None,
+    world_size: int | None = None,
+    *,
+    assignment: Assignment | None = None,
+    **options: Any,
+) -> Dataset:
+    """Open ``source`` for batched, exactly-once, resumable reading by this rank.
+
+    Args:
+        source: a local path / directory / glob, an fsspec URL, ``odps://...``, or a Source.
+        columns: columns to read, in this order (None: all). Pushed down to the source.
+        batch_size: rows per batch; batches are exact across split and file boundaries.
+        shuffle / seed: deterministic shuffle, a function of (seed, epoch) only.
+        num_epochs: epochs per iteration of the dataset (None: forever).
+        drop_last: drop the short last batch of each epoch.
+        rank / world_size: this reader among the readers; default ``cluster.current()``.
+        assignment: which splits each reader reads (default: StaticAssignment()).
+        **options: pipeline options (``shuffle_buffer``, ``prefetch``, ``hash_buckets``,
+            ``fill_null``, ``retries``, ``backoff``, ``allow_empty``); the rest go to the
+            source (files: ``format``, ``storage_options``, ``partition_filter``,
+            ``cache_dir``, ``split_rows``, ...).
+
+    Guarantees: every row is read exactly once per epoch across all ranks (and DataLoader
+    workers with ``to_torch``); ``state_dict()`` resumes at the next unread row.
+
+    Raises:
+        DatasetNotFoundError / SchemaMismatchError / CorruptFileError: from the source.
+        ColumnNotFoundError: a selected column does not exist (the message lists those that do).
+        EmptyDatasetError: the dataset has no rows (unless ``allow_empty=True``).
+        ValueError: a bad argument, named.
+    """
+    pipe = {k: options.pop(k) for k in list(options) if k in _PIPELINE_OPTIONS}
+    opts = ReadOptions(
+        columns=tuple(columns) if columns is not None else None,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        num_epochs=num_epochs,
+        drop_last=drop_last,
+        **pipe,
+    )
+    if rank is None or world_size is None:
+        info = cluster.current()
+        rank = info.rank if rank is None else rank
+        world_size = info.world_size if world_size is None else world_size
+    src = open_source(source, **options)
+    return Dataset(src, opts, ReaderId(rank=rank, world_size=world_size), assignment=assignment)
+
+
+class Dataset:
+    """A rank's batched view of a source. Iterate it for ``dict[str, numpy.ndarray]`` batches.
+
+    Each iteration runs from the current state to the end of the current block of
+    ``num_epochs`` epochs (so ``for epoch in range(3): for b in ds`` with ``num_epochs=1``
+    reads epochs 0, 1, 2, each shuffled differently). :meth:`set_epoch` jumps to an epoch.
+
+    If a read fails after all retries, iteration raises :class:`ReadFailedError` (or the
+    source's ``CorruptFileError``) after delivering every batch read before the failure, and
+    ``state_dict()`` still points at the first row not delivered.
+    """
+
+    def __init__(
+        self,
+        source: Source,
+        options: ReadOptions,
+        reader: ReaderId,
+        *,
+        assignment: Assignment | None = None,
+    ) -> None:
+        self.source = source
+        self.options = options
+        self.reader = reader
+        self.assignment = assignment or StaticAssignment()
+        schema = source.schema()
+        names = list(schema.names)
+        cols = list(options.columns) if options.columns is not None else names
+        missing = [c for c in cols if c not in names]
+        if missing:
+            raise ColumnNotFoundError(
+                f"column {missing[0]!r} not in {source.url}; columns: {', '.join(names)}", column=missing[0]
+            )
+        self.columns = cols
+        self.plans: list[ColumnPlan] = plan_columns(schema, cols, options.hash_buckets, options.fill_null)
+        self._splits: list[Split] = [s for s in source.splits() if s.num_rows > 0]
+        self.total_rows = sum(s.num_rows for s in self._splits)
+        if self.total_rows == 0 and not options.allow_empty:
+            raise EmptyDatasetError(
+                f"{source.url} has no rows (after filters); check the path / partition filter, "
+                "or pass allow_empty=True to iterate nothing",
+                path=source.url,
+            )
+        self.fingerprint = splits_fingerprint(self._splits)
+        self._epoch = 0
+        self._rows = 0
+        self._retry = RetryPolicy(retries=options.retries, backoff=options.backoff)
+        log.info(
+            "data.read: rank %d/%d, %d rows in %d splits, this rank %d rows; batch_size=%d shuffle=%s seed=%d source=%s",
+            reader.rank,
+            reader.world_size,
+            self.total_rows,
+            len(self._splits),
+            self.num_rows,
+            options.batch_size,
+            options.shuffle,
+            options.seed,
+            source.describe(),
+        )
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def num_rows(self) -> int:
+        """Rows this reader reads per epoch (the same every epoch)."""
+        r = self.reader
+        lo, hi = share_bounds(self.total_rows, r.world_size, r.rank)
+        lo2, hi2 = share_bounds(hi - lo, r.num_workers, r.worker)
+        return hi2 - lo2
+
+    def _epoch_rows(self) -> int:
+        n = self.num_rows
+        return n - n % self.options.batch_size if self.options.drop_last else n
+
+    def __len__(self) -> int:
+        """Batches per epoch for this reader."""
+        n, b = self.num_rows, self.options.batch_size
+        return n // b if self.options.drop_last else -(-n // b)
+
+    def splits(self, epoch: int | None = None) -> list[Split]:
+        """The (sub-)splits this reader reads in ``epoch`` (default: the current one), in order."""
+        e = self._epoch if epoch is None else epoch
+        seed = self.options.seed if self.options.shuffle else None
+        return list(self.assignment.assign(self._splits, self.reader, e, seed))
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of ``epoch`` (like DistributedSampler)."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        self._epoch, self._rows = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable position: the epoch and the rows of it this reader has delivered."""
+        o = self.options
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "rows": self._rows,
+            "rank": self.reader.rank,
+            "world_size": self.reader.world_size,
+            "worker": self.reader.worker,
+            "num_workers": self.reader.num_workers,
+            "shuffle": o.shuffle,
+            "seed": o.seed,
+            "shuffle_buffer": o.window if o.shuffle else None,
+            "fingerprint": self.fingerprint,
+            "assignment": self.assignment.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of a dataset read with the same
+        source, columns, shuffle settings and reader).
+
+        Raises:
+            StateError: the state belongs to other data or other reading arguments (named).
+        """
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise StateError(f"not a data state (version {STATE_VERSION}): {str(state)[:200]}")
+        mine = self.state_dict()
+        for k in (
+            "rank",
+            "world_size",
+            "worker",
+            "num_workers",
+            "shuffle",
+            "seed",
+            "shuffle_buffer",
+            "fingerprint",
+        ):
+            if state.get(k) != mine[k]:
+                what = "the dataset's splits changed" if k == "fingerprint" else f"{k} differs"
+                raise StateError(
+                    f"state does not match this dataset: {what} (state {k}={state.get(k)!r}, here {mine[k]!r}); "
+                    "resume with the same source and arguments"
+                )
+        epoch, rows = state.get("epoch"), state.get("rows")
+        if (
+            not isinstance(epoch, int)
+            or not isinstance(rows, int)
+            or epoch < 0
+            or not 0 <= rows <= self.num_rows
+        ):
+            raise StateError(
+                f"state has a bad position epoch={epoch!r} rows={rows!r} (this reader has {self.num_rows} rows)"
+            )
+        self._epoch, self._rows = epoch, rows
+        self.assignment.load_state_dict(state.get("assignment") or {})
+
+    # -- iteration -------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if 0 < self._epoch_rows() <= self._rows:
+            # a finished epoch (state taken after its last batch): the next iteration starts the next one
+            self._epoch, self._rows = self._epoch + 1, 0
+        n = self.options.num_epochs
+        end = None if n is None else (self._epoch // n + 1) * n
+        if self.options.prefetch == 0:
+            for item in self._produce(self._epoch, self._rows, end):
+                if item[0] is _END:
+                    self._epoch, self._rows = item[1] + 1, 0
+                    continue
+                batch, epoch, rows = item
+                self._epoch, self._rows = epoch, rows
+                yield batch
+            return
+        yield from self._prefetched(end)
+
+    def _prefetched(self, end: int | None) -> Iterator[dict[str, np.ndarray]]:
+        q: queue.Queue[Any] = queue.Queue(maxsize=self.options.prefetch)
+        stop = threading.Event()
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work(epoch: int, rows: int) -> None:
+            try:
+                for item in self._produce(epoch, rows, end):
+                    if not put(item):
+                        return
+                put(("done",))
+            except BaseException as e:  # delivered to the consumer, after the good batches
+                put(("error", e))
+
+        t = threading.Thread(
+            target=work, args=(self._epoch, self._rows), name="kubeai-data-prefetch", daemon=True
+        )
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item[0] is _END:
+                    self._epoch, self._rows = item[1] + 1, 0
+                    continue
+                if item[0] == "done" and len(item) == 1:
+                    return
+                if item[0] == "error" and len(item) == 2:
+                    raise item[1]
+                batch, epoch, rows = item
+                self._epoch, self._rows = epoch, rows
+                yield batch
+        finally:
+            stop.set()
+            deadline = time.monotonic() + 30.0
+            while t.is_alive() and time.monotonic() < deadline:
+                # the worker may be blocked in a slow read; it notices `stop` at its next put and
+                # only ever touches its own queue, so giving up on it after a while is safe
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    t.join(timeout=0.05)
+
+    def _produce(self, epoch: int, rows: int, end: int | None) -> Iterator[tuple[Any, ...]]:
+        """(batch, epoch, rows delivered after it) items, and (_END, epoch) after each epoch."""
+        while end is None or epoch < end:
+            yield from self._epoch_batches(epoch, rows)
+            yield (_END, epoch)
+            epoch, rows = epoch + 1, 0
+
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[dict[str, np.ndarray], int, int]]:
+        o = self.options
+        limit = self._epoch_rows()
+        if start >= limit:
+            return
+        splits = self.splits(epoch)
+        pos = start
+        pending: list[pa.RecordBatch] = []
+        have = 0
+        for rb in self._rows_from(splits, epoch, start):
+            while rb.num_rows:
+                take = min(o.batch_size - have, rb.num_rows, limit - pos - have)
+                if take <= 0:
+                    break
+                pending.append(rb.slice(0, take) if take < rb.num_rows else rb)
+                rb = rb.slice(take)
+                have += take
+                if have == o.batch_size or pos + have >= limit:
+                    pos += have
+                    yield self._to_numpy(pending), epoch, pos
+                    pending, have = [], 0
+            if pos >= limit:
+                return
+        if have:
+            pos += have
+            yield self._to_numpy(pending), epoch, pos
+
+    def _to_numpy(self, pieces: list[pa.RecordBatch]) -> dict[str, np.ndarray]:
+        rb = pieces[0] if len(pieces) == 1 else pa.concat_batches(pieces)
+        return convert(rb, self.plans)
+
+    def _rows_from(self, splits: Sequence[Split], epoch: int, start: int) -> Iterator[pa.RecordBatch]:
+        """Record batches of the epoch's emitted row sequence from row ``start`` on."""
+        total = sum(s.num_rows for s in splits)
+        if not self.options.shuffle:
+            yield from self._read_range(splits, start, total)
+            return
+        w = self.options.window
+        first = start // w
+        for win in range(first, -(-total // w)):
+            lo, hi = win * w, min(total, (win + 1) * w)
+            pieces = list(self._read_range(splits, lo, hi))
+            table = pa.Table.from_batches(pieces) if pieces else None
+            if table is None or table.num_rows != hi - lo:
+                raise DataError(
+                    f"{self.source.url}: window rows [{lo}, {hi}) of epoch {epoch} returned "
+                    f"{0 if table is None else table.num_rows} rows; the source changed while reading"
+                )
+            r = self.reader
+            rng = np.random.default_rng(
+                [self.options.seed, epoch, r.rank, r.world_size, r.worker, r.num_workers, win]
+            )
+            perm = rng.permutation(hi - lo)
+            skip = start - lo if win == first else 0
+            shuffled = table.take(pa.array(perm[skip:])).combine_chunks()
+            yield from shuffled.to_batches()
+
+    def _read_range(self, splits: Sequence[Split], lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        for split in slice_rows(splits, lo, hi):
+            yield from self._read_split(split)
+
+    def _read_split(self, split: Split) -> Iterator[pa.RecordBatch]:
+        """All rows of ``split``, retrying transient errors from the first row not received."""
+        got = 0
+        attempt = 0
+        while True:
+            try:
+                for rb in self.source.read(split, self.columns, got):
+                    if rb.num_rows > split.num_rows - got:
+                        rb = rb.slice(0, split.num_rows - got)
+                    got += rb.num_rows
+                    if rb.num_rows:
+                        yield rb
+                if got != split.num_rows:
+                    raise DataError(
+                        f"{split.key}: rows [{split.start}, {split.stop}) returned {got} rows; "
+                        "the source changed while reading"
+                    )
+                return
+            except Exception as e:
+                if not self.source.is_transient(e):
+                    raise
+                if attempt >= self._retry.retries:
+                    raise ReadFailedError(
+                        f"reading {split.key} rows [{split.start + got}, {split.stop}) ({dict(split.info)}) failed "
+                        f"{attempt + 1} times, last with {type(e).__name__}: {e}; the dataset state still points at "
+                        "the first undelivered row: fix the storage / network and resume from state_dict()",
+                        path=split.key,
+                        split=split.to_dict(),
+                    ) from e
+                log.warning(
+                    "transient %s reading %s at row %d; retry %d/%d",
+                    type(e).__name__,
+                    split.key,
+                    split.start + got,
+                    attempt + 1,
+                    self._retry.retries,
+                )
+                time.sleep(self._retry.delay(attempt))
+                attempt += 1
+
+    # -- adapters --------------------------------------------------------------------------------
+    def output_spec(self) -> dict[str, np.dtype[Any]]:
+        """Output name -> numpy dtype of every array a batch holds (lists add ``.offsets``)."""
+        spec: dict[str, np.dtype[Any]] = {}
+        for p in self.plans:
+            spec[p.name] = p.dtype
+            if p.kind.startswith("list_"):
+                spec[p.outputs[1]] = np.dtype(np.int64)
+        return spec
+
+    def with_reader(self, reader: ReaderId) -> Dataset:
+        """The same dataset read by another reader (e.g. one DataLoader worker), at epoch start."""
+        ds = Dataset.__new__(Dataset)
+        ds.__dict__.update(self.__dict__)
+        ds.reader = reader
+        ds._rows = 0
+        return ds
+
+    def to_tf(self) -> Any:
+        """A ``tf.data.Dataset`` of this rank's batches (see ``kubeai_train.data.adapters``)."""
+        from kubeai_train.data.adapters import to_tf
+
+        return to_tf(self)
+
+    def to_torch(self) -> Any:
+        """A ``torch.utils.data.IterableDataset`` splitting this rank's share across workers."""
+        from kubeai_train.data.adapters import to_torch
+
+        return to_torch(self)
