@@ -1,0 +1,52 @@
+"""TensorFlow parameter-server training for CTR-style models with large embedding tables.
+
+Write a :class:`Model` (raw columns in, logits out) and call :func:`run` from every process of a
+TF job: parameter servers serve, the chief and the workers each build the graph in their own
+process (between-graph replication), read their own share of the data through
+``kubeai_train.data``, and train asynchronously (or synchronously). Variables are placed on the
+PS by one :class:`PlacementPolicy` (round-robin by default), embedding tables are sharded over
+the PS, start-up and shutdown never hang, the chief checkpoints (every reader's position
+included), a lost PS makes the job exit with a retryable code and restore, and the chief exports
+a SavedModel taking raw features and publishes it to the model repository.
+
+Importing this package imports TensorFlow.
+"""
+
+from kubeai_train.tf.features import CtrFeatures, partitioner
+from kubeai_train.tf.models import DeepFM
+from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
+from kubeai_train.tf.trainer import RunResult, run
+from kubeai_train.tf.types import (
+    RETRYABLE_EXIT_CODE,
+    ClusterUnavailableError,
+    Model,
+    PlacementError,
+    PlacementPlan,
+    PlacementPolicy,
+    ReadyTimeoutError,
+    StepInfo,
+    TrainConfig,
+    TrainError,
+    VariableInfo,
+)
+
+__all__ = [
+    "RETRYABLE_EXIT_CODE",
+    "ClusterUnavailableError",
+    "CtrFeatures",
+    "DeepFM",
+    "GreedyBytesPlacement",
+    "Model",
+    "PlacementError",
+    "PlacementPlan",
+    "PlacementPolicy",
+    "ReadyTimeoutError",
+    "RoundRobinPlacement",
+    "RunResult",
+    "StepInfo",
+    "TrainConfig",
+    "TrainError",
+    "VariableInfo",
+    "partitioner",
+    "run",
+]

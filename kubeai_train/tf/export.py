@@ -1,0 +1,150 @@
+"""SavedModel export (raw features in, click probability out), evaluation and publishing.
+
+The chief calls these after the final checkpoint, in a fresh local graph: the model is rebuilt
+for inference on placeholders named after the raw columns (the same feature transforms as in
+training, so serving needs no preprocessing code), the checkpoint is restored into it, and the
+SavedModel is written to a temporary directory and renamed into place. Evaluation runs the same
+graph over the eval data, so the reported metrics are those of exactly what was exported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from kubeai_train.tf import metrics
+from kubeai_train.tf.inputs import ReadFn, clean_batch, reader_options
+from kubeai_train.tf.types import Model, TrainError
+
+__all__ = ["SIGNATURE", "Predictor", "evaluate", "export_saved_model", "publish"]
+
+log = logging.getLogger("kubeai_train.tf")
+
+SIGNATURE = "serving_default"
+_DTYPES = {"string": tf.string, "float32": tf.float32}
+
+
+class Predictor:
+    """The model restored from a checkpoint in a local inference graph (no cluster needed)."""
+
+    def __init__(self, model: Model, checkpoint: str, num_ps: int) -> None:
+        self.model = model
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.inputs = {
+                name: tf.compat.v1.placeholder(_DTYPES[kind], [None], name=name)
+                for name, kind in model.raw_features().items()
+            }
+            self.logits = tf.identity(model.logits(self.inputs, num_ps=num_ps, training=False), name="logits")
+            self.probability = tf.sigmoid(self.logits, name="probability")
+            saver = tf.compat.v1.train.Saver(tf.compat.v1.global_variables())
+        self.session = tf.compat.v1.Session(graph=self.graph)
+        try:
+            saver.restore(self.session, checkpoint)
+        except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
+            raise TrainError(f"cannot restore the model from checkpoint {checkpoint!r}: {e.message}") from e
+
+    def predict(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        feed = {self.inputs[name]: batch[name] for name in self.inputs}
+        return self.session.run(self.probability, feed)
+
+    def export(self, export_dir: str) -> str:
+        """Write the SavedModel to ``export_dir`` (atomically: a temp dir, then a rename)."""
+        tmp = f"{export_dir.rstrip('/')}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with self.graph.as_default():
+            builder = tf.compat.v1.saved_model.Builder(tmp)
+            sig = tf.compat.v1.saved_model.predict_signature_def(
+                inputs=dict(self.inputs), outputs={"probability": self.probability, "logits": self.logits}
+            )
+            builder.add_meta_graph_and_variables(
+                self.session,
+                [tf.compat.v1.saved_model.tag_constants.SERVING],
+                signature_def_map={SIGNATURE: sig},
+                strip_default_attrs=True,
+            )
+            builder.save()
+        shutil.rmtree(export_dir, ignore_errors=True)
+        os.makedirs(os.path.dirname(os.path.abspath(export_dir)), exist_ok=True)
+        os.replace(tmp, export_dir)
+        return export_dir
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def export_saved_model(model: Model, checkpoint: str, export_dir: str, num_ps: int) -> str:
+    """Export the model of ``checkpoint`` as a SavedModel taking raw features; returns the path."""
+    p = Predictor(model, checkpoint, num_ps)
+    try:
+        return p.export(export_dir)
+    finally:
+        p.close()
+
+
+def evaluate(
+    predictor: Predictor,
+    read_fn: ReadFn,
+    uri: str,
+    *,
+    batch_size: int = 4096,
+    keep: int = 0,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """AUC and log loss over all of ``uri``; also returns the first ``keep`` rows and predictions."""
+    model = predictor.model
+    kinds = dict(model.raw_features())
+    kinds[model.label] = "int64"
+    ds = read_fn(
+        uri,
+        columns=list(kinds),
+        batch_size=batch_size,
+        rank=0,
+        world_size=1,
+        num_epochs=1,
+        shuffle=False,
+        seed=0,
+        **reader_options(kinds, options or {}),
+    )
+    labels, probs = [], []
+    sample: dict[str, list[np.ndarray]] = {}
+    kept = 0
+    t0 = time.perf_counter()
+    for raw in ds:
+        batch = clean_batch(raw, kinds)
+        p = predictor.predict(batch)
+        labels.append(batch[model.label])
+        probs.append(p)
+        if kept < keep:
+            n = min(keep - kept, len(p))
+            for name, arr in batch.items():
+                sample.setdefault(name, []).append(arr[:n])
+            sample.setdefault("__prediction__", []).append(p[:n])
+            kept += n
+    if not labels:
+        raise TrainError(f"eval data {uri!r} has no rows; point eval_data at a non-empty data set")
+    y, p = np.concatenate(labels), np.concatenate(probs)
+    result = {
+        "auc": metrics.auc(y, p),
+        "logloss": metrics.logloss(y, p),
+        "rows": int(y.size),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return result, {k: np.concatenate(v) for k, v in sample.items()}
+
+
+def publish(repo_uri: str, name: str, export_dir: str, metadata: Mapping[str, Any]) -> Any:
+    """Publish ``export_dir`` as a new version of ``name`` in the model repository at ``repo_uri``."""
+    from kubeai_train.repository import ModelRepository
+
+    mv = ModelRepository(repo_uri).publish(name, export_dir, metadata=json.loads(json.dumps(dict(metadata))))
+    log.info("published %s version %s at %s", mv.name, mv.version, mv.uri)
+    return mv

@@ -1,0 +1,118 @@
+"""Each trainer's own share of the data as a tf.data pipeline that runs in its own process.
+
+The batches come from ``kubeai_train.data.read`` (rank and world size from the cluster) through a
+graph-mode ``tf.data.Dataset.from_generator``, which executes on this process's device, so input
+reading scales with the workers. Every batch travels with the reader's position *after* it (a
+JSON string); the training step stores that position on the parameter servers in the same
+``session.run`` as the update, so a restarted worker resumes exactly after the last batch the
+model learned from, and a restored checkpoint carries every worker's position with it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["ReadFn", "clean_batch", "default_read_fn", "make_dataset", "reader_options"]
+
+#: ``read_fn(uri, *, columns, batch_size, rank, world_size, num_epochs, shuffle, seed, **options)``
+#: returns an iterable of dict batches with ``state_dict()`` / ``load_state_dict()``.
+ReadFn = Callable[..., Any]
+
+_TF_DTYPES = {"string": tf.string, "float32": tf.float32, "int64": tf.int64}
+
+
+def default_read_fn(uri: str, **kwargs: Any) -> Any:
+    """``kubeai_train.data.read``; imported here so the trainer module loads without it."""
+    from kubeai_train import data
+
+    return data.read(uri, **kwargs)
+
+
+def reader_options(kinds: Mapping[str, str], options: Mapping[str, Any]) -> dict[str, Any]:
+    """Reader options with float nulls kept as NaN (the graph turns them into missing indicators)."""
+    out = dict(options)
+    fill = {name: math.nan for name, kind in kinds.items() if kind == "float32"}
+    fill.update(out.get("fill_null") or {})
+    out["fill_null"] = fill
+    return out
+
+
+def clean_batch(batch: Mapping[str, Any], kinds: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """Raw reader columns -> what the graph takes: nulls become ``""`` (strings) and NaN (floats)."""
+    out = {}
+    for name, kind in kinds.items():
+        arr = batch[name]
+        if kind == "string":
+            arr = np.asarray(arr, dtype=object)
+            mask = np.equal(arr, None)  # type: ignore[call-overload]
+            if mask.any():
+                arr = arr.copy()
+                arr[mask] = ""
+        elif kind == "float32":
+            if isinstance(arr, np.ndarray) and arr.dtype != object:
+                arr = arr.astype(np.float32, copy=False)
+            else:
+                arr = np.array([math.nan if v is None else v for v in arr], dtype=np.float32)
+        else:
+            arr = np.asarray(arr).astype(np.int64, copy=False)
+        out[name] = arr
+    return out
+
+
+class _Holder:
+    """The position the next generator run starts from (set before the iterator initialiser)."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+
+
+def make_dataset(
+    read_fn: ReadFn,
+    uri: str,
+    kinds: Mapping[str, str],
+    *,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    num_epochs: int,
+    shuffle: bool,
+    seed: int,
+    options: Mapping[str, Any],
+) -> tuple[Any, _Holder]:
+    """A dataset of ``(features, position_json)`` and the holder of its start position.
+
+    ``kinds`` maps every column to read (features and label) to ``"string"``, ``"float32"`` or
+    ``"int64"``. Set ``holder.state`` (a reader ``state_dict``) before initialising the iterator to
+    resume there.
+    """
+    holder = _Holder()
+    columns = list(kinds)
+
+    def gen() -> Iterable[tuple[dict[str, np.ndarray], bytes]]:
+        ds = read_fn(
+            uri,
+            columns=columns,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_epochs=num_epochs,
+            shuffle=shuffle,
+            seed=seed,
+            **reader_options(kinds, options),
+        )
+        if holder.state is not None:
+            ds.load_state_dict(holder.state)
+        for batch in ds:
+            yield clean_batch(batch, kinds), json.dumps({"data": ds.state_dict()}).encode()
+
+    signature = (
+        {name: tf.TensorSpec([None], _TF_DTYPES[kind]) for name, kind in kinds.items()},
+        tf.TensorSpec([], tf.string),
+    )
+    return tf.data.Dataset.from_generator(gen, output_signature=signature).prefetch(2), holder

@@ -1,0 +1,111 @@
+"""Ready-made CTR models written against :class:`kubeai_train.tf.Model` (DeepFM).
+
+They double as the reference for writing one: raw features in, ``CtrFeatures.transform`` in the
+graph, embedding tables created with ``partitioner(num_ps)`` so they shard over the PS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import tensorflow as tf
+
+from kubeai_train.tf.features import CtrFeatures, partitioner
+from kubeai_train.tf.types import Model, TrainError
+
+__all__ = ["DeepFM"]
+
+
+class DeepFM(Model):
+    """DeepFM (Guo et al. 2017): first-order weights + FM pairwise term + an MLP over the
+    field embeddings and the dense features, summed into one logit.
+
+    Args:
+        features: the feature transforms (default: the Criteo columns, 10k buckets per column).
+        embedding_dim: FM / deep embedding width.
+        hidden: MLP layer widths.
+        learning_rate: Adagrad learning rate.
+    """
+
+    def __init__(
+        self,
+        features: CtrFeatures | None = None,
+        embedding_dim: int = 8,
+        hidden: Sequence[int] = (64, 32),
+        learning_rate: float = 0.05,
+        label: str = "label",
+    ) -> None:
+        if embedding_dim < 1:
+            raise TrainError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if learning_rate <= 0:
+            raise TrainError(f"learning_rate must be > 0, got {learning_rate}")
+        self.features = features or CtrFeatures()
+        self.embedding_dim = embedding_dim
+        self.hidden = tuple(hidden)
+        self.learning_rate = learning_rate
+        self.label = label
+
+    def raw_features(self) -> dict[str, str]:
+        return self.features.raw_features()
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "model": "DeepFM",
+            "embedding_dim": self.embedding_dim,
+            "hidden": list(self.hidden),
+            "learning_rate": self.learning_rate,
+            "hash_buckets": self.features.hash_buckets,
+            "categorical": list(self.features.categorical),
+            "dense": list(self.features.dense),
+        }
+
+    def optimizer(self) -> Any:
+        return tf.compat.v1.train.AdagradOptimizer(self.learning_rate, initial_accumulator_value=0.1)
+
+    def logits(self, features: Mapping[str, Any], *, num_ps: int, training: bool) -> Any:
+        f = self.features
+        dense, ids = f.transform(features)
+        k = self.embedding_dim
+        init = tf.compat.v1.truncated_normal_initializer(stddev=0.01)
+        with tf.compat.v1.variable_scope("deepfm"):
+            bias = tf.compat.v1.get_variable("bias", [], initializer=tf.compat.v1.zeros_initializer())
+            logit = bias
+            deep_in = []
+            if ids is not None:
+                part = partitioner(num_ps)
+                emb_w = tf.compat.v1.get_variable(
+                    "emb_w", [f.table_rows, 1], initializer=tf.compat.v1.zeros_initializer(), partitioner=part
+                )
+                emb_v = tf.compat.v1.get_variable(
+                    "emb_v", [f.table_rows, k], initializer=init, partitioner=part
+                )
+                w = tf.compat.v1.nn.embedding_lookup(emb_w, ids, partition_strategy="div")  # [B, F, 1]
+                v = tf.compat.v1.nn.embedding_lookup(emb_v, ids, partition_strategy="div")  # [B, F, k]
+                logit = logit + tf.reduce_sum(w, axis=[1, 2])
+                sum_sq = tf.square(tf.reduce_sum(v, axis=1))
+                sq_sum = tf.reduce_sum(tf.square(v), axis=1)
+                logit = logit + 0.5 * tf.reduce_sum(sum_sq - sq_sum, axis=1)
+                deep_in.append(tf.reshape(v, [-1, len(f.categorical) * k]))
+            if dense is not None:
+                dense_w = tf.compat.v1.get_variable(
+                    "dense_w", [f.dense_width, 1], initializer=tf.compat.v1.zeros_initializer()
+                )
+                logit = logit + tf.squeeze(tf.matmul(dense, dense_w), axis=1)
+                deep_in.append(dense)
+            h = tf.concat(deep_in, axis=1)
+            width = int(h.shape[1])
+            for i, units in enumerate(self.hidden):
+                kernel = tf.compat.v1.get_variable(
+                    f"mlp_{i}/kernel", [width, units], initializer=tf.compat.v1.glorot_uniform_initializer()
+                )
+                b = tf.compat.v1.get_variable(
+                    f"mlp_{i}/bias", [units], initializer=tf.compat.v1.zeros_initializer()
+                )
+                h = tf.nn.relu(tf.matmul(h, kernel) + b)
+                width = units
+            out_k = tf.compat.v1.get_variable(
+                "mlp_out/kernel", [width, 1], initializer=tf.compat.v1.glorot_uniform_initializer()
+            )
+            logit = logit + tf.squeeze(tf.matmul(h, out_k), axis=1)
+        return logit

@@ -1,0 +1,683 @@
+"""Between-graph parameter-server training: the one entry every role of a TF job calls.
+
+``run(model, config)`` asks ``kubeai_train.cluster`` who this process is:
+
+* **ps**: starts its gRPC server and serves until the chief marks the job done (a variable
+  the chief sets on every PS), or until it is killed (the launcher / cleanPodPolicy).
+* **chief** (rank 0) and **worker i** (rank i + 1): build the whole graph in their own process
+  (variables placed on the PS by the placement plan, input read locally), then train
+  asynchronously (or synchronously with SyncReplicasOptimizer).
+* no cluster: the same graph and loop in one process (the single-process baseline).
+
+Start-up never races and never sleeps 30 s: every session sees only the PS and itself
+(``device_filters``), the chief initialises or restores, and workers poll readiness every
+``ready_poll`` seconds up to ``ready_timeout`` (then ReadyTimeoutError names what is missing).
+Shutdown is defined: a trainer whose data is done records ``done`` in its position variable and
+exits; the chief, when its own data is done, waits for every worker's ``done`` (bounded by
+``worker_wait_timeout``), writes the final checkpoint, a ``_TRAINED.json`` marker, and sets the
+PS ``job_done`` flags, then exports, evaluates and publishes from the checkpoint.
+
+Failures: each batch's reader position is stored on PS 0 in the same step as its update, so a
+killed worker that is restarted resumes exactly after its last applied batch; a lost PS makes
+the chief and workers exit with RETRYABLE_EXIT_CODE (138), and the restarted chief, finding
+uninitialised variables, restores the last checkpoint (model and every reader position).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from kubeai_train import cluster
+from kubeai_train.tf import export as _export
+from kubeai_train.tf.inputs import ReadFn, default_read_fn, make_dataset
+from kubeai_train.tf.placement import (
+    PlanStrategy,
+    RoundRobinPlacement,
+    check_plan,
+    placement_report,
+    snapshot,
+)
+from kubeai_train.tf.types import (
+    RETRYABLE_EXIT_CODE,
+    ClusterUnavailableError,
+    Model,
+    PlacementPolicy,
+    ReadyTimeoutError,
+    StepInfo,
+    TrainConfig,
+    TrainError,
+)
+
+__all__ = ["RunResult", "run"]
+
+log = logging.getLogger("kubeai_train.tf")
+
+TRAINED_MARKER = "_TRAINED.json"
+PUBLISHED_MARKER = "_PUBLISHED.json"
+PLACEMENT_REPORT = "placement.json"
+EVAL_SAMPLE = "eval_sample.npz"
+STATE_SCOPE = "kubeai"
+
+# Errors meaning "a PS (or its state) went away": retry the job from its checkpoint.
+_RETRYABLE = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.FailedPreconditionError,
+    tf.errors.NotFoundError,
+)
+
+
+@dataclass
+class RunResult:
+    """What ``run`` returns in this process (the chief's has metrics and the published version)."""
+
+    role: str
+    rank: int
+    local_steps: int = 0
+    examples: int = 0
+    global_step: int = 0
+    seconds: float = 0.0
+    checkpoint: str | None = None
+    export_dir: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    version: int | None = None
+    model_uri: str | None = None
+    placement: dict[str, Any] | None = None
+
+
+def run(
+    model: Model,
+    config: TrainConfig,
+    *,
+    placement: PlacementPolicy | None = None,
+    read_fn: ReadFn | None = None,
+    exit_on_retryable: bool = True,
+) -> RunResult:
+    """Run this process's role of the job described by the environment (see the module doc).
+
+    Args:
+        model: the user's model (raw features -> logits, optimizer).
+        config: the training configuration; every role must get the same one.
+        placement: the placement policy (default round-robin).
+        read_fn: the reader (default ``kubeai_train.data.read``).
+        exit_on_retryable: on a lost PS, exit the process with RETRYABLE_EXIT_CODE (what a
+            TFJob restart policy and the launcher expect) instead of raising ClusterUnavailableError.
+
+    Returns:
+        RunResult for this process (ps processes return when the job is done).
+
+    Raises:
+        ReadyTimeoutError: a worker waited ``ready_timeout`` for the chief.
+        TrainError: bad configuration, or a model that cannot be built / restored.
+    """
+    _setup_logging()
+    info = cluster.current()
+    policy = placement or RoundRobinPlacement()
+    read = read_fn or default_read_fn
+    log.info(
+        "[%s %d] kubeai_train.tf between-graph: rank %d/%d, ps %d, policy %s, config %s",
+        info.role,
+        info.index,
+        info.rank,
+        info.world_size,
+        len(info.cluster.get("ps", ())),
+        policy.name,
+        json.dumps(config.describe(), default=str, sort_keys=True),
+    )
+    try:
+        if info.framework != "tf":
+            return _Trainer(model, config, info, policy, read).train()
+        if info.role == "ps":
+            return _serve_ps(info, config)
+        if info.role == "evaluator":
+            raise TrainError(
+                "the evaluator role is not used in between-graph mode: the chief evaluates after "
+                "training; launch without --evaluator"
+            )
+        if not info.cluster.get("ps"):
+            raise TrainError(
+                f"TF_CONFIG has no ps tasks (roles: {sorted(info.cluster)}); between-graph "
+                "training needs --ps N >= 1"
+            )
+        return _Trainer(model, config, info, policy, read).train()
+    except ClusterUnavailableError as e:
+        log.error(
+            "[%s %d] %s; exiting with %d so the job restarts and restores its checkpoint",
+            info.role,
+            info.index,
+            e,
+            RETRYABLE_EXIT_CODE,
+        )
+        if exit_on_retryable:
+            logging.shutdown()
+            os._exit(RETRYABLE_EXIT_CODE)  # TF's gRPC threads can block a normal exit
+        raise
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # tf.compat.v1 deprecation notices
+
+
+def _session_config(config: TrainConfig, filters: Sequence[str]) -> Any:
+    return tf.compat.v1.ConfigProto(
+        device_filters=list(filters),
+        operation_timeout_in_ms=int(config.operation_timeout * 1000),
+        allow_soft_placement=False,
+    )
+
+
+def _server(info: cluster.ClusterInfo) -> Any:
+    job = "chief" if info.role == "master" else info.role
+    spec = {("chief" if k == "master" else k): v for k, v in info.cluster_spec().items() if k != "evaluator"}
+    return tf.distribute.Server(
+        tf.train.ClusterSpec(spec), job_name=job, task_index=info.index, protocol="grpc", start=True
+    )
+
+
+def _serve_ps(info: cluster.ClusterInfo, config: TrainConfig) -> RunResult:
+    """Serve variables until this PS's ``job_done`` flag is set by the chief."""
+    t0 = time.perf_counter()
+    server = _server(info)
+    log.info("[ps %d] serving at %s", info.index, info.address)
+    g = tf.Graph()
+    with g.as_default(), tf.compat.v1.device(f"/job:ps/task:{info.index}"):
+        handle = tf.raw_ops.VarHandleOp(
+            dtype=tf.bool, shape=[], shared_name=f"{STATE_SCOPE}/job_done_{info.index}", container=""
+        )
+        done = tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.bool)
+    sess = tf.compat.v1.Session(
+        server.target, graph=g, config=_session_config(config, [f"/job:ps/task:{info.index}"])
+    )
+    while True:
+        try:
+            if sess.run(done):
+                break
+        except tf.errors.OpError:
+            pass  # not initialised yet (or restored right now): keep serving
+        time.sleep(0.5)
+    log.info("[ps %d] job done after %.1f s; stopping", info.index, time.perf_counter() - t0)
+    return RunResult(role="ps", rank=info.index, seconds=time.perf_counter() - t0)
+
+
+class _Trainer:
+    """One chief / worker / local process: build, start, train, finish."""
+
+    def __init__(
+        self,
+        model: Model,
+        config: TrainConfig,
+        info: cluster.ClusterInfo,
+        policy: PlacementPolicy,
+        read: ReadFn,
+    ) -> None:
+        self.model, self.config, self.info, self.policy, self.read = model, config, info, policy, read
+        self.distributed = info.framework == "tf"
+        self.num_ps = len(info.cluster.get("ps", ())) if self.distributed else 1
+        self.is_chief = info.is_chief if self.distributed else True
+        self.rank, self.world = info.rank, info.world_size
+        self.job = ("chief" if info.role == "master" else info.role) if self.distributed else "local"
+        self.tag = f"[{self.job} {info.index}]"
+        self.kinds = dict(model.raw_features())
+        self.kinds[model.label] = "int64"
+        self.model_dir = config.model_dir
+        self.placement: dict[str, Any] | None = None
+        if self.is_chief:
+            os.makedirs(self.model_dir, exist_ok=True)
+
+    # ----------------------------------------------------------------------------- graph
+    def _state_variables(self) -> None:
+        with tf.compat.v1.variable_scope(STATE_SCOPE):
+            self.positions = [
+                tf.compat.v1.get_variable(f"data_state_{r}", initializer=tf.constant(""), trainable=False)
+                for r in range(self.world)
+            ]
+            self.job_done = [
+                tf.compat.v1.get_variable(f"job_done_{t}", initializer=tf.constant(False), trainable=False)
+                for t in range(self.num_ps)
+            ]
+
+    def _model_and_train_op(self, features: Mapping[str, Any]) -> None:
+        self.global_step = tf.compat.v1.train.get_or_create_global_step()
+        logits = self.model.logits(
+            {k: features[k] for k in self.model.raw_features()}, num_ps=self.num_ps, training=True
+        )
+        labels = tf.cast(features[self.model.label], tf.float32)
+        self.loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+        self.batch_rows = tf.shape(labels)[0]
+        opt = self.model.optimizer()
+        self.sync_opt = None
+        if self.config.sync and self.world > 1:
+            opt = tf.compat.v1.train.SyncReplicasOptimizer(
+                opt,
+                replicas_to_aggregate=self.world - self.config.backup_workers,
+                total_num_replicas=self.world,
+            )
+            self.sync_opt = opt
+        self.train_op = opt.minimize(self.loss, global_step=self.global_step)
+
+    def _plan(self) -> None:
+        """Pass 1: build the model in a throw-away graph, snapshot its variables, ask the policy."""
+        g = tf.Graph()
+        with g.as_default():
+            feats = {
+                name: tf.compat.v1.placeholder(_tf_dtype(kind), [None]) for name, kind in self.kinds.items()
+            }
+            self._model_and_train_op(feats)
+        self.snapshot = [
+            v for v in snapshot(g, self.config.batch_size) if not v.name.startswith(f"{STATE_SCOPE}/")
+        ]
+        self.plan = self.policy.plan(self.snapshot, self.num_ps)
+        check_plan(self.plan, self.snapshot, self.num_ps)
+
+    def _build(self) -> None:
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            if self.distributed:
+                self._plan()
+                strategy = PlanStrategy(self.plan, pinned=self._pinned)
+                setter = tf.compat.v1.train.replica_device_setter(
+                    ps_tasks=self.num_ps,
+                    worker_device=f"/job:{self.job}/task:{self.info.index}",
+                    ps_device="/job:ps",
+                    cluster=None,
+                    ps_strategy=strategy,
+                )
+                with tf.compat.v1.device(setter):
+                    self._build_body()
+                self.placement = placement_report(self.plan, self.snapshot, self.graph)
+                if strategy.unplanned:
+                    log.warning(
+                        "%s %d variables created outside the planning pass were placed round-robin: %s",
+                        self.tag,
+                        len(strategy.unplanned),
+                        strategy.unplanned[:5],
+                    )
+            else:
+                self._build_body()
+                self.placement = None
+            self.graph.finalize()
+
+    def _build_body(self) -> None:
+        self._state_variables()
+        ds, self.holder = make_dataset(
+            self.read,
+            self.config.train_data,
+            self.kinds,
+            batch_size=self.config.batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            num_epochs=self.config.num_epochs,
+            shuffle=self.config.shuffle,
+            seed=self.config.seed,
+            options=self.config.reader_options,
+        )
+        self.iterator = tf.compat.v1.data.make_initializable_iterator(ds)
+        features, position = self.iterator.get_next()
+        self._model_and_train_op(features)
+        with tf.control_dependencies([self.train_op]):
+            self.step_op = self.positions[self.rank].assign(position, read_value=False)
+        self.position_in = tf.compat.v1.placeholder(tf.string, [])
+        self.set_position = self.positions[self.rank].assign(self.position_in, read_value=False)
+        self.set_done = tf.group(*[v.assign(True, read_value=False) for v in self.job_done])
+        self.uninitialized = tf.compat.v1.report_uninitialized_variables(tf.compat.v1.global_variables())
+        self.init_op = tf.compat.v1.global_variables_initializer()
+        self.local_init = tf.group(
+            tf.compat.v1.local_variables_initializer(), tf.compat.v1.tables_initializer()
+        )
+        self.saver = tf.compat.v1.train.Saver(
+            sharded=self.distributed, max_to_keep=3, save_relative_paths=True
+        )
+        if self.sync_opt is not None:
+            self.sync_hook = self.sync_opt.make_session_run_hook(self.is_chief, num_tokens=-1)
+            self.sync_hook.begin()
+
+    @staticmethod
+    def _pinned(name: str) -> int | None:
+        # the trainer's own state is not the policy's to place: positions on PS 0, job_done_t on
+        # PS t (where that PS polls for it)
+        if name.startswith(f"{STATE_SCOPE}/job_done_"):
+            return int(name[len(f"{STATE_SCOPE}/job_done_") :])
+        if name.startswith(f"{STATE_SCOPE}/"):
+            return 0
+        return None
+
+    # ----------------------------------------------------------------------------- start-up
+    def _session(self) -> Any:
+        if self.distributed:
+            self.server = _server(self.info)
+            filters = ["/job:ps", f"/job:{self.job}/task:{self.info.index}"]
+            return tf.compat.v1.Session(
+                self.server.target, graph=self.graph, config=_session_config(self.config, filters)
+            )
+        return tf.compat.v1.Session(graph=self.graph, config=_session_config(self.config, []))
+
+    def _uninitialized(self, sess: Any, deadline: float, what: str) -> list[str]:
+        """Names of uninitialised variables, retrying while the PS are not reachable yet."""
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                return [n.decode() for n in sess.run(self.uninitialized)]
+            except _RETRYABLE as e:
+                last = e
+                time.sleep(self.config.ready_poll)
+        raise ReadyTimeoutError(
+            f"{self.tag} could not reach the parameter servers within ready_timeout="
+            f"{self.config.ready_timeout}s while {what}: {type(last).__name__}: "
+            f"{getattr(last, 'message', last)}; check that the ps tasks are running"
+        )
+
+    def _chief_start(self, sess: Any) -> str:
+        deadline = time.monotonic() + self.config.ready_timeout
+        missing = self._uninitialized(sess, deadline, "initialising the model")
+        if self.distributed and not missing:
+            return "live"  # a chief restart with the PS still holding the model: keep the fresher state
+        ckpt = tf.train.latest_checkpoint(self.model_dir)
+        if ckpt:
+            self.saver.restore(sess, ckpt)
+            log.info("%s restored %s", self.tag, ckpt)
+            return "restored"
+        sess.run(self.init_op)
+        return "initialised"
+
+    def _worker_start(self, sess: Any) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout
+        missing = self._uninitialized(sess, deadline, "waiting for the chief")
+        while missing:
+            if time.monotonic() >= deadline:
+                raise ReadyTimeoutError(
+                    f"{self.tag} waited ready_timeout={self.config.ready_timeout}s for the chief to initialise "
+                    f"the model; still uninitialised: {missing[:3]} ({len(missing)} variables). Is the chief "
+                    "running? Raise TrainConfig.ready_timeout if restoring a large checkpoint takes longer"
+                )
+            time.sleep(self.config.ready_poll)
+            missing = self._uninitialized(sess, deadline, "waiting for the chief")
+
+    def _read_position(self, sess: Any) -> dict[str, Any] | None:
+        raw = sess.run(self.positions[self.rank])
+        return json.loads(raw) if raw else None
+
+    # ----------------------------------------------------------------------------- train
+    def train(self) -> RunResult:
+        t_start = time.perf_counter()
+        result = RunResult(role=self.job, rank=self.rank)
+        if self.is_chief:
+            marker = _read_json(os.path.join(self.model_dir, TRAINED_MARKER))
+            if marker:
+                log.info(
+                    "%s %s exists: training finished before (global step %s); going to export",
+                    self.tag,
+                    TRAINED_MARKER,
+                    marker.get("global_step"),
+                )
+                result.checkpoint, result.global_step = marker["checkpoint"], marker["global_step"]
+                result.placement = _read_json(os.path.join(self.model_dir, PLACEMENT_REPORT))
+                return self._finish(result, t_start)
+        self._build()
+        with self.graph.as_default():
+            return self._train_in_graph(result, t_start)
+
+    def _train_in_graph(self, result: RunResult, t_start: float) -> RunResult:
+        sess = self._session()
+        try:
+            t0 = time.perf_counter()
+            how = self._chief_start(sess) if self.is_chief else None
+            if not self.is_chief:
+                self._worker_start(sess)
+            position = self._read_position(sess)
+            log.info(
+                "%s ready in %.2f s (%s); position %s",
+                self.tag,
+                time.perf_counter() - t0,
+                how or "chief initialised",
+                "start" if position is None else json.dumps(position)[:200],
+            )
+            if self.is_chief and self.placement is not None:
+                _write_json(os.path.join(self.model_dir, PLACEMENT_REPORT), self.placement)
+                result.placement = self.placement
+            if position and position.get("done"):
+                log.info("%s this rank's data was already done", self.tag)
+            else:
+                self.holder.state = position.get("data") if position else None
+                sess.run([self.iterator.initializer, self.local_init])
+                coord = tf.train.Coordinator()
+                if self.sync_opt is not None:
+                    self.sync_hook.after_create_session(sess, coord)
+                self._loop(sess, result)
+                coord.request_stop()
+            if self.is_chief:
+                self._chief_end(sess, result)
+        except _RETRYABLE as e:
+            raise ClusterUnavailableError(
+                f"{self.tag} lost the parameter servers: {type(e).__name__}: "
+                f"{e.message.splitlines()[0] if e.message else ''}"
+            ) from e
+        finally:
+            sess.close()
+        result.seconds = time.perf_counter() - t_start
+        if self.is_chief:
+            return self._finish(result, t_start)
+        log.info(
+            "%s done: %d steps, %d examples in %.1f s",
+            self.tag,
+            result.local_steps,
+            result.examples,
+            result.seconds,
+        )
+        return result
+
+    def _loop(self, sess: Any, result: RunResult) -> None:
+        cfg = self.config
+        writer = None
+        if self.is_chief:
+            with tf.Graph().as_default():  # the v1 writer refuses eager mode; it adds no ops
+                writer = tf.compat.v1.summary.FileWriter(self.model_dir)
+        fetches = [self.step_op, self.loss, self.global_step, self.batch_rows]
+        t_log = time.perf_counter()
+        ex_log = 0
+        last_loss = float("nan")
+        step = 0
+        gstep = 0
+        try:
+            while True:
+                try:
+                    _, last_loss, gstep, rows = sess.run(fetches)
+                except tf.errors.OutOfRangeError:
+                    break
+                step += 1
+                result.examples += int(rows)
+                ex_log += int(rows)
+                if step % cfg.log_steps == 0:
+                    now = time.perf_counter()
+                    eps = ex_log / max(now - t_log, 1e-9)
+                    log.info(
+                        "%s step %d global %d loss %.4f examples/s %.0f",
+                        self.tag,
+                        step,
+                        gstep,
+                        last_loss,
+                        eps,
+                    )
+                    if writer is not None:
+                        writer.add_summary(_summary({"loss": last_loss, "examples_per_sec": eps}), gstep)
+                    info = StepInfo(
+                        self.job, self.rank, step, int(gstep), float(last_loss), result.examples, now - t_log
+                    )
+                    for hook in cfg.hooks:
+                        hook(info)
+                    t_log, ex_log = now, 0
+                if self.is_chief and step % cfg.save_checkpoint_steps == 0:
+                    self._save(sess, gstep)
+                if cfg.max_steps is not None and gstep >= cfg.max_steps:
+                    break
+        finally:
+            if writer is not None:
+                writer.close()
+        result.local_steps = step
+        result.global_step = int(gstep)
+        # the position of the last applied batch is already stored; mark it done
+        position = self._read_position(sess) or {}
+        sess.run(self.set_position, {self.position_in: json.dumps({**position, "done": True})})
+
+    def _save(self, sess: Any, gstep: int) -> str:
+        path = self.saver.save(
+            sess, os.path.join(self.model_dir, "model.ckpt"), global_step=int(gstep), write_meta_graph=False
+        )
+        log.info("%s checkpoint %s", self.tag, path)
+        return path
+
+    def _chief_end(self, sess: Any, result: RunResult) -> None:
+        if self.distributed and self.world > 1 and self.sync_opt is None:
+            self._wait_workers(sess)
+        gstep = int(sess.run(self.global_step))
+        result.global_step = gstep
+        result.checkpoint = self._save(sess, gstep)
+        _write_json(
+            os.path.join(self.model_dir, TRAINED_MARKER),
+            {"checkpoint": result.checkpoint, "global_step": gstep, "time": time.time()},
+        )
+        if self.distributed:
+            sess.run(self.set_done)
+
+    def _wait_workers(self, sess: Any) -> None:
+        t0 = time.monotonic()
+        last_save = int(sess.run(self.global_step))
+        pending: list[int] = []
+        while time.monotonic() - t0 < self.config.worker_wait_timeout:
+            raw = sess.run(self.positions)
+            pending = [
+                r for r, s in enumerate(raw) if r != self.rank and not (s and json.loads(s).get("done"))
+            ]
+            if not pending:
+                log.info("%s all workers done (waited %.1f s)", self.tag, time.monotonic() - t0)
+                return
+            gstep = int(sess.run(self.global_step))
+            if gstep - last_save >= self.config.save_checkpoint_steps:
+                self._save(sess, gstep)
+                last_save = gstep
+            time.sleep(0.2)
+        log.warning(
+            "%s ranks %s not done after worker_wait_timeout=%ss; finishing without them",
+            self.tag,
+            pending,
+            self.config.worker_wait_timeout,
+        )
+
+    # ----------------------------------------------------------------------------- export
+    def _finish(self, result: RunResult, t_start: float) -> RunResult:
+        cfg = self.config
+        export_dir = cfg.export_dir or os.path.join(self.model_dir, "export")
+        if result.checkpoint is None:
+            raise TrainError(f"no checkpoint to export in {self.model_dir}")
+        predictor = _export.Predictor(self.model, result.checkpoint, self.num_ps)
+        try:
+            predictor.export(export_dir)
+            result.export_dir = export_dir
+            log.info("%s exported SavedModel to %s", self.tag, export_dir)
+            if cfg.eval_data:
+                result.metrics, sample = _export.evaluate(
+                    predictor, self.read, cfg.eval_data, keep=cfg.eval_predictions, options=cfg.reader_options
+                )
+                np.savez(os.path.join(self.model_dir, EVAL_SAMPLE), **sample)  # type: ignore[arg-type]
+                log.info(
+                    "%s eval on %s: auc %.4f logloss %.4f (%d rows)",
+                    self.tag,
+                    cfg.eval_data,
+                    result.metrics["auc"],
+                    result.metrics["logloss"],
+                    result.metrics["rows"],
+                )
+        finally:
+            predictor.close()
+        result.seconds = time.perf_counter() - t_start
+        if cfg.model_repo:
+            published = _read_json(os.path.join(self.model_dir, PUBLISHED_MARKER))
+            if published and published.get("checkpoint") == result.checkpoint:
+                result.version, result.model_uri = published["version"], published["uri"]
+                log.info("%s already published as version %s", self.tag, result.version)
+            else:
+                mv = _export.publish(cfg.model_repo, cfg.model_name, export_dir, self._metadata(result))
+                result.version, result.model_uri = int(mv.version), str(mv.uri)
+                _write_json(
+                    os.path.join(self.model_dir, PUBLISHED_MARKER),
+                    {"version": result.version, "uri": result.model_uri, "checkpoint": result.checkpoint},
+                )
+        return result
+
+    def _metadata(self, result: RunResult) -> dict[str, Any]:
+        placement = None
+        if result.placement:
+            placement = {
+                "policy": result.placement.get("policy"),
+                "bytes_per_ps": [p["bytes"] for p in result.placement.get("ps", [])],
+            }
+        return {
+            "metrics": {k: v for k, v in result.metrics.items() if k in ("auc", "logloss")},
+            "eval": result.metrics,
+            "framework": "tf",
+            "mode": "between_graph",
+            "lineage": {
+                "train_data": self.config.train_data,
+                "eval_data": self.config.eval_data,
+                "checkpoint": result.checkpoint,
+                "global_step": result.global_step,
+                "model_dir": self.model_dir,
+                "params": {
+                    **self.model.params(),
+                    **self.config.params,
+                    "batch_size": self.config.batch_size,
+                    "num_epochs": self.config.num_epochs,
+                    "sync": self.config.sync,
+                    "seed": self.config.seed,
+                },
+                "cluster": {role: len(addrs) for role, addrs in self.info.cluster.items()},
+                "placement": placement,
+            },
+        }
+
+
+def _tf_dtype(kind: str) -> Any:
+    return {"string": tf.string, "float32": tf.float32, "int64": tf.int64}[kind]
+
+
+def _summary(values: Mapping[str, float]) -> Any:
+    return tf.compat.v1.Summary(
+        value=[tf.compat.v1.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]
+    )
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def main_exit(result: RunResult) -> None:
+    """Flush logs and end the process with status 0 (TF's gRPC server threads can block a normal exit)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0)

@@ -1,0 +1,277 @@
+"""Contracts of TensorFlow parameter-server training: placement, configuration, models, errors.
+
+Nothing here imports TensorFlow, so a placement policy (and the ``balance/`` planner that plugs
+in next) can be written and unit-tested on hand-made snapshots without a cluster. The same
+contracts serve the between-graph mode (``kubeai_train.tf.run``) and the coordinator mode that
+follows it: a policy sees a :class:`VariableInfo` snapshot and returns a :class:`PlacementPlan`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "RETRYABLE_EXIT_CODE",
+    "ClusterUnavailableError",
+    "Model",
+    "PlacementError",
+    "PlacementPlan",
+    "PlacementPolicy",
+    "ReadyTimeoutError",
+    "StepInfo",
+    "TrainConfig",
+    "TrainError",
+    "VariableInfo",
+]
+
+#: The exit code of a chief (or worker) that lost a parameter server: >= 128 so that a TFJob's
+#: ``restartPolicy: ExitCode`` and the local launcher treat it as retryable and bring it back,
+#: after which it restores the last checkpoint.
+RETRYABLE_EXIT_CODE = 138
+
+
+class TrainError(Exception):
+    """Base of kubeai_train.tf errors; carries its message only, so it pickles."""
+
+
+class PlacementError(TrainError, ValueError):
+    """A placement policy returned a plan that does not fit the snapshot or the PS count."""
+
+
+class ReadyTimeoutError(TrainError, TimeoutError):
+    """A worker waited longer than ``ready_timeout`` for the chief to initialise the model."""
+
+
+class ClusterUnavailableError(TrainError, ConnectionError):
+    """A parameter server went away (or came back empty) mid-run; the job must restore."""
+
+    exit_code = RETRYABLE_EXIT_CODE
+
+
+@dataclass(frozen=True)
+class VariableInfo:
+    """One variable (or one shard of a partitioned variable) as a placement policy sees it.
+
+    Attributes:
+        name: the variable op name, e.g. ``"deepfm/emb_v/part_1"``.
+        shape: its (shard's) shape.
+        dtype: its dtype name, e.g. ``"float32"``.
+        nbytes: the bytes it holds (shape x dtype size), optimizer slots colocated with it included.
+        traffic: an estimate of the bytes moved per training step (read + update); for an
+            embedding shard, the looked-up rows rather than the whole table.
+        kind: ``"embedding"``, ``"dense"`` or ``"state"`` (step counters, data positions).
+        group: the partitioned variable a shard belongs to (its name without ``/part_N``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    traffic: float = 0.0
+    kind: str = "dense"
+    group: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise PlacementError("VariableInfo.name must not be empty")
+        if self.nbytes < 0:
+            raise PlacementError(f"VariableInfo {self.name!r}: nbytes must be >= 0, got {self.nbytes}")
+        if self.traffic < 0 or math.isnan(self.traffic):
+            raise PlacementError(f"VariableInfo {self.name!r}: traffic must be >= 0, got {self.traffic}")
+
+
+@dataclass(frozen=True)
+class PlacementPlan:
+    """Which parameter server holds each variable / shard.
+
+    Attributes:
+        assignment: variable name -> PS task index.
+        num_ps: the number of parameter servers planned for.
+        policy: the name of the policy that made the plan.
+    """
+
+    assignment: Mapping[str, int]
+    num_ps: int
+    policy: str = ""
+
+    def __post_init__(self) -> None:
+        if self.num_ps < 1:
+            raise PlacementError(f"num_ps must be >= 1, got {self.num_ps}")
+        for name, task in self.assignment.items():
+            if not isinstance(task, int) or not 0 <= task < self.num_ps:
+                raise PlacementError(
+                    f"plan puts {name!r} on ps {task!r}; valid tasks are 0..{self.num_ps - 1}"
+                )
+
+    def validate(self, variables: Sequence[VariableInfo]) -> None:
+        """Raise PlacementError if a variable of the snapshot has no place."""
+        missing = [v.name for v in variables if v.name not in self.assignment]
+        if missing:
+            raise PlacementError(
+                f"placement plan of {self.policy or 'policy'} leaves {len(missing)} variables "
+                f"unplaced, e.g. {missing[:3]}; a policy must place every variable it is given"
+            )
+
+    def report(self, variables: Sequence[VariableInfo]) -> dict[str, Any]:
+        """Bytes, traffic and variables per PS, and the max/mean byte imbalance."""
+        by_name = {v.name: v for v in variables}
+        per_ps: list[dict[str, Any]] = [
+            {"task": t, "bytes": 0, "traffic": 0.0, "variables": []} for t in range(self.num_ps)
+        ]
+        for name, task in sorted(self.assignment.items()):
+            info = by_name.get(name)
+            entry = per_ps[task]
+            entry["variables"].append(name)
+            if info is not None:
+                entry["bytes"] += info.nbytes
+                entry["traffic"] += info.traffic
+        loads = [e["bytes"] for e in per_ps]
+        mean = sum(loads) / len(loads)
+        return {
+            "policy": self.policy,
+            "num_ps": self.num_ps,
+            "ps": per_ps,
+            "bytes_max_over_mean": (max(loads) / mean) if mean else 1.0,
+        }
+
+
+class PlacementPolicy(ABC):
+    """Decides a parameter server for every variable / shard: a pure function of a snapshot.
+
+    The trainer builds the model once in a throw-away graph to take the snapshot, calls
+    :meth:`plan`, and plugs the plan into ``replica_device_setter`` as its ``ps_strategy``; every
+    role computes the same plan from the same snapshot, so the policy must be deterministic.
+    """
+
+    name: str = "policy"
+
+    @abstractmethod
+    def plan(self, variables: Sequence[VariableInfo], num_ps: int) -> PlacementPlan:
+        """Return a plan placing every variable of ``variables`` on one of ``num_ps`` servers."""
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a per-step callback sees (hooks observe; they cannot change the step)."""
+
+    role: str
+    rank: int
+    local_step: int
+    global_step: int
+    loss: float
+    examples: int
+    seconds: float
+
+
+@dataclass
+class TrainConfig:
+    """How to train; every role of a job gets the same config.
+
+    Attributes:
+        model_dir: checkpoints, summaries, the placement report (any path TensorFlow writes;
+            with several processes it must be shared by them, as on a TFJob volume).
+        train_data: the training data URI (anything ``kubeai_train.data.read`` opens).
+        eval_data: the eval data URI; the chief measures AUC and log loss there after training.
+        batch_size: rows per step per worker.
+        num_epochs: passes over the training data (each worker reads its share once per epoch).
+        shuffle / seed: passed to the reader.
+        save_checkpoint_steps: the chief checkpoints every N of its own steps (and at the end).
+        log_steps: loss and examples/s logged (and written as summaries) every N local steps.
+        sync: synchronous updates through SyncReplicasOptimizer (needs ``max_steps``).
+        backup_workers: with ``sync``, gradients of this many replicas per step are not waited for.
+        max_steps: stop at this global step (required with ``sync``; optional otherwise).
+        ready_timeout: seconds a worker waits for the chief to initialise / restore the model.
+        ready_poll: seconds between readiness polls (SessionManager waits 30 s; we poll fast).
+        worker_wait_timeout: seconds the chief waits, after its own data is done, for the workers
+            to finish theirs before the final checkpoint.
+        operation_timeout: seconds after which one session.run call fails (no step hangs forever).
+        export_dir: where the chief writes the SavedModel (default ``<model_dir>/export``).
+        model_repo / model_name: publish the SavedModel there (skipped when model_repo is None).
+        eval_predictions: how many eval predictions to keep beside the export for verification.
+        reader_options: extra keyword arguments for ``kubeai_train.data.read``.
+        params: free-form parameters recorded in the published lineage.
+        hooks: callables given a :class:`StepInfo` every ``log_steps`` steps.
+    """
+
+    model_dir: str
+    train_data: str
+    eval_data: str | None = None
+    batch_size: int = 512
+    num_epochs: int = 1
+    shuffle: bool = True
+    seed: int = 0
+    save_checkpoint_steps: int = 500
+    log_steps: int = 100
+    sync: bool = False
+    backup_workers: int = 0
+    max_steps: int | None = None
+    ready_timeout: float = 300.0
+    ready_poll: float = 0.1
+    worker_wait_timeout: float = 900.0
+    operation_timeout: float = 120.0
+    export_dir: str | None = None
+    model_repo: str | None = None
+    model_name: str = "ctr"
+    eval_predictions: int = 2048
+    reader_options: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    hooks: Sequence[Callable[[StepInfo], None]] = ()
+
+    def __post_init__(self) -> None:
+        if not self.model_dir:
+            raise TrainError("model_dir must be set: checkpoints and the export go there")
+        if not self.train_data:
+            raise TrainError("train_data must be set to a data URI, e.g. /data/ctr/train")
+        for name in ("batch_size", "num_epochs", "save_checkpoint_steps", "log_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TrainError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise TrainError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.sync and self.max_steps is None:
+            raise TrainError("sync=True needs max_steps: synchronous replicas stop together at a global step")
+        if self.backup_workers < 0:
+            raise TrainError(f"backup_workers must be >= 0, got {self.backup_workers}")
+        if self.backup_workers and not self.sync:
+            raise TrainError("backup_workers only applies with sync=True")
+        for name in ("ready_timeout", "ready_poll", "worker_wait_timeout", "operation_timeout"):
+            if getattr(self, name) <= 0:
+                raise TrainError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+
+    def describe(self) -> dict[str, Any]:
+        """The configuration as plain data (for logs and lineage; no callables)."""
+        out = {k: v for k, v in self.__dict__.items() if k not in ("hooks",)}
+        out["hooks"] = len(self.hooks)
+        return out
+
+
+class Model(ABC):
+    """What a user writes: raw columns in, logits out. Built once per process and graph.
+
+    Attributes:
+        label: the label column (0/1).
+    """
+
+    label: str = "label"
+
+    @abstractmethod
+    def raw_features(self) -> Mapping[str, str]:
+        """Raw input columns -> ``"string"`` or ``"float32"``; the serving signature takes these."""
+
+    @abstractmethod
+    def logits(self, features: Mapping[str, Any], *, num_ps: int, training: bool) -> Any:
+        """Build the model on a dict of raw feature tensors (shape ``[batch]``) and return logits
+        ``[batch]``. Create variables with ``tf.compat.v1.get_variable``; pass
+        ``kubeai_train.tf.partitioner(num_ps, ...)`` for tables to shard over the PS."""
+
+    @abstractmethod
+    def optimizer(self) -> Any:
+        """A ``tf.compat.v1.train.Optimizer``."""
+
+    def params(self) -> dict[str, Any]:
+        """Hyper-parameters recorded in the published lineage."""
+        return {}
