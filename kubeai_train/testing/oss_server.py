@@ -43,7 +43,7 @@ from typing import Any
 from ._oss_auth import Credentials
 from ._oss_faults import ByteCounter, Fault, FaultBook
 from ._oss_handler import OSSRequestHandler
-from ._oss_store import ObjectStore
+from ._oss_store import ObjectStore, StoreError
 
 __all__ = ["Credentials", "Fault", "OSSServer", "main"]
 
@@ -105,7 +105,7 @@ class OSSServer:
             raise ValueError(f"port must be in 0..65535, got {port}")
         self.store = ObjectStore(root)
         for name in buckets:
-            self.store.create_bucket(name)
+            self.create_bucket(name)
         self.credentials = (
             None if anonymous else Credentials(access_key_id, access_key_secret, security_token)
         )
@@ -186,7 +186,13 @@ class OSSServer:
         return opts
 
     def create_bucket(self, name: str) -> None:
-        self.store.create_bucket(name)
+        """Create a bucket (a directory under root); ValueError for a name OSS would refuse."""
+        try:
+            self.store.create_bucket(name)
+        except StoreError as e:
+            raise ValueError(
+                f"bucket name {name!r} is not valid: use 3-63 lower-case letters, digits and '-'"
+            ) from e
 
     # ------------------------------------------------------------------ testing hooks
     def inject(self, fault: Fault | None = None, **kwargs: Any) -> Fault:
