@@ -508,6 +508,7 @@ class ModelRepository:
                 if store.rename_dir_noreplace(staging, self._vdir(name, v)):
                     store.fsync_dir(self._mdir(name))
                     return v
+                logger.debug("%s/%d was taken by another publisher; trying the next number", name, v)
             raise ConcurrentPublishError(
                 f"could not allocate a version of {name!r} after {_MAX_ATTEMPTS} attempts; too many racing publishers"
             )
@@ -532,6 +533,7 @@ class ModelRepository:
             if not rivals and not store.tree(self._vdir(name, v)):
                 return v, Store.join(claims_dir, mine)
             store.rm_file(Store.join(claims_dir, mine))
+            logger.debug("%s/%d is contested (%d rival claims); withdrawing", name, v, len(rivals))
             time.sleep(random.uniform(0, min(0.2, 0.002 * 2**attempt)))
         raise ConcurrentPublishError(
             f"could not claim a version of {name!r} after {_MAX_ATTEMPTS} attempts; too many racing publishers"

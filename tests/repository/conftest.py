@@ -58,7 +58,34 @@ def _memory(request, tmp_path: Path) -> Iterator[RepoRoot]:
         fsspec.filesystem("memory").rm(prefix, recursive=True)
 
 
-BACKENDS: dict[str, Callable[..., Iterator[RepoRoot]]] = {"local": _local, "memory": _memory}
+@pytest.fixture(scope="module")
+def oss_server(tmp_path_factory):
+    """One local OSS server (kubeai_train.testing.oss_server) per test module, bucket "repo"."""
+    from kubeai_train.testing.oss_server import OSSServer
+
+    with OSSServer(tmp_path_factory.mktemp("oss-repo"), buckets=["repo"]) as server:
+        yield server
+
+
+def _oss(request, tmp_path: Path) -> Iterator[RepoRoot]:
+    # fsspec's "oss" protocol as kubeai_train sets it up (kubeai_train.data.oss: ossfs with exact
+    # ranges, retries and its append-position fix), so the result does not depend on test order.
+    from kubeai_train.data.oss import install
+
+    install()
+    server = request.getfixturevalue("oss_server")
+    mp = request.getfixturevalue("monkeypatch")
+    # Publisher processes build ModelRepository(root) without storage options: they find the
+    # server through the environment, in DESIGN.md's names and in fsspec's own (FSSPEC_OSS_*),
+    # which plain ossfs reads.
+    for name, value in server.env().items():
+        mp.setenv(name, value)
+    for name, value in server.storage_options().items():
+        mp.setenv(f"FSSPEC_OSS_{name.upper()}", value)
+    yield RepoRoot(f"oss://repo/r-{uuid.uuid4().hex}", server.storage_options(), "oss", cross_process=True)
+
+
+BACKENDS: dict[str, Callable[..., Iterator[RepoRoot]]] = {"local": _local, "memory": _memory, "oss": _oss}
 
 
 @pytest.fixture(params=list(BACKENDS))
