@@ -29,6 +29,7 @@ turns "the trainer consumed this many batches of this epoch" into each worker's 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -142,7 +143,8 @@ def _torch_dataset_class() -> Any:
             sub = self.dataset.with_reader(self._reader(w, n))
             sub._epoch, sub._rows = self.epoch, self._starts(n)[w]
             # one DataLoader pass = the dataset's block of num_epochs epochs
-            yield from sub
+            for batch in sub:
+                yield {k: _tensor(v) for k, v in batch.items()}
 
         def __len__(self) -> int:
             return len(self.dataset)
@@ -180,6 +182,21 @@ def _torch_dataset_class() -> Any:
 
     _TorchDataset = TorchDataset
     return TorchDataset
+
+
+def _tensor(arr: np.ndarray) -> Any:
+    """A torch tensor sharing ``arr``'s memory (object arrays of strings stay numpy).
+
+    Zero-copy arrays are read-only views of Arrow buffers nobody else holds; torch warns about
+    non-writable arrays, which is noise here.
+    """
+    if arr.dtype == object:
+        return arr
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr) if arr.flags.writeable else torch.as_tensor(arr)
 
 
 def _rebuild_torch(ds: Dataset, epoch: int, resume: Mapping[str, Any] | None) -> Any:

@@ -96,10 +96,12 @@ def plan_columns(
     hash_buckets = dict(hash_buckets or {})
     fill_null = dict(fill_null or {})
     for what, opt in (("hash_buckets", hash_buckets), ("fill_null", fill_null)):
-        unknown = [c for c in opt if c not in columns]
+        # options for columns not selected are ignored (one config serves several projections),
+        # but a name that is no column at all is a typo worth stopping for
+        unknown = [c for c in opt if schema.get_field_index(c) < 0]
         if unknown:
             raise DataError(
-                f"{what} names column {unknown[0]!r} that is not selected; selected: {', '.join(columns)}"
+                f"{what} names column {unknown[0]!r}, which does not exist; columns: {', '.join(schema.names)}"
             )
     for c, n in hash_buckets.items():
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:

@@ -378,14 +378,14 @@ class FileSource(Source):
                     f.bounds = [0, rows] if rows else [0]
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, EOFError) as e:
             raise CorruptFileError(
-                f"{f.path}: cannot read the {f.format} footer/header ({e}); the file is corrupt or truncated: "
+                f"{f.path}: cannot read the {f.format} footer/header ({_oneline(e)}); the file is corrupt or truncated: "
                 "rewrite it or move it out of the dataset",
                 path=f.path,
             ) from e
         except OSError as e:
             if self.is_local or isinstance(e, (FileNotFoundError, PermissionError)):
                 raise CorruptFileError(
-                    f"{f.path}: cannot read the {f.format} footer/header ({e}); the file is corrupt or truncated",
+                    f"{f.path}: cannot read the {f.format} footer/header ({_oneline(e)}); the file is corrupt or truncated",
                     path=f.path,
                 ) from e
             raise
@@ -556,7 +556,7 @@ class FileSource(Source):
                     yield from ((bt, 0) for bt in self._clip(batches, 0, lo, hi))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, EOFError) as e:
             raise CorruptFileError(
-                f"{f.path}: {what} {unit} cannot be decoded ({e}); the file is corrupt or truncated: "
+                f"{f.path}: {what} {unit} cannot be decoded ({_oneline(e)}); the file is corrupt or truncated: "
                 "rewrite it or move it out of the dataset",
                 path=f.path,
                 row_group=unit,
@@ -564,7 +564,7 @@ class FileSource(Source):
         except OSError as e:
             if self.is_local and not isinstance(e, (FileNotFoundError, PermissionError)):
                 raise CorruptFileError(
-                    f"{f.path}: {what} {unit} cannot be decoded ({e}); the file is corrupt or truncated",
+                    f"{f.path}: {what} {unit} cannot be decoded ({_oneline(e)}); the file is corrupt or truncated",
                     path=f.path,
                     row_group=unit,
                 ) from e
@@ -636,6 +636,10 @@ class FileSource(Source):
                     os.unlink(tmp)
             log.debug("cached %s at %s", f.path, local)
         return local
+
+
+def _oneline(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def _cheapest_column(schema: pa.Schema) -> str | None:
