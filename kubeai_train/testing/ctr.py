@@ -2,8 +2,9 @@
 
 Tests, examples and benchmarks need click data whose answer is known: this module writes
 Parquet files with ``label`` (0/1 int64), ``I1``..``I13`` (float32, nullable) and
-``C1``..``C26`` (string, nullable), plus an extra ``p_true`` column (the true click
-probability; readers of the Criteo schema ignore extra columns). The labels are drawn from
+``C1``..``C26`` (string, nullable), plus extra columns ``p_true`` (the true click
+probability) and ``row_id`` (0..rows-1 in file order); readers of the Criteo schema ignore
+extra columns. The labels are drawn from
 a known logistic model:
 
 * categorical values are Zipf-distributed over per-column vocabularies (a few huge, most
@@ -208,8 +209,9 @@ class CtrModel:
             dense_sd=sample.std(axis=0) + 1e-6,
         )
 
-    def sample(self, rows: int, rng: np.random.Generator) -> pa.Table:
-        """Draw ``rows`` rows (columns label, I1..I13, C1..C26, p_true)."""
+    def sample(self, rows: int, rng: np.random.Generator, first_row: int = 0) -> pa.Table:
+        """Draw ``rows`` rows (columns label, I1..I13, C1..C26, p_true, and row_id counting from
+        ``first_row``)."""
         logit = np.full(rows, _BIAS)
         columns: dict[str, pa.Array] = {}
         dense = {}
@@ -238,6 +240,7 @@ class CtrModel:
         columns.update(dense)
         columns.update(cats)
         columns["p_true"] = pa.array(p.astype(np.float32))
+        columns["row_id"] = pa.array(np.arange(first_row, first_row + rows, dtype=np.int64))
         return pa.table(columns)
 
 
@@ -295,9 +298,11 @@ def _write(
     per_file = [rows // files + (1 if k < rows % files else 0) for k in range(files)]
     labels, probs, paths = [], [], []
     row_groups = 0
+    first = 0
     for k, n in enumerate(per_file):
         rng = np.random.default_rng([model.seed, split, k])
-        table = model.sample(n, rng)
+        table = model.sample(n, rng, first_row=first)
+        first += n
         rg = row_group_size or max(256, math.ceil(n / 4))
         path = out / f"part-{k:05d}.parquet"
         tmp = out / f".part-{k:05d}.parquet.tmp"
@@ -392,6 +397,7 @@ def _schema_doc() -> dict[str, str]:
         "I1..I13": "float32 nullable",
         "C1..C26": "string nullable",
         "p_true": "float32, the true click probability (extra column)",
+        "row_id": "int64, 0..rows-1 in file order (extra column, for auditing who read what)",
     }
 
 

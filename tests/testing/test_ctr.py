@@ -40,6 +40,7 @@ def test_schema_files_row_groups_and_report(tmp_path):
     assert any(v is None for v in data["I1"]) and all(v is not None for v in data["I2"])
     assert any(v is None for v in data["C23"]) and all(v is not None for v in data["C1"])
     assert all(len(v) == 8 for v in data["C3"] if v is not None)
+    assert data["row_id"] == list(range(4000))
     # the report's AUC is the AUC of the p_true column
     assert report["true_auc"] == pytest.approx(ctr.auc(np.array(data["label"]), np.array(data["p_true"])))
 
