@@ -1,0 +1,71 @@
+"""PyTorch DDP training of CTR models on CPU clusters.
+
+``init()`` builds the process group from :mod:`kubeai_train.cluster` (gloo on CPU, nccl with
+CUDA) under our launcher, ``torchrun`` or a PyTorchJob, with a timeout that turns a dead or
+hung peer into :class:`PeerFailedError` on every rank; :func:`run` maps that to a retryable exit
+code so the launcher restarts the job. :class:`Trainer` wraps a model in DDP with sparse
+embedding gradients (SparseAdam for ``sparse=True`` tables, Adam for the rest), keeps ranks with
+uneven data in lockstep until the last row, writes atomic checkpoints (model, optimizers, the
+data position of every rank) and resumes from them, and computes exact AUC / log loss over all
+ranks. :func:`export` writes a TorchScript program that takes hashed ids and raw floats;
+:func:`publish` puts it into the model repository with metrics and lineage.
+
+Example::
+
+    from kubeai_train import data
+    from kubeai_train import torch as kt
+
+    def main():
+        with kt.process_group() as ctx:
+            features = kt.CTRFeatures(buckets=1 << 16)
+            model = kt.DLRM(features.sizes, len(features.dense))
+            trainer = kt.Trainer(model, features, kt.TrainConfig(checkpoint_dir="/ckpt"), ctx)
+            trainer.fit(data.read("/data/train", columns=features.columns, batch_size=1024))
+            print(trainer.evaluate(data.read("/data/eval", columns=features.columns)))
+
+    kt.run(main)
+"""
+
+from kubeai_train.torch.checkpoint import CheckpointStore
+from kubeai_train.torch.export import export, load, publish
+from kubeai_train.torch.features import CTRFeatures, hash_column
+from kubeai_train.torch.group import DistContext, guard, init, process_group, run, shutdown
+from kubeai_train.torch.model import DLRM
+from kubeai_train.torch.optim import SplitOptimizer, split_parameters
+from kubeai_train.torch.trainer import FitResult, Trainer
+from kubeai_train.torch.types import (
+    RETRYABLE_EXIT_CODE,
+    CheckpointError,
+    ConfigError,
+    ExportError,
+    PeerFailedError,
+    TorchTrainError,
+    TrainConfig,
+)
+
+__all__ = [
+    "DLRM",
+    "RETRYABLE_EXIT_CODE",
+    "CTRFeatures",
+    "CheckpointError",
+    "CheckpointStore",
+    "ConfigError",
+    "DistContext",
+    "ExportError",
+    "FitResult",
+    "PeerFailedError",
+    "SplitOptimizer",
+    "TorchTrainError",
+    "TrainConfig",
+    "Trainer",
+    "export",
+    "guard",
+    "hash_column",
+    "init",
+    "load",
+    "process_group",
+    "publish",
+    "run",
+    "shutdown",
+    "split_parameters",
+]
