@@ -172,7 +172,7 @@ def read(
     """
     pipe = {k: options.pop(k) for k in list(options) if k in _PIPELINE_OPTIONS}
     opts = ReadOptions(
-        columns=tuple(columns) if columns is not None else None,
+        columns=tuple(columns) if columns is not None and not isinstance(columns, str) else columns,  # type: ignore[arg-type]
         batch_size=batch_size,
         shuffle=shuffle,
         seed=seed,

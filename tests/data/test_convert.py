@@ -1,0 +1,101 @@
+"""Arrow -> numpy conversion: stable hashing, nulls, lists, zero-copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kubeai_train.data import DataError
+from kubeai_train.data.convert import convert, fnv1a64, hash_ids, plan_columns
+
+
+def fnv_reference(b: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for c in b:
+        h = ((h ^ c) * 0x100000001B3) & (2**64 - 1)
+    return h
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.one_of(st.none(), st.text(max_size=20)), max_size=40),
+    st.integers(1, 10**6),
+    st.integers(0, 5),
+)
+def test_hash_ids_match_fnv1a_reference(values, buckets, start):
+    arr = pa.array(["pad"] * start + values, pa.string()).slice(start)
+    got = hash_ids(arr, buckets, fill=-7)
+    want = [-7 if v is None else fnv_reference(v.encode()) % buckets for v in values]
+    assert got.tolist() == want
+    assert got.dtype == np.int64
+
+
+def test_known_hash_values_are_stable():
+    # fixed values: serving code (or another language) must reproduce these ids
+    assert fnv1a64(pa.array(["", "a", "68fd1e64"])).tolist() == [
+        0xCBF29CE484222325,
+        0xAF63DC4C8601EC8C,
+        fnv_reference(b"68fd1e64"),
+    ]
+    assert hash_ids(pa.array(["68fd1e64"]), 1_000_003).tolist() == [fnv_reference(b"68fd1e64") % 1_000_003]
+
+
+def test_dictionary_and_large_string_columns_hash_like_strings():
+    vals = ["x", "y", None, "x"]
+    plain = hash_ids(pa.array(vals), 97)
+    np.testing.assert_array_equal(hash_ids(pa.array(vals).dictionary_encode(), 97), plain)
+    np.testing.assert_array_equal(hash_ids(pa.array(vals, pa.large_string()), 97), plain)
+
+
+def test_nulls_become_per_column_defaults():
+    rb = pa.record_batch(
+        {
+            "i": pa.array([1, None, 3], pa.int32()),
+            "f": pa.array([None, 2.5, None], pa.float32()),
+            "b": pa.array([None, True, False]),
+            "s": pa.array(["a", None, "c"]),
+            "n": pa.nulls(3),
+        }
+    )
+    out = convert(rb, plan_columns(rb.schema, rb.schema.names, fill_null={"f": -1.0}))
+    assert out["i"].tolist() == [1, 0, 3] and out["i"].dtype == np.int32
+    assert out["f"].tolist() == [-1.0, 2.5, -1.0] and out["f"].dtype == np.float32
+    assert out["b"].tolist() == [False, True, False]
+    assert out["s"].tolist() == ["a", "", "c"]
+    assert out["n"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_lists_become_values_and_offsets():
+    arr = pa.array([[1, 2], None, [], [3, None, 5]], pa.list_(pa.int64()))
+    rb = pa.record_batch({"l": arr}).slice(1)  # a slice: offsets must restart at 0
+    out = convert(rb, plan_columns(rb.schema, ["l"]))
+    assert out["l.offsets"].tolist() == [0, 0, 0, 3]
+    assert out["l"].tolist() == [3, 0, 5]
+    strs = pa.record_batch({"t": pa.array([["a", "b"], ["a"]], pa.list_(pa.string()))})
+    out = convert(strs, plan_columns(strs.schema, ["t"], hash_buckets={"t": 10}))
+    assert out["t.offsets"].tolist() == [0, 2, 3]
+    assert out["t"][0] == out["t"][2] == fnv_reference(b"a") % 10
+
+
+def test_zero_copy_for_fixed_width_without_nulls():
+    arr = pa.array(np.arange(100, dtype=np.int64))
+    rb = pa.record_batch({"a": arr}).slice(10, 20)
+    out = convert(rb, plan_columns(rb.schema, ["a"]))
+    assert out["a"].tolist() == list(range(10, 30))
+    assert not out["a"].flags.owndata
+    assert np.shares_memory(out["a"], np.frombuffer(arr.buffers()[1], dtype=np.int64))
+
+
+def test_unsupported_and_bad_options():
+    rb = pa.record_batch({"s": pa.array([{"a": 1}]), "i": pa.array([1])})
+    with pytest.raises(DataError, match="'s' has type struct"):
+        plan_columns(rb.schema, ["s"])
+    with pytest.raises(DataError, match="string columns only"):
+        plan_columns(rb.schema, ["i"], hash_buckets={"i": 3})
+    with pytest.raises(DataError, match=">= 1"):
+        plan_columns(rb.schema, ["i"], hash_buckets={"i": 0})
+    with pytest.raises(DataError, match="'zz', which does not exist"):
+        plan_columns(rb.schema, ["i"], fill_null={"zz": 0})
