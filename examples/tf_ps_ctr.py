@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 
 from kubeai_train import tf as ktf
 
@@ -37,7 +38,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--learning-rate", type=float, default=0.05)
+    p.add_argument("--learning-rate", type=float, default=0.2)
     p.add_argument("--embedding-dim", type=int, default=8)
     p.add_argument("--hash-buckets", type=int, default=10000, help="embedding rows per categorical column")
     p.add_argument("--checkpoint-steps", type=int, default=500)
@@ -48,10 +49,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-shuffle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", default=None, help="the chief writes its RunResult here")
+    p.add_argument("--audit-column", default=None, help="record this int64 column of every applied batch")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo], None]] = ()) -> int:
+    """Run this process's role; ``hooks`` see a StepInfo every ``--log-steps`` steps."""
     args = parse(argv)
     model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"tf_ps_ctr-{args.model_name}")
     model = ktf.DeepFM(
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         model_repo=args.model_repo,
         model_name=args.model_name,
         params={"example": "tf_ps_ctr"},
+        hooks=hooks,
+        audit_column=args.audit_column,
     )
     policy = ktf.GreedyBytesPlacement() if args.placement == "greedy_bytes" else ktf.RoundRobinPlacement()
     result = ktf.run(model, config, placement=policy)

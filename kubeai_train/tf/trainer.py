@@ -67,6 +67,7 @@ PUBLISHED_MARKER = "_PUBLISHED.json"
 PLACEMENT_REPORT = "placement.json"
 EVAL_SAMPLE = "eval_sample.npz"
 STATE_SCOPE = "kubeai"
+MAX_WORKER_RECOVERIES = 10
 
 # Errors meaning "a PS (or its state) went away": retry the job from its checkpoint.
 _RETRYABLE = (
@@ -234,8 +235,11 @@ class _Trainer:
         self.tag = f"[{self.job} {info.index}]"
         self.kinds = dict(model.raw_features())
         self.kinds[model.label] = "int64"
+        if config.audit_column:
+            self.kinds[config.audit_column] = "int64"
         self.model_dir = config.model_dir
         self.placement: dict[str, Any] | None = None
+        self.server: Any = None
         if self.is_chief:
             os.makedirs(self.model_dir, exist_ok=True)
 
@@ -328,6 +332,7 @@ class _Trainer:
         )
         self.iterator = tf.compat.v1.data.make_initializable_iterator(ds)
         features, position = self.iterator.get_next()
+        self.audit = features[self.config.audit_column] if self.config.audit_column else None
         self._model_and_train_op(features)
         with tf.control_dependencies([self.train_op]):
             self.step_op = self.positions[self.rank].assign(position, read_value=False)
@@ -359,12 +364,42 @@ class _Trainer:
     # ----------------------------------------------------------------------------- start-up
     def _session(self) -> Any:
         if self.distributed:
-            self.server = _server(self.info)
+            if self.server is None:
+                self.server = _server(self.info)
             filters = ["/job:ps", f"/job:{self.job}/task:{self.info.index}"]
             return tf.compat.v1.Session(
                 self.server.target, graph=self.graph, config=_session_config(self.config, filters)
             )
         return tf.compat.v1.Session(graph=self.graph, config=_session_config(self.config, []))
+
+    def _start_and_train(self, sess: Any, result: RunResult) -> None:
+        t0 = time.perf_counter()
+        how = self._chief_start(sess) if self.is_chief else None
+        if not self.is_chief:
+            self._worker_start(sess)
+        position = self._read_position(sess)
+        log.info(
+            "%s ready in %.2f s (%s); position %s",
+            self.tag,
+            time.perf_counter() - t0,
+            how or "chief initialised",
+            "start" if position is None else json.dumps(position)[:200],
+        )
+        if self.is_chief and self.placement is not None:
+            _write_json(os.path.join(self.model_dir, PLACEMENT_REPORT), self.placement)
+            result.placement = self.placement
+        if position and position.get("done"):
+            log.info("%s this rank's data was already done", self.tag)
+        else:
+            self.holder.state = position.get("data") if position else None
+            sess.run([self.iterator.initializer, self.local_init])
+            coord = tf.train.Coordinator()
+            if self.sync_opt is not None:
+                self.sync_hook.after_create_session(sess, coord)
+            self._loop(sess, result)
+            coord.request_stop()
+        if self.is_chief:
+            self._chief_end(sess, result)
 
     def _uninitialized(self, sess: Any, deadline: float, what: str) -> list[str]:
         """Names of uninitialised variables, retrying while the PS are not reachable yet."""
@@ -432,42 +467,29 @@ class _Trainer:
             return self._train_in_graph(result, t_start)
 
     def _train_in_graph(self, result: RunResult, t_start: float) -> RunResult:
-        sess = self._session()
-        try:
-            t0 = time.perf_counter()
-            how = self._chief_start(sess) if self.is_chief else None
-            if not self.is_chief:
-                self._worker_start(sess)
-            position = self._read_position(sess)
-            log.info(
-                "%s ready in %.2f s (%s); position %s",
-                self.tag,
-                time.perf_counter() - t0,
-                how or "chief initialised",
-                "start" if position is None else json.dumps(position)[:200],
-            )
-            if self.is_chief and self.placement is not None:
-                _write_json(os.path.join(self.model_dir, PLACEMENT_REPORT), self.placement)
-                result.placement = self.placement
-            if position and position.get("done"):
-                log.info("%s this rank's data was already done", self.tag)
-            else:
-                self.holder.state = position.get("data") if position else None
-                sess.run([self.iterator.initializer, self.local_init])
-                coord = tf.train.Coordinator()
-                if self.sync_opt is not None:
-                    self.sync_hook.after_create_session(sess, coord)
-                self._loop(sess, result)
-                coord.request_stop()
-            if self.is_chief:
-                self._chief_end(sess, result)
-        except _RETRYABLE as e:
-            raise ClusterUnavailableError(
-                f"{self.tag} lost the parameter servers: {type(e).__name__}: "
-                f"{e.message.splitlines()[0] if e.message else ''}"
-            ) from e
-        finally:
-            sess.close()
+        recoveries = 0
+        while True:
+            sess = self._session()
+            try:
+                self._start_and_train(sess, result)
+                break
+            except _RETRYABLE as e:
+                what = f"{type(e).__name__}: {' '.join((e.message or '').split())[:240]}"
+                if self.is_chief or recoveries >= MAX_WORKER_RECOVERIES:
+                    raise ClusterUnavailableError(f"{self.tag} lost the parameter servers: {what}") from e
+                # a worker keeps its process: reconnect, wait for the chief to restore the
+                # checkpoint, and resume from the position restored with it
+                recoveries += 1
+                log.warning(
+                    "%s lost the parameter servers (%s); waiting for the chief to restore "
+                    "(recovery %d of %d)",
+                    self.tag,
+                    what,
+                    recoveries,
+                    MAX_WORKER_RECOVERIES,
+                )
+            finally:
+                sess.close()
         result.seconds = time.perf_counter() - t_start
         if self.is_chief:
             return self._finish(result, t_start)
@@ -487,6 +509,10 @@ class _Trainer:
             with tf.Graph().as_default():  # the v1 writer refuses eager mode; it adds no ops
                 writer = tf.compat.v1.summary.FileWriter(self.model_dir)
         fetches = [self.step_op, self.loss, self.global_step, self.batch_rows]
+        if self.audit is not None:
+            fetches.append(self.audit)
+        audit: list[np.ndarray] = []
+        chunk = 0
         t_log = time.perf_counter()
         ex_log = 0
         last_loss = float("nan")
@@ -495,7 +521,10 @@ class _Trainer:
         try:
             while True:
                 try:
-                    _, last_loss, gstep, rows = sess.run(fetches)
+                    out = sess.run(fetches)
+                    _, last_loss, gstep, rows = out[:4]
+                    if self.audit is not None:
+                        audit.append(out[4])
                 except tf.errors.OutOfRangeError:
                     break
                 step += 1
@@ -517,6 +546,9 @@ class _Trainer:
                     info = StepInfo(
                         self.job, self.rank, step, int(gstep), float(last_loss), result.examples, now - t_log
                     )
+                    if audit:
+                        self._write_audit(audit, chunk)
+                        audit, chunk = [], chunk + 1
                     for hook in cfg.hooks:
                         hook(info)
                     t_log, ex_log = now, 0
@@ -527,11 +559,20 @@ class _Trainer:
         finally:
             if writer is not None:
                 writer.close()
+            if audit:
+                self._write_audit(audit, chunk)
         result.local_steps = step
         result.global_step = int(gstep)
         # the position of the last applied batch is already stored; mark it done
         position = self._read_position(sess) or {}
         sess.run(self.set_position, {self.position_in: json.dumps({**position, "done": True})})
+
+    def _write_audit(self, values: list[np.ndarray], chunk: int) -> None:
+        # one file per chunk of applied batches, so a killed process keeps what it logged
+        folder = os.path.join(self.model_dir, "audit")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"rank{self.rank}-pid{os.getpid()}-{chunk:06d}.npy")
+        np.save(path, np.concatenate(values))
 
     def _save(self, sess: Any, gstep: int) -> str:
         path = self.saver.save(

@@ -195,6 +195,9 @@ class TrainConfig:
         reader_options: extra keyword arguments for ``kubeai_train.data.read``.
         params: free-form parameters recorded in the published lineage.
         hooks: callables given a :class:`StepInfo` every ``log_steps`` steps.
+        audit_column: an int64 column (e.g. a row id) whose values for every applied batch each
+            trainer writes to ``<model_dir>/audit/rank<R>-pid<P>-<chunk>.npy`` (flushed every
+            ``log_steps``), to verify who read what.
     """
 
     model_dir: str
@@ -220,6 +223,7 @@ class TrainConfig:
     reader_options: dict[str, Any] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     hooks: Sequence[Callable[[StepInfo], None]] = ()
+    audit_column: str | None = None
 
     def __post_init__(self) -> None:
         if not self.model_dir:
