@@ -16,7 +16,6 @@ before anything starts; a failed job exits with the failing process's exit code.
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -117,7 +116,8 @@ def split_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[li
     """Split ``argv`` into the launcher's flags and the script with its arguments.
 
     The first token that is neither a launcher flag nor a flag's value starts the script part;
-    so does ``--``; ``-m MODULE`` ends the launcher part after MODULE.
+    so does ``--``; ``-m MODULE`` ends the launcher part after MODULE. With ``--job`` (the file
+    names the script) an unknown flag also starts the script's arguments.
     """
     actions = parser._option_string_actions  # argparse's own table of flags -> actions
     own: list[str] = []
@@ -130,6 +130,8 @@ def split_argv(parser: argparse.ArgumentParser, argv: Sequence[str]) -> tuple[li
             return own, list(argv[i:])
         flag = tok.split("=", 1)[0]
         action = actions.get(flag)
+        if action is None and any(a.split("=", 1)[0] == "--job" for a in own):
+            return own, list(argv[i:])  # --job FILE [script args...]: the file names the script
         if action is None:
             raise UsageError(f"unknown launcher flag {tok}; script flags go after the script ({PROG} --help)")
         own.append(tok)
@@ -276,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _k8s(spec: JobSpec, ns: argparse.Namespace) -> int:
     try:
-        k8s: Any = importlib.import_module("kubeai_train.launch.k8s")
+        from kubeai_train.launch import k8s
     except ImportError as e:
         raise SpecError(
             f"--target k8s needs the kubernetes clients: pip install 'kubeai_train[k8s]' ({e.name} missing)"

@@ -191,8 +191,9 @@ def torchrun_env(
         ("MASTER_PORT", str(master_port)),
         ("TORCHELASTIC_RESTART_COUNT", "0"),
         ("TORCHELASTIC_MAX_RESTARTS", "0"),
-        ("TORCHELASTIC_RUN_ID", spec.name),
+        ("TORCHELASTIC_RUN_ID", "none"),  # torchrun's default --rdzv-id
         ("TORCHELASTIC_USE_AGENT_STORE", "False"),
+        ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
     ]
 
 

@@ -226,6 +226,10 @@ class Scheduling:
                 not isinstance(value, str) or not _DNS1123.match(value.replace(".", "-"))
             ):
                 raise SpecError(f"scheduling.{attr} must be a DNS-1123 name, got {value!r}")
+        if self.queue and not self.gang:
+            raise SpecError(
+                "scheduling.queue needs scheduling.gang (volcano or kueue) to say which queue it is"
+            )
         if self.min_available is not None:
             if self.gang != "volcano":
                 raise SpecError(
@@ -408,6 +412,10 @@ class JobSpec:
             )
 
         given = [k for k in ("script", "module", "command") if getattr(self, k)]
+        if self.nproc_per_node > 1 and self.command:
+            raise SpecError(
+                "nproc_per_node > 1 runs a script or module under torchrun; give script or module, not command"
+            )
         if len(given) != 1:
             raise SpecError(
                 f"give exactly one of script, module or command, got {', '.join(given) or 'none'}"

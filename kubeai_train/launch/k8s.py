@@ -1,0 +1,470 @@
+"""The Kubernetes target: a ``JobSpec`` as a kubeflow.org/v1 TFJob or PyTorchJob.
+
+``render`` builds the manifest with the training-operator SDK's typed models
+(kubeflow-training 1.9.4) and the kubernetes client's pod models, serialised by
+``ApiClient.sanitize_for_serialization``; the same spec always gives byte-identical YAML
+(``to_yaml``). ``validate`` checks a manifest in strict mode against the CRD's storage-version
+``openAPIV3Schema`` (``additionalProperties: false`` added wherever properties are listed and
+unknown fields are not preserved, so a typo is an error instead of being pruned silently) and
+against the operator's admission-webhook rules (``crds/SOURCES.md``). ``submit`` posts it with
+the official client (``CustomObjectsApi.create_namespaced_custom_object``).
+
+Rendering choices: containers are named ``tensorflow`` / ``pytorch`` with the port
+``tfjob-port`` 2222 / ``pytorchjob-port`` 23456; ``restartPolicy`` and ``backoffLimit`` are
+always explicit; PS jobs default to ``cleanPodPolicy: Running`` (parameter servers never exit);
+``nprocPerNode`` is always explicit and several processes per node run under ``torchrun``;
+credentials appear only as Secret references (``secretKeyRef`` / ``envFrom``). Gang
+scheduling: Volcano through ``runPolicy.schedulingPolicy`` (+ ``schedulerName: volcano``),
+Kueue through the ``kueue.x-k8s.io/queue-name`` label.
+
+The CRDs are read from ``$KUBEAI_TRAIN_CRD_DIR`` or, in a development checkout, from
+``../shared/crds`` next to the repository; without them only the webhook rules are checked.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubeflow.training import models as kf
+from kubernetes import client as k8s_client
+
+from kubeai_train.launch.types import (
+    CREDENTIAL_ENV,
+    JobSpec,
+    ManifestError,
+    SubmitError,
+    dns1035_error,
+)
+
+__all__ = ["crd_dir", "render", "strict_schema", "submit", "to_yaml", "validate"]
+
+GROUP = "kubeflow.org"
+VERSION = "v1"
+KINDS = {"tf": "TFJob", "torch": "PyTorchJob"}
+PLURALS = {"TFJob": "tfjobs", "PyTorchJob": "pytorchjobs"}
+CONTAINER = {"TFJob": "tensorflow", "PyTorchJob": "pytorch"}
+PORT_NAME = {"TFJob": "tfjob-port", "PyTorchJob": "pytorchjob-port"}
+REPLICA_FIELD = {"TFJob": "tfReplicaSpecs", "PyTorchJob": "pytorchReplicaSpecs"}
+REPLICA_TYPES = {
+    "TFJob": {"chief": "Chief", "master": "Master", "ps": "PS", "worker": "Worker", "evaluator": "Evaluator"},
+    "PyTorchJob": {"master": "Master", "worker": "Worker"},
+}
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MANAGED_BY = ("kubeflow.org/training-operator", "kueue.x-k8s.io/multikueue")
+
+
+# -- rendering --------------------------------------------------------------------------------
+
+
+def _command(spec: JobSpec) -> list[str]:
+    if spec.command:
+        return [*spec.command, *spec.args]
+    if spec.nproc_per_node > 1:
+        # torchrun reads PET_NNODES / PET_NODE_RANK / PET_NPROC_PER_NODE / PET_MASTER_* set by the operator
+        target = [spec.script] if spec.script else ["-m", spec.module or ""]
+        return ["torchrun", *target, *spec.args]
+    return ["python", "-u", *spec.argv()]
+
+
+def _container(spec: JobSpec, kind: str, role: str) -> k8s_client.V1Container:
+    for name in spec.env:
+        if CREDENTIAL_ENV.search(name):
+            raise ManifestError(
+                f"env {name} looks like a credential; a manifest may only reference it: "
+                f"use secret_env: {{{name}: <secret-name>/<key>}} (or --secret-env {name}=<secret>/<key>)"
+            )
+    env = [k8s_client.V1EnvVar(name=k, value=v) for k, v in sorted(spec.env.items())]
+    env += [
+        k8s_client.V1EnvVar(
+            name=k,
+            value_from=k8s_client.V1EnvVarSource(
+                secret_key_ref=k8s_client.V1SecretKeySelector(name=ref.secret, key=ref.key)
+            ),
+        )
+        for k, ref in spec.secret_env.items()
+    ]
+    env_from = [
+        k8s_client.V1EnvFromSource(secret_ref=k8s_client.V1SecretEnvSource(name=s))
+        for s in spec.env_from_secrets
+    ]
+    res = spec.role_resources.get(role) or spec.resources
+    resources = (
+        k8s_client.V1ResourceRequirements(
+            requests=dict(res.get("requests") or {}) or None, limits=dict(res.get("limits") or {}) or None
+        )
+        if res
+        else None
+    )
+    mounts = [
+        k8s_client.V1VolumeMount(
+            name=v.name, mount_path=v.mount_path, read_only=v.read_only or None, sub_path=v.sub_path
+        )
+        for v in spec.volumes
+    ]
+    return k8s_client.V1Container(
+        name=CONTAINER[kind],
+        image=spec.image,
+        image_pull_policy=spec.image_pull_policy,
+        command=_command(spec),
+        working_dir=spec.working_dir,
+        env=env or None,
+        env_from=env_from or None,
+        ports=[k8s_client.V1ContainerPort(name=PORT_NAME[kind], container_port=spec.container_port)],
+        resources=resources,
+        volume_mounts=mounts or None,
+    )
+
+
+def _pod_template(spec: JobSpec, kind: str, role: str) -> k8s_client.V1PodTemplateSpec:
+    volumes = [
+        k8s_client.V1Volume(
+            name=v.name,
+            persistent_volume_claim=k8s_client.V1PersistentVolumeClaimVolumeSource(
+                claim_name=v.claim_name, read_only=v.read_only or None
+            ),
+        )
+        for v in spec.volumes
+    ]
+    tolerations = [
+        k8s_client.V1Toleration(
+            key=t.get("key"),
+            operator=t.get("operator"),
+            value=t.get("value"),
+            effect=t.get("effect"),
+            toleration_seconds=t.get("tolerationSeconds"),
+        )
+        for t in spec.tolerations
+    ]
+    pod = k8s_client.V1PodSpec(
+        containers=[_container(spec, kind, role)],
+        volumes=volumes or None,
+        node_selector=dict(spec.node_selector) or None,
+        tolerations=tolerations or None,
+        priority_class_name=spec.scheduling.priority_class,
+        scheduler_name="volcano" if spec.scheduling.gang == "volcano" else None,
+        service_account_name=spec.service_account,
+    )
+    return k8s_client.V1PodTemplateSpec(spec=pod)
+
+
+def _run_policy(spec: JobSpec) -> Any:
+    sched = spec.scheduling
+    scheduling_policy = None
+    if sched.gang == "volcano":
+        scheduling_policy = kf.KubeflowOrgV1SchedulingPolicy(
+            min_available=sched.min_available or spec.total_replicas,
+            queue=sched.queue,
+            priority_class=sched.priority_class,
+        )
+    return kf.KubeflowOrgV1RunPolicy(
+        backoff_limit=spec.backoff_limit,
+        clean_pod_policy=spec.effective_clean_pod_policy,
+        ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
+        active_deadline_seconds=spec.active_deadline_seconds,
+        scheduling_policy=scheduling_policy,
+    )
+
+
+def render(spec: JobSpec) -> dict[str, Any]:
+    """The TFJob / PyTorchJob for ``spec`` as a plain dict, validated (``validate``).
+
+    Raises:
+        ManifestError: no image, a credential in ``env``, or a manifest the CRD / webhook refuse.
+    """
+    kind = KINDS[spec.framework]
+    if not spec.image:
+        raise ManifestError(
+            "the k8s target needs a container image: --image registry/repo:tag (or image: in the job file)"
+        )
+    labels = dict(spec.labels)
+    if spec.scheduling.gang == "kueue" and spec.scheduling.queue:
+        labels[KUEUE_QUEUE_LABEL] = spec.scheduling.queue
+    metadata = k8s_client.V1ObjectMeta(
+        name=spec.name,
+        namespace=spec.namespace,
+        labels=labels or None,
+        annotations=dict(spec.annotations) or None,
+    )
+    replica_specs = {
+        REPLICA_TYPES[kind][role]: kf.KubeflowOrgV1ReplicaSpec(
+            replicas=n, restart_policy=spec.restart_policy, template=_pod_template(spec, kind, role)
+        )
+        for role, n in spec.replicas.items()
+    }
+    job: Any
+    if kind == "TFJob":
+        job = kf.KubeflowOrgV1TFJob(
+            api_version=f"{GROUP}/{VERSION}",
+            kind=kind,
+            metadata=metadata,
+            spec=kf.KubeflowOrgV1TFJobSpec(
+                run_policy=_run_policy(spec),
+                success_policy=spec.success_policy or None,
+                enable_dynamic_worker=spec.enable_dynamic_worker or None,
+                tf_replica_specs=replica_specs,
+            ),
+        )
+    else:
+        elastic = None
+        if spec.elastic is not None:
+            el = spec.elastic
+            elastic = kf.KubeflowOrgV1ElasticPolicy(
+                min_replicas=el.min_replicas,
+                max_replicas=el.max_replicas,
+                max_restarts=el.max_restarts,
+                rdzv_backend=el.rdzv_backend,
+                rdzv_id=el.rdzv_id,
+            )
+        job = kf.KubeflowOrgV1PyTorchJob(
+            api_version=f"{GROUP}/{VERSION}",
+            kind=kind,
+            metadata=metadata,
+            spec=kf.KubeflowOrgV1PyTorchJobSpec(
+                run_policy=_run_policy(spec),
+                elastic_policy=elastic,
+                nproc_per_node=str(spec.nproc_per_node),
+                pytorch_replica_specs=replica_specs,
+            ),
+        )
+    manifest: dict[str, Any] = k8s_client.ApiClient().sanitize_for_serialization(job)
+    validate(manifest)
+    return manifest
+
+
+def to_yaml(manifest: Mapping[str, Any]) -> str:
+    """Deterministic YAML: the same manifest always gives the same bytes (no wrapping)."""
+    return yaml.safe_dump(
+        dict(manifest), sort_keys=False, default_flow_style=False, width=1 << 30, allow_unicode=True
+    )
+
+
+# -- validation -------------------------------------------------------------------------------
+
+
+def crd_dir() -> Path | None:
+    """Where the CRDs are: ``$KUBEAI_TRAIN_CRD_DIR``, else ``../shared/crds`` beside a checkout."""
+    env = os.environ.get("KUBEAI_TRAIN_CRD_DIR")
+    if env:
+        return Path(env)
+    guess = Path(__file__).resolve().parents[2] / ".." / "shared" / "crds"
+    return guess if guess.is_dir() else None
+
+
+def strict_schema(schema: Any) -> Any:
+    """A copy of an OpenAPI v3 schema with ``additionalProperties: false`` wherever
+    ``properties`` are listed and ``x-kubernetes-preserve-unknown-fields`` is not set."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if (
+                "properties" in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")
+                and "additionalProperties" not in node
+            ):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(schema)
+    return schema
+
+
+@functools.lru_cache(maxsize=8)
+def _validator(kind: str, directory: str) -> Any:
+    import jsonschema
+
+    path = Path(directory) / f"kubeflow.org_{PLURALS[kind]}.yaml"
+    try:
+        crd = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ManifestError(
+            f"cannot read the {kind} CRD {path}: {e}; set KUBEAI_TRAIN_CRD_DIR to the CRD directory"
+        ) from e
+    versions = [v for v in crd["spec"]["versions"] if v.get("storage")]
+    if not versions:
+        raise ManifestError(f"{path} has no storage version")
+    schema = strict_schema(versions[0]["schema"]["openAPIV3Schema"])
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
+    return cls(schema)
+
+
+def _path(parts: Any) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<root>"
+
+
+def schema_errors(manifest: Mapping[str, Any], directory: str | os.PathLike[str] | None = None) -> list[str]:
+    """Strict CRD schema violations of ``manifest`` (``path: problem``), or [] when none."""
+    kind = manifest.get("kind")
+    if kind not in PLURALS:
+        return [f"kind: must be TFJob or PyTorchJob, got {kind!r}"]
+    d = Path(directory) if directory is not None else crd_dir()
+    if d is None:
+        return []
+    validator = _validator(str(kind), str(d))
+    errors = []
+    for err in sorted(
+        validator.iter_errors(dict(manifest)), key=lambda e: (list(map(str, e.absolute_path)), e.message)
+    ):
+        if err.validator == "additionalProperties" and err.validator_value is False:
+            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            errors.append(f"{_path(err.absolute_path)}: unknown field(s) {', '.join(extra)}")
+        else:
+            errors.append(f"{_path(err.absolute_path)}: {err.message}")
+    return errors
+
+
+def webhook_errors(manifest: Mapping[str, Any]) -> list[str]:
+    """The operator's admission-webhook rules (pkg/webhooks/{tensorflow,pytorch}, v1.9.4), plus
+    known replica type names (a typo would otherwise be accepted and never run)."""
+    errs: list[str] = []
+    kind = manifest.get("kind")
+    if kind not in PLURALS:
+        return [f"kind: must be TFJob or PyTorchJob, got {kind!r}"]
+    meta = manifest.get("metadata") or {}
+    name = meta.get("name", "") if isinstance(meta, Mapping) else ""
+    why = dns1035_error(str(name))
+    if why:
+        errs.append(f"metadata.name: {name!r} is not a DNS-1035 label: it {why}")
+    spec = manifest.get("spec") or {}
+    run_policy = spec.get("runPolicy") or {}
+    managed = run_policy.get("managedBy") if isinstance(run_policy, Mapping) else None
+    if managed is not None and managed not in MANAGED_BY:
+        errs.append(f"spec.runPolicy.managedBy: {managed!r} is not supported; use {' or '.join(MANAGED_BY)}")
+    field = REPLICA_FIELD[str(kind)]
+    replicas = spec.get(field)
+    if not replicas:
+        return [*errs, f"spec.{field}: must be required"]
+    container_name = CONTAINER[str(kind)]
+    known = {v.lower(): v for v in REPLICA_TYPES[str(kind)].values()}
+    chief_or_master = 0
+    for rtype, rspec in replicas.items():
+        path = f"spec.{field}.{rtype}"
+        if str(rtype).lower() not in known:
+            errs.append(f"{path}: unknown replica type {rtype!r}; types: {', '.join(known.values())}")
+        if str(rtype).lower() in ("chief", "master"):
+            chief_or_master += 1
+        containers = (((rspec or {}).get("template") or {}).get("spec") or {}).get("containers") or []
+        if not containers:
+            errs.append(f"{path}.template.spec.containers: must be specified")
+        for i, c in enumerate(containers):
+            if not (c or {}).get("image"):
+                errs.append(f"{path}.template.spec.containers[{i}].image: must be required")
+        if containers and not any((c or {}).get("name") == container_name for c in containers):
+            errs.append(
+                f"{path}.template.spec.containers: must have at least one container with name {container_name}"
+            )
+        if kind == "PyTorchJob":
+            n = (rspec or {}).get("replicas")
+            if str(rtype).lower() == "master" and n != 1:
+                errs.append(f"{path}.replicas: must be 1")
+            elif n is not None and isinstance(n, int) and n < 1:
+                errs.append(f"{path}.replicas: must be at least 1")
+    if kind == "TFJob" and chief_or_master > 1:
+        errs.append(f"spec.{field}: must not have more than 1 Chief or Master role")
+    if kind == "PyTorchJob" and spec.get("elasticPolicy") is not None:
+        if not any(str(r).lower() == "worker" for r in replicas):
+            errs.append(f"spec.{field}.Worker: must be configured if elastic policy is used")
+        if (spec.get("elasticPolicy") or {}).get("nProcPerNode") is not None and spec.get(
+            "nprocPerNode"
+        ) is not None:
+            errs.append("spec.elasticPolicy.nProcPerNode: must not be used with spec.nprocPerNode")
+    return errs
+
+
+def validate(manifest: Mapping[str, Any], crds: str | os.PathLike[str] | None = None) -> None:
+    """Check ``manifest`` against the strict CRD schema and the webhook rules.
+
+    Raises:
+        ManifestError: listing every violation by path (one line).
+    """
+    errors = schema_errors(manifest, crds) + webhook_errors(manifest)
+    if errors:
+        name = (manifest.get("metadata") or {}).get("name", "?")
+        raise ManifestError(f"{manifest.get('kind', 'manifest')} {name} is invalid: " + "; ".join(errors))
+
+
+# -- submission -------------------------------------------------------------------------------
+
+
+def _status_message(body: object) -> str:
+    try:
+        data = json.loads(body) if isinstance(body, str | bytes) else {}
+    except ValueError:
+        data = {}
+    msg = data.get("message") if isinstance(data, dict) else None
+    return re.sub(r"\s+", " ", str(msg))[:500] if msg else ""
+
+
+def submit(
+    manifest: Mapping[str, Any],
+    *,
+    kubeconfig: str | None = None,
+    context: str | None = None,
+    api_client: Any = None,
+) -> dict[str, Any]:
+    """Create the job through the Kubernetes API; returns the created object.
+
+    Args:
+        manifest: a rendered (and validated) TFJob / PyTorchJob.
+        kubeconfig, context: which cluster (default: $KUBECONFIG / ~/.kube/config, else the
+            in-cluster service account).
+        api_client: a ready ``kubernetes.client.ApiClient`` (overrides kubeconfig).
+
+    Raises:
+        ManifestError: the manifest is invalid (nothing is sent).
+        SubmitError: no cluster configuration, the API refused the job (status and reason), or
+            the server could not be reached. Credentials never appear in the message.
+    """
+    from kubernetes import config as k8s_config
+    from kubernetes.client.rest import ApiException
+
+    validate(manifest)
+    if api_client is None:
+        try:
+            k8s_config.load_kube_config(config_file=kubeconfig, context=context)
+        except (k8s_config.ConfigException, OSError) as e:
+            try:
+                k8s_config.load_incluster_config()
+            except k8s_config.ConfigException:
+                where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+                raise SubmitError(
+                    f"no Kubernetes configuration: {where} unusable ({type(e).__name__}) and not in a cluster; pass --kubeconfig"
+                ) from e
+        api_client = k8s_client.ApiClient()
+    api = k8s_client.CustomObjectsApi(api_client)
+    kind = str(manifest["kind"])
+    meta = manifest.get("metadata") or {}
+    namespace = meta.get("namespace") or "default"
+    try:
+        created = api.create_namespaced_custom_object(
+            group=GROUP,
+            version=VERSION,
+            namespace=namespace,
+            plural=PLURALS[kind],
+            body=dict(manifest),
+            _request_timeout=30,
+        )
+    except ApiException as e:
+        detail = _status_message(e.body)
+        raise SubmitError(
+            f"the API server refused {kind} {namespace}/{meta.get('name')}: {e.status} {e.reason}{': ' + detail if detail else ''}"
+        ) from e
+    except Exception as e:  # urllib3 connection errors and alike: name the server, not the credentials
+        host = getattr(getattr(api_client, "configuration", None), "host", "?")
+        raise SubmitError(f"cannot reach the Kubernetes API at {host}: {type(e).__name__}") from e
+    return dict(created) if isinstance(created, Mapping) else {}
