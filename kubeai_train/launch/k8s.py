@@ -239,10 +239,29 @@ def render(spec: JobSpec) -> dict[str, Any]:
     return manifest
 
 
+class _Dumper(yaml.SafeDumper):
+    """Double-quotes strings holding line breaks or unprintable characters: PyYAML's plain and
+    single-quoted styles fold U+0085 / U+2028 and alike into spaces on the way back."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = '"' if not value.isprintable() or any(c in value for c in "\x85\u2028\u2029") else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 def to_yaml(manifest: Mapping[str, Any]) -> str:
-    """Deterministic YAML: the same manifest always gives the same bytes (no wrapping)."""
-    return yaml.safe_dump(
-        dict(manifest), sort_keys=False, default_flow_style=False, width=1 << 30, allow_unicode=True
+    """Deterministic YAML: the same manifest always gives the same bytes (no line wrapping,
+    non-ASCII escaped) and loads back to the same manifest."""
+    return yaml.dump(
+        dict(manifest),
+        Dumper=_Dumper,
+        sort_keys=False,
+        default_flow_style=False,
+        width=1 << 30,
+        allow_unicode=False,
     )
 
 
