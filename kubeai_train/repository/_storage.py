@@ -13,6 +13,7 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 import uuid
 from typing import Any
 
@@ -47,6 +48,24 @@ class Store:
     def __init__(self, fs: AbstractFileSystem, local: bool) -> None:
         self.fs = fs
         self.local = local
+        self._list_lock = threading.Lock()
+
+    def _fresh(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a listing with every cached listing forgotten first.
+
+        Forgetting only ``path`` (fsspec's ``invalidate_cache(path)``) is not enough: ossfs walks
+        sub-directories through cached listings that may predate another process's upload. A
+        KeyError is ossfs's cache losing an entry to a concurrent invalidation: list again.
+        """
+        with self._list_lock:
+            for attempt in range(3):
+                self.fs.invalidate_cache()
+                try:
+                    return call(*args, **kwargs)
+                except KeyError:
+                    if attempt == 2:
+                        raise
+        return None
 
     # ---------------------------------------------------------------- naming
     @staticmethod
@@ -109,9 +128,8 @@ class Store:
             except (FileNotFoundError, NotADirectoryError):
                 pass
             return out
-        self.fs.invalidate_cache(path)
         try:
-            entries = self.fs.ls(path, detail=True)
+            entries = self._fresh(self.fs.ls, path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return out
         for info in entries:
@@ -134,9 +152,8 @@ class Store:
                     rel = os.path.relpath(full, path).replace(os.sep, "/")
                     out[rel] = {"type": "file", "size": st.st_size, "mtime": st.st_mtime}
             return out
-        self.fs.invalidate_cache(path)
         try:
-            found = self.fs.find(path, detail=True)
+            found = self._fresh(self.fs.find, path, detail=True)
         except (FileNotFoundError, NotADirectoryError):
             return out
         for full, info in found.items():

@@ -57,7 +57,7 @@ def _option(s: str) -> tuple[str, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "root", metavar="ROOT", help="repository root: local path or fsspec URL (oss://bucket/models)"
     )
@@ -180,7 +180,7 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
     table = [header, *rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _deployed_by_version(deps: list[Deployment]) -> dict[int, list[str]]:
@@ -193,7 +193,7 @@ def _deployed_by_version(deps: list[Deployment]) -> dict[int, list[str]]:
 # ------------------------------------------------------------------------------------ commands
 def _cmd_list(repo: ModelRepository, a: argparse.Namespace) -> Any:
     if a.name is None:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for n in repo.models():
             vs = repo.versions(n)
             rows.append(
@@ -218,7 +218,7 @@ def _cmd_list(repo: ModelRepository, a: argparse.Namespace) -> Any:
     by_version: dict[int, list[str]] = {}
     for al, v in aliases.items():
         by_version.setdefault(v, []).append(al)
-    out = [
+    out: list[dict[str, Any]] = [
         {
             "version": mv.version,
             "created": mv.created,
@@ -385,8 +385,8 @@ def _cmd_verify(repo: ModelRepository, a: argparse.Namespace) -> Any:
     if a.all and (a.version is not None or a.alias is not None):
         raise _UsageError(f"{PROG} verify: --all takes no VERSION or --alias")
     targets = [mv.version for mv in repo.versions(a.name)] if a.all else [None]
-    results = []
-    failed = None
+    results: list[dict[str, Any]] = []
+    failed: IntegrityError | None = None
     for v in targets:
         try:
             mv = repo.verify(a.name, v, alias=a.alias)

@@ -90,6 +90,10 @@ class IntegrityError(RepositoryError):
         path: the file (relative to the version directory) that failed.
     """
 
+    name: str | None = None
+    version: int | None = None
+    path: str | None = None
+
 
 class ConcurrentPublishError(RepositoryError):
     """A publisher could not allocate a version number after many attempts (heavy contention)."""

@@ -38,6 +38,7 @@ older than the grace period.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import logging
 import os
@@ -96,6 +97,32 @@ _MAX_ATTEMPTS = 200
 _MAX_VERSION_DIGITS = 18  # TF Serving parses version directories as int64
 
 
+#: Protocols whose fsspec implementation kubeai_train tunes; the hook is imported only for them.
+_FS_SETUP = {
+    "oss": ("kubeai_train.data.oss", "install", "oss:// needs ossfs: pip install 'kubeai_train[oss]'")
+}
+
+
+def _open_fs(root: str, protocol: str, opts: dict[str, Any]) -> tuple[Any, str]:
+    """fsspec filesystem and path of ``root``.
+
+    ``oss://`` uses the project's ossfs subclass (``kubeai_train.data.oss``: one flat listing per
+    ``find``, correct appends of multi-block uploads, retries). Remote filesystems get an instance
+    of their own (``skip_instance_cache``), so this repository's listing-cache invalidation never
+    races another user of a shared instance.
+    """
+    setup = _FS_SETUP.get(protocol)
+    if setup is not None:
+        module, func, hint = setup
+        try:
+            getattr(importlib.import_module(module), func)()
+        except ImportError as e:
+            raise RepositoryConfigError(hint) from e
+    if protocol not in ("file", "local", "memory"):
+        opts = {"skip_instance_cache": True, **opts}
+    return fsspec.core.url_to_fs(root, **opts)
+
+
 def _parse_version(s: str) -> int | None:
     """The version a directory name stands for, or None. ``"007"`` counts (TF Serving would load
     it as 7) so numbering never collides with it, but only canonical names are ours."""
@@ -133,6 +160,7 @@ class _Scan:
     claims: dict[str, dict[str, Any]] = field(default_factory=dict)
     staging: dict[str, float | None] = field(default_factory=dict)
     temp_files: dict[str, float | None] = field(default_factory=dict)
+    alias_files: list[str] = field(default_factory=list)
 
 
 class ModelRepository:
@@ -182,7 +210,7 @@ class ModelRepository:
             verify_on_read=verify_on_read,
         )
         try:
-            fs, path = fsspec.core.url_to_fs(root_s, **opts)
+            fs, path = _open_fs(root_s, protocol, opts)
         except (ImportError, ValueError, TypeError) as e:
             raise RepositoryConfigError(
                 f"cannot open repository root {redact_url(root_s)!r}: {type(e).__name__}: {e}"
@@ -282,7 +310,9 @@ class ModelRepository:
 
     def _scan(self, name: str) -> _Scan:
         scan = _Scan()
-        top_dirs = self._store.listdir(self._mdir(name))
+        # Empty integer directories exist only on local disks (object stores have no empty
+        # prefixes); one listing of the files is enough elsewhere.
+        top_dirs = self._store.listdir(self._mdir(name)) if self._store.local else {}
         tree = self._store.tree(self._mdir(name))
         groups: dict[str, dict[str, dict[str, Any]]] = {}
         for rel, info in tree.items():
@@ -332,6 +362,13 @@ class ModelRepository:
                 )
             elif parts[0] == "claims" and len(parts) == 2:
                 scan.claims[parts[1]] = info
+            elif (
+                parts[0] == "aliases"
+                and len(parts) == 2
+                and parts[1].endswith(".json")
+                and parts[1][0] != "."
+            ):
+                scan.alias_files.append(parts[1])
             if parts[-1].startswith(".tmp-") and parts[0] != "staging":
                 scan.temp_files[rel] = mtime
 
@@ -472,10 +509,11 @@ class ModelRepository:
         record(1, [])  # validate the metadata before touching storage
         t0 = time.monotonic()
         if self.mode == "rename":
-            v = self._publish_rename(name, src_fs, files, record)
+            v, data = self._publish_rename(name, src_fs, files, record)
         else:
-            v = self._publish_marker(name, src_fs, files, record)
-        mv = self.get(name, v)
+            v, data = self._publish_marker(name, src_fs, files, record)
+        meta, manifest = parse_record(data, name, v)
+        mv = ModelVersion(name, v, self._store.uri(self._vdir(name, v)), meta, manifest)
         logger.info(
             "published %s/%d: %d files, %d bytes in %.2fs at %s",
             name,
@@ -495,7 +533,9 @@ class ModelRepository:
             manifest.append(FileEntry(rel, size, sha))
         return manifest
 
-    def _publish_rename(self, name: str, src_fs: Any, files: list[tuple[str, str]], record) -> int:
+    def _publish_rename(
+        self, name: str, src_fs: Any, files: list[tuple[str, str]], record
+    ) -> tuple[int, bytes]:
         store = self._store
         staging = self._kdir(name, "staging", uuid.uuid4().hex)
         store.makedirs(staging)
@@ -503,11 +543,12 @@ class ModelRepository:
             manifest = self._copy_all(src_fs, files, staging, fsync=True)
             for _attempt in range(_MAX_ATTEMPTS):
                 v = self._next_version(name)
-                store.write_atomic(Store.join(staging, METADATA_FILE), record(v, manifest))
+                data = record(v, manifest)
+                store.write_atomic(Store.join(staging, METADATA_FILE), data)
                 store.fsync_dir(staging)
                 if store.rename_dir_noreplace(staging, self._vdir(name, v)):
                     store.fsync_dir(self._mdir(name))
-                    return v
+                    return v, data
                 logger.debug("%s/%d was taken by another publisher; trying the next number", name, v)
             raise ConcurrentPublishError(
                 f"could not allocate a version of {name!r} after {_MAX_ATTEMPTS} attempts; too many racing publishers"
@@ -539,7 +580,9 @@ class ModelRepository:
             f"could not claim a version of {name!r} after {_MAX_ATTEMPTS} attempts; too many racing publishers"
         )
 
-    def _publish_marker(self, name: str, src_fs: Any, files: list[tuple[str, str]], record) -> int:
+    def _publish_marker(
+        self, name: str, src_fs: Any, files: list[tuple[str, str]], record
+    ) -> tuple[int, bytes]:
         store = self._store
         v, claim = self._claim(name)
         vdir = self._vdir(name, v)
@@ -556,9 +599,10 @@ class ModelRepository:
                 raise IntegrityError(
                     f"{name}/{v}: after upload, {problem}; publish again", name=name, version=v
                 )
-            store.write_atomic(Store.join(vdir, METADATA_FILE), record(v, manifest))
+            data = record(v, manifest)
+            store.write_atomic(Store.join(vdir, METADATA_FILE), data)
             committed = True
-            return v
+            return v, data
         finally:
             if not committed:
                 store.rm_tree(vdir)
@@ -577,7 +621,9 @@ class ModelRepository:
                 scan = self._scan(name)
                 if not scan.committed:
                     return
-                aliases = {a: v for a, v in self.aliases(name).items() if v in scan.committed}
+                aliases = {
+                    a: v for a, v in self._read_aliases(name, scan.alias_files).items() if v in scan.committed
+                }
                 latest = scan.committed[max(scan.committed)]
                 text = render_model_config(
                     name,
@@ -603,12 +649,16 @@ class ModelRepository:
     def aliases(self, name: str) -> dict[str, int]:
         """``alias -> version`` of ``name``, sorted by alias."""
         name = check_model_name(name)
+        names = [f for f in self._store.listdir(self._kdir(name, "aliases")) if f.endswith(".json")]
+        return self._read_aliases(name, [f for f in names if not f.startswith(".")])
+
+    def _read_aliases(self, name: str, fnames: list[str]) -> dict[str, int]:
         out = {}
         adir = self._kdir(name, "aliases")
-        for fname in sorted(self._store.listdir(adir)):
-            if not fname.endswith(".json") or fname.startswith("."):
-                continue
+        for fname in sorted(fnames):
             data = self._store.read(Store.join(adir, fname))
+            if data is None:
+                continue  # removed since the listing
             try:
                 out[fname[: -len(".json")]] = int(json.loads(data or b"")["version"])
             except (ValueError, KeyError, TypeError):

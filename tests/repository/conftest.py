@@ -43,6 +43,12 @@ class RepoRoot:
     backend: str = "local"
     cross_process: bool = True
 
+    @property
+    def remote(self) -> bool:
+        """True for backends behind a network protocol (each listing is a request): the
+        concurrency tests scale their counts down there to keep the suite fast."""
+        return self.backend not in ("local", "memory")
+
     def repo(self, **kwargs: Any) -> ModelRepository:
         return ModelRepository(self.url, self.storage_options, **kwargs)
 
@@ -88,9 +94,25 @@ def _oss(request, tmp_path: Path) -> Iterator[RepoRoot]:
 BACKENDS: dict[str, Callable[..., Iterator[RepoRoot]]] = {"local": _local, "memory": _memory, "oss": _oss}
 
 
-@pytest.fixture(params=list(BACKENDS))
+def pytest_generate_tests(metafunc):
+    """Run every test taking ``repo_root`` on each backend. Tests that also take ``commit`` run
+    once per backend with ``commit="auto"`` and, on local disk, also with ``commit="marker"``
+    (the object-store protocol, there driven by real processes); elsewhere "auto" already is
+    the marker protocol."""
+    if "repo_root" not in metafunc.fixturenames:
+        return
+    if "commit" in metafunc.fixturenames:
+        combos = [(b, "auto") for b in BACKENDS] + [("local", "marker")]
+        metafunc.parametrize(
+            ("repo_root", "commit"), combos, indirect=["repo_root"], ids=[f"{b}-{c}" for b, c in combos]
+        )
+    else:
+        metafunc.parametrize("repo_root", list(BACKENDS), indirect=True)
+
+
+@pytest.fixture
 def repo_root(request, tmp_path: Path) -> Iterator[RepoRoot]:
-    """A fresh, empty repository root on each backend in turn."""
+    """A fresh, empty repository root on each backend in turn (see pytest_generate_tests)."""
     yield from BACKENDS[request.param](request, tmp_path)
 
 
