@@ -22,9 +22,11 @@ __all__ = ["DLRM", "mlp", "scale_dense"]
 
 
 def scale_dense(dense: torch.Tensor) -> torch.Tensor:
-    """NaN -> 0, then ``sign(x) * log1p(|x|)``: Criteo counts are heavy-tailed and nullable."""
-    x = torch.nan_to_num(dense, nan=0.0, posinf=0.0, neginf=0.0)
-    return torch.sign(x) * torch.log1p(torch.abs(x))
+    """``[log1p(max(x, 0)) for each column, then a 0/1 missing indicator for each]`` (the TF
+    trainer's definition; NaN is missing): ``[batch, n] -> [batch, 2n]``."""
+    missing = torch.isnan(dense)
+    x = torch.where(missing, torch.zeros_like(dense), dense)
+    return torch.cat([torch.log1p(torch.clamp(x, min=0.0)), missing.to(dense.dtype)], dim=1)
 
 
 def mlp(sizes: Sequence[int], last_activation: bool = True) -> nn.Sequential:
@@ -80,7 +82,7 @@ class DLRM(nn.Module):
         self.dim = dim
         self.embedding = nn.EmbeddingBag(self.num_rows, dim, mode="sum", sparse=sparse)
         nn.init.uniform_(self.embedding.weight, -0.05, 0.05)
-        self.bottom = mlp([n_dense, *bottom, dim])
+        self.bottom = mlp([2 * n_dense, *bottom, dim])
         n_vec = n_cat + 1
         iu = torch.triu_indices(n_vec, n_vec, offset=1)
         self.register_buffer("pair_i", iu[0].clone(), persistent=False)

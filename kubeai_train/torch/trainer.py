@@ -39,21 +39,43 @@ from kubeai_train.torch.group import DistContext, guard
 from kubeai_train.torch.group import init as init_group
 from kubeai_train.torch.optim import SplitOptimizer
 from kubeai_train.torch.summary import ScalarWriter
-from kubeai_train.torch.types import TrainConfig
+from kubeai_train.torch.types import ConfigError, TrainConfig
 
 __all__ = ["FitResult", "Trainer", "TransformedBatches"]
 
 log = logging.getLogger(__name__)
 
 
-class ResumableDataset(Protocol):
-    """What the trainer needs from a ``kubeai_train.data`` dataset."""
+class TorchSource(Protocol):
+    """What ``kubeai_train.data.Dataset.to_torch()`` returns, as the trainer uses it."""
 
-    def to_torch(self) -> Any: ...
+    def set_epoch(self, epoch: int) -> None: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self, num_batches: int, num_workers: int = 0) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]: ...
+
+
+class ResumableDataset(Protocol):
+    """What the trainer needs from a ``kubeai_train.data`` dataset (read with ``num_epochs=1``;
+    the trainer runs the epochs)."""
+
+    def to_torch(self) -> TorchSource: ...
+
+
+def _pass_done(source: TorchSource, taken: int, num_workers: int) -> bool:
+    """True when ``taken`` batches are all this rank's loader delivers in the current pass.
+
+    ``state_dict(n)`` replays the DataLoader's worker order (a pure function) and raises
+    ValueError when the workers deliver fewer than ``n`` batches.
+    """
+    try:
+        source.state_dict(taken + 1, num_workers)
+    except ValueError:
+        return True
+    return False
 
 
 class TransformedBatches(IterableDataset):
@@ -135,6 +157,8 @@ class Trainer:
         self.writer = ScalarWriter(self.config.log_dir) if self.config.log_dir and self.ctx.is_chief else None
         self.step = 0
         self._rows_before = 0  # rows of this rank restored from a checkpoint
+        self._epoch = 0  # the epoch a restored checkpoint was in
+        self._epoch_done = False  # ... and whether this rank had taken all its batches of it
         self._resumed_from: int | None = None
         log.info(
             "trainer: rank %d/%d device=%s %s",
@@ -146,8 +170,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- resume
 
-    def restore(self, data: ResumableDataset | None = None) -> int | None:
-        """Load the latest committed checkpoint into the model, optimizers and ``data``.
+    def restore(self, source: TorchSource | None = None) -> int | None:
+        """Load the latest committed checkpoint into the model, optimizers and ``source``.
 
         Returns the step resumed from, or None when there is no checkpoint. Called by
         :meth:`fit`; call it yourself only to restore without training.
@@ -160,20 +184,26 @@ class Trainer:
         self.module.load_state_dict(ck.model)
         self.optimizer.load_state_dict(ck.optimizer)
         saved = ck.data or {}
-        if data is not None and saved.get("data") is not None:
-            data.load_state_dict(saved["data"])
+        if source is not None and saved.get("data") is not None:
+            source.load_state_dict(saved["data"])
         self._rows_before = int(saved.get("rows", 0))
+        self._epoch = int(saved.get("epoch", 0))
+        self._epoch_done = bool(saved.get("epoch_done", False))
         self.step = ck.step
         self._resumed_from = ck.step
         if self.ctx.is_chief:
-            log.info("resumed from %s (step %d)", ck.path, ck.step)
+            log.info("resumed from %s (step %d, epoch %d)", ck.path, ck.step, self._epoch)
         return ck.step
 
-    def checkpoint(self, data: ResumableDataset | None, rows: int) -> None:
-        """Write a checkpoint of the current step (collective: every rank must call it)."""
+    def checkpoint(self, data_state: dict[str, Any] | None, rows: int, epoch: int, epoch_done: bool) -> None:
+        """Write a checkpoint of the current step (collective: every rank must call it).
+
+        ``epoch_done``: this rank has taken every batch of ``epoch`` (its reader would start the
+        next epoch from that position, while other ranks may still be in this one).
+        """
         if self.store is None:
             return
-        state = {"data": data.state_dict() if data is not None else None, "rows": rows}
+        state = {"data": data_state, "rows": rows, "epoch": epoch, "epoch_done": epoch_done}
         self.store.write_data_state(self.step, self.ctx.rank, state)
         self.ctx.barrier(f"checkpoint barrier at step {self.step}")
         if self.ctx.is_chief:
@@ -186,9 +216,10 @@ class Trainer:
 
     # ---------------------------------------------------------------------------- train
 
-    def _loader(self, data: ResumableDataset) -> Iterator[dict[str, torch.Tensor]]:
-        source = TransformedBatches(data.to_torch(), self.features)
-        loader = DataLoader(source, batch_size=None, num_workers=self.config.num_workers)
+    def _loader(self, source: Any) -> Iterator[dict[str, torch.Tensor]]:
+        loader = DataLoader(
+            TransformedBatches(source, self.features), batch_size=None, num_workers=self.config.num_workers
+        )
         return iter(loader)
 
     def _dummy(self) -> dict[str, torch.Tensor]:
@@ -199,84 +230,94 @@ class Trainer:
             "label": torch.zeros(1, dtype=torch.float32),
         }
 
-    def fit(self, data: ResumableDataset) -> FitResult:
-        """Train on every batch of ``data`` (all its epochs), resuming from the latest checkpoint.
+    def fit(self, data: ResumableDataset, epochs: int = 1) -> FitResult:
+        """Train ``epochs`` passes over ``data``, resuming from the latest checkpoint.
 
-        Every rank calls this with its own shard (``kubeai_train.data.read`` splits by rank).
-        Ranks may hold different numbers of rows; all finish together and no row is skipped.
+        Every rank calls this with its own shard (``kubeai_train.data.read`` splits by rank,
+        with ``num_epochs=1``: the trainer runs the epochs and calls ``set_epoch``). Ranks may
+        hold different numbers of rows; all finish each epoch together and no row is skipped.
         A checkpoint is written every ``config.checkpoint_every`` steps and at the end.
 
         Raises:
             PeerFailedError: another rank died or hung (see :func:`kubeai_train.torch.run`).
+            ConfigError: ``epochs`` < 1, or checkpoints with a dataset of ``num_epochs`` != 1.
         """
-        self.restore(data)
+        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+            raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
+        data_epochs = getattr(getattr(data, "options", None), "num_epochs", 1)
+        if self.store is not None and data_epochs != 1:
+            raise ConfigError(
+                f"read the data with num_epochs=1 (got {data_epochs}) and pass epochs={epochs} "
+                "to fit(): checkpoints hold a position within one epoch"
+            )
+        source = data.to_torch()
+        resumed = self.restore(source) is not None
         cfg = self.config
-        device = self.ctx.device
-        it = self._loader(data)
         rows = self._rows_before
         start_step = self.step
-        exhausted = False
-        carry = torch.zeros(3, dtype=torch.float64)  # [has_batch, loss_sum, rows] of the last step
         run_loss, run_rows = 0.0, 0
-        win_loss, win_rows, win_t = 0.0, 0, time.perf_counter()
+        win = [0.0, 0, time.perf_counter()]  # loss, rows, since
         step_times: list[float] = []
         self.ddp.train()
         t0 = time.perf_counter()
         last_ckpt = self.step
-        while True:
-            if cfg.max_steps is not None and self.step >= cfg.max_steps:
+        epoch = self._epoch if resumed else 0
+        stop = False
+        taken = 0
+        while epoch < epochs and not stop:
+            if not (resumed and epoch == self._epoch):
+                source.set_epoch(epoch)  # a resumed epoch keeps the position load_state_dict set
+            # a rank restored at the end of its share of this epoch reads nothing more in it
+            exhausted = resumed and epoch == self._epoch and self._epoch_done
+            it = None if exhausted else self._loader(source)
+            taken = 0  # batches of this pass trained on (what the data state counts)
+            carry = torch.zeros(3, dtype=torch.float64)  # [has_batch, loss_sum, rows]
+            first = True
+            while True:
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    stop = True
+                    break
+                ts = time.perf_counter()
+                # take the next batch only now: a checkpoint written at the end of the previous
+                # step must not count a batch that was fetched but not trained on
+                pending = None if exhausted or it is None else next(it, None)
+                exhausted = pending is None
+                carry[0] = 0.0 if exhausted else 1.0
+                with guard(f"step {self.step} (input sync)"):
+                    dist.all_reduce(carry)
+                if not first:  # carry holds the previous step's global loss and rows
+                    run_loss += float(carry[1])
+                    run_rows += int(carry[2])
+                    win[0] += float(carry[1])
+                    win[1] += int(carry[2])
+                first = False
+                if carry[0] == 0:
+                    break
+                loss_sum, n = self._train_step(pending)
+                self.step += 1
+                if pending is not None:
+                    taken += 1
+                    rows += n
+                carry = torch.tensor([0.0, loss_sum, float(n)], dtype=torch.float64)
+                step_times.append(time.perf_counter() - ts)
+                if self.ctx.is_chief and self.step % cfg.log_every == 0:
+                    self._log_window(win)
+                if self.store is not None and self.step % cfg.checkpoint_every == 0:
+                    state = source.state_dict(taken, cfg.num_workers)
+                    self.checkpoint(
+                        state, rows, epoch, exhausted or _pass_done(source, taken, cfg.num_workers)
+                    )
+                    last_ckpt = self.step
+            if stop:
+                # the last step's loss was never all-reduced; the sums stay exact without it
                 break
-            ts = time.perf_counter()
-            # take the next batch only now: a checkpoint written at the end of the previous
-            # step must not count a batch that was fetched but not trained on
-            pending = None if exhausted else next(it, None)
-            exhausted = pending is None
-            carry[0] = 1.0 if pending is not None else 0.0
-            with guard(f"step {self.step} (input sync)"):
-                dist.all_reduce(carry)
-            if self.step > start_step:  # carry now holds the previous step's global loss
-                run_loss += float(carry[1])
-                run_rows += int(carry[2])
-                win_loss += float(carry[1])
-                win_rows += int(carry[2])
-            if carry[0] == 0:
-                break
-            real = pending is not None
-            batch = pending if pending is not None else self._dummy()
-            ids = batch["ids"].to(device, non_blocking=True)
-            dense = batch["dense"].to(device, non_blocking=True)
-            label = batch["label"].to(device, non_blocking=True)
-            self.optimizer.zero_grad()
-            logits = self.ddp(ids, dense)
-            loss_sum = F.binary_cross_entropy_with_logits(logits, label, reduction="sum")
-            n = len(label)
-            loss = loss_sum / n if real else loss_sum * 0.0
-            with guard(f"step {self.step} (gradient all-reduce)"):
-                loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            carry = torch.tensor(
-                [0.0, float(loss_sum.detach()) if real else 0.0, float(n) if real else 0.0],
-                dtype=torch.float64,
-            )
-            if real:
-                rows += n
-            step_times.append(time.perf_counter() - ts)
-            if self.ctx.is_chief and self.step % cfg.log_every == 0 and win_rows:
-                now = time.perf_counter()
-                mean = win_loss / win_rows
-                log.info("step %d loss %.5f %.0f examples/s", self.step, mean, win_rows / (now - win_t))
-                if self.writer is not None:
-                    self.writer.scalar("train/loss", mean, self.step)
-                    self.writer.scalar("train/examples_per_s", win_rows / (now - win_t), self.step)
-                win_loss, win_rows, win_t = 0.0, 0, now
-            if self.store is not None and self.step % cfg.checkpoint_every == 0:
-                # before the next batch is taken, so the data state covers exactly the rows trained
-                self.checkpoint(data, rows)
-                last_ckpt = self.step
+            epoch += 1
         seconds = time.perf_counter() - t0
         if self.store is not None and self.step != last_ckpt:
-            self.checkpoint(data, rows)
+            # ``taken`` counts the batches of the last pass: all of them unless max_steps stopped it
+            state = source.state_dict(taken, cfg.num_workers)
+            done = not stop or _pass_done(source, taken, cfg.num_workers)
+            self.checkpoint(state, rows, min(epoch, epochs - 1), done)
         with guard("summing rows over ranks"):
             per_rank = torch.zeros(self.ctx.world_size, dtype=torch.int64)
             per_rank[self.ctx.rank] = rows
@@ -294,17 +335,49 @@ class Trainer:
         )
         if self.ctx.is_chief:
             log.info(
-                "trained %d steps, %d rows (%s per rank), loss %.5f, %.0f examples/s",
+                "trained %d steps (%d in this run), %d rows (%s per rank), loss %.5f, %.0f examples/s",
                 result.steps,
+                result.steps - start_step,
                 result.rows,
                 rows_per_rank,
                 result.loss,
                 result.examples_per_s,
             )
             if self.writer is not None:
-                self.writer.scalar("train/epoch_loss", result.loss, self.step)
+                self.writer.scalar("train/run_loss", result.loss, self.step)
                 self.writer.flush()
         return result
+
+    def _train_step(self, batch: dict[str, torch.Tensor] | None) -> tuple[float, int]:
+        """One DDP step; ``None`` is a shadow step (zero gradients, same optimizer update)."""
+        real = batch is not None
+        if batch is None:
+            batch = self._dummy()
+        device = self.ctx.device
+        ids = batch["ids"].to(device, non_blocking=True)
+        dense = batch["dense"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        self.optimizer.zero_grad()
+        logits = self.ddp(ids, dense)
+        loss_sum = F.binary_cross_entropy_with_logits(logits, label, reduction="sum")
+        n = len(label)
+        loss = loss_sum / n if real else loss_sum * 0.0
+        with guard(f"step {self.step} (gradient all-reduce)"):
+            loss.backward()
+        self.optimizer.step()
+        return (float(loss_sum.detach()), n) if real else (0.0, 0)
+
+    def _log_window(self, win: list[Any]) -> None:
+        loss, n, since = win
+        if not n:
+            return
+        now = time.perf_counter()
+        mean = loss / n
+        log.info("step %d loss %.5f %.0f examples/s", self.step, mean, n / (now - since))
+        if self.writer is not None:
+            self.writer.scalar("train/loss", mean, self.step)
+            self.writer.scalar("train/examples_per_s", n / (now - since), self.step)
+        win[:] = [0.0, 0, now]
 
     # ---------------------------------------------------------------------------- eval
 
@@ -325,7 +398,7 @@ class Trainer:
         """
         labels: list[np.ndarray] = []
         preds: list[np.ndarray] = []
-        for batch in self._loader(data):
+        for batch in self._loader(data.to_torch()):
             preds.append(self.predict(batch["ids"], batch["dense"]).numpy())
             labels.append(batch["label"].numpy())
         y = np.concatenate(labels) if labels else np.zeros(0)

@@ -1,17 +1,18 @@
-"""Small helpers shared by the torch tests: an in-memory resumable dataset and CTR batches."""
+"""Small helpers shared by the torch tests: CTR columns with a learnable signal, as Parquet."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Any
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from kubeai_train.torch.features import CATEGORICAL, DENSE
 
 
 def ctr_columns(n: int, seed: int = 0, n_values: int = 50) -> dict[str, np.ndarray]:
-    """Criteo-schema columns with a learnable signal in C1 and I1."""
+    """Criteo-schema columns (nullable floats and strings) with a signal in C1 and I1."""
     rng = np.random.default_rng(seed)
     cols: dict[str, np.ndarray] = {}
     for c in DENSE:
@@ -29,31 +30,21 @@ def ctr_columns(n: int, seed: int = 0, n_values: int = 50) -> dict[str, np.ndarr
     return cols
 
 
-class MemoryDataset:
-    """A resumable batch stream over columns in memory (the trainer's view of a data.Dataset).
-
-    Used only by unit tests that must not depend on the reader; integration tests read
-    through ``kubeai_train.data``.
-    """
-
-    def __init__(self, columns: Mapping[str, np.ndarray], batch_size: int) -> None:
-        self.columns = dict(columns)
-        self.batch_size = batch_size
-        self.n = len(next(iter(columns.values())))
-        self.pos = 0
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while self.pos < self.n:
-            stop = min(self.pos + self.batch_size, self.n)
-            batch = {k: v[self.pos : stop] for k, v in self.columns.items()}
-            self.pos = stop
-            yield batch
-
-    def to_torch(self) -> MemoryDataset:
-        return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pos": self.pos}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.pos = int(state["pos"])
+def write_parquet(path: Path, cols: dict[str, np.ndarray], files: int = 1, row_group: int = 256) -> Path:
+    """Write ``cols`` as ``files`` Parquet files under ``path`` (nulls as Arrow nulls)."""
+    path.mkdir(parents=True, exist_ok=True)
+    n = len(cols["label"])
+    bounds = np.linspace(0, n, files + 1).astype(int)
+    for k in range(files):
+        a, b = bounds[k], bounds[k + 1]
+        arrays = {}
+        for name, v in cols.items():
+            part = v[a:b]
+            if part.dtype == object:
+                arrays[name] = pa.array(list(part), type=pa.string())
+            elif part.dtype.kind == "f":
+                arrays[name] = pa.array(part, mask=np.isnan(part))
+            else:
+                arrays[name] = pa.array(part)
+        pq.write_table(pa.table(arrays), path / f"part-{k:03d}.parquet", row_group_size=row_group)
+    return path

@@ -27,9 +27,9 @@ def test_embedding_gradient_is_sparse_and_touches_only_used_rows():
     assert rows == [3, 105]  # feature 2 lives at offset 100
 
 
-def test_scale_dense():
-    x = torch.tensor([float("nan"), -(torch.e - 1), 0.0, torch.e - 1])
-    assert torch.allclose(scale_dense(x), torch.tensor([0.0, -1.0, 0.0, 1.0]))
+def test_scale_dense_is_log1p_of_positive_part_plus_missing_indicator():
+    x = torch.tensor([[float("nan"), -5.0, 0.0, torch.e - 1]])
+    assert torch.allclose(scale_dense(x), torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]]))
 
 
 def test_bad_sizes():
