@@ -19,7 +19,10 @@ needs (registered in :mod:`kubeai_train.data.registry` as the ``oss`` storage-op
   exponential backoff, resuming a cut body at the first missing byte, where ossfs retries only
   connection errors, three times, at once; writable files in ``"wb"`` mode that flush more than
   once send a wrong append position (ossfs reuses the file's write position); ``exists`` on a
-  missing bucket raises instead of returning False; a 403 becomes ``PermissionError``.
+  missing bucket raises instead of returning False, and with bad credentials returns False
+  (here: ``PermissionError``); a 403 becomes ``PermissionError``; ``find`` is one flat, fresh,
+  paged listing instead of one cached listing per directory; a forked process (DataLoader
+  worker) opens its own connections instead of sharing the parent's sockets.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from kubeai_train.data.types import DataError
@@ -41,13 +44,16 @@ log = logging.getLogger("kubeai_train.data")
 ENV_VARS = ("OSS_ENDPOINT", "OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOKEN")
 _INSTALL_HINT = "reading oss:// needs ossfs: pip install 'kubeai_train[oss]'"
 _READ_CHUNK = 1 << 20
+_LIST_PAGE = 1000
 
 try:
     import oss2
     import requests
     import urllib3.exceptions
+    from oss2.models import SimplifiedObjectInfo
     from ossfs import OSSFileSystem as _OSSFileSystem
     from ossfs.file import OSSFile as _OSSFile
+    from ossfs.utils import prettify_info_result
 except ImportError as e:  # pragma: no cover - ossfs is an optional dependency
     raise ImportError(_INSTALL_HINT) from e
 
@@ -129,6 +135,20 @@ def _is_transient(exc: BaseException) -> bool:
     )
 
 
+def _chunks(response: requests.Response) -> Iterator[bytes]:
+    """The body of a streamed response as it arrives."""
+    raw = response.raw
+    read1 = getattr(raw, "read1", None)  # urllib3 >= 2
+    if read1 is None:  # pragma: no cover - urllib3 1.x
+        yield from response.iter_content(64 * 1024)
+        return
+    while True:
+        chunk = read1(_READ_CHUNK)
+        if not chunk:
+            return
+        yield chunk
+
+
 class _ShortRead(OSError):
     """A response body ended before its Content-Length."""
 
@@ -174,9 +194,18 @@ class OSSFileSystem(_OSSFileSystem):
             kwargs.setdefault("token", env.get("OSS_SESSION_TOKEN") or None)
         kwargs.setdefault("default_cache_type", "none")
         super().__init__(**kwargs)
+        self._session_pid = os.getpid()
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+
+    def _get_bucket(self, bucket_name: str, connect_timeout: int | None = None) -> oss2.Bucket:
+        # A forked child (a DataLoader worker) must not share the parent's pooled connections:
+        # two processes on one socket interleave their requests.
+        if self._session_pid != os.getpid():
+            self._session = oss2.Session()
+            self._session_pid = os.getpid()
+        return super()._get_bucket(bucket_name, connect_timeout)
 
     # ---------------------------------------------------------------- calls with retries
     def _sleep(self, attempt: int) -> None:
@@ -244,8 +273,9 @@ class OSSFileSystem(_OSSFileSystem):
                 expected = result.content_length
                 received = 0
                 try:
-                    # Chunk by chunk, so that what arrived before a reset is kept.
-                    for chunk in result.resp.response.iter_content(_READ_CHUNK):
+                    # Whatever has arrived, chunk by chunk, so that what came before a reset is kept
+                    # (a plain read of N bytes drops a partial N when the connection breaks).
+                    for chunk in _chunks(result.resp.response):
                         parts.append(chunk)
                         got += len(chunk)
                         received += len(chunk)
@@ -259,7 +289,9 @@ class OSSFileSystem(_OSSFileSystem):
                 if e.status == 416 and end is None:
                     break  # reading from the end of the object: nothing left
                 if not _is_transient(e) or attempt >= self.retries:
-                    raise _translate(e, what) from e
+                    raise _translate(
+                        e, what if attempt == 0 else f"{what} (after {attempt + 1} attempts)"
+                    ) from e
             except Exception as e:
                 if not _is_transient(e) or attempt >= self.retries:
                     raise _translate(e, f"{what} (after {attempt + 1} attempts)") from e
@@ -293,6 +325,86 @@ class OSSFileSystem(_OSSFileSystem):
         if end is not None and end <= start:
             return b""
         return self._read_range(path, start, end)
+
+    # ---------------------------------------------------------------- listings
+    def invalidate_cache(self, path: str | None = None) -> None:
+        """Forget cached listings of ``path``, its parents and everything below it.
+
+        ossfs forgets only the path and its parents, so a ``find`` (which lists directory by
+        directory) could serve a sub-directory listed before other processes wrote into it.
+        """
+        super().invalidate_cache(path)
+        if path is not None:
+            norm = self._strip_protocol(path).strip("/")
+            for cached in [k for k in list(self.dircache) if k.startswith(norm + "/")]:
+                self.dircache.pop(cached, None)
+
+    def _get_object_info_list(
+        self, bucket_name: str, prefix: str, delimiter: str, connect_timeout: int | None
+    ) -> list[dict[str, Any]]:
+        """A whole listing, page by page (1000 keys a page), each page retried with backoff.
+
+        ossfs iterates ``oss2.ObjectIterator`` (100 keys a page, 5xx retried three times at once,
+        connection errors not at all); a failure mid-listing lost the whole listing.
+        """
+        out: list[dict[str, Any]] = []
+        marker = ""
+        while True:
+            page = self._call_oss(
+                "list_objects",
+                prefix=prefix,
+                delimiter=delimiter,
+                marker=marker,
+                max_keys=_LIST_PAGE,
+                bucket=bucket_name,
+                timeout=connect_timeout,
+            )
+            out.extend(self._transfer_object_info_to_dict(bucket_name, obj) for obj in page.object_list)
+            out.extend(
+                self._transfer_object_info_to_dict(
+                    bucket_name, SimplifiedObjectInfo(p, None, None, None, None, None)
+                )
+                for p in page.prefix_list
+            )
+            if not page.is_truncated:
+                return out
+            marker = page.next_marker
+
+    @prettify_info_result
+    def find(
+        self,
+        path: str,
+        maxdepth: int | None = None,
+        withdirs: bool = False,
+        detail: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Every file under ``path``, from one flat paged listing (never cached).
+
+        ossfs walks directory by directory (a listing per directory, each cached); a flat
+        listing of the prefix is one paged request stream however deep the tree, and always
+        fresh. With ``maxdepth``, ``withdirs`` or ``prefix`` this is ossfs's ``find``.
+        """
+        if maxdepth is not None or withdirs or kwargs.get("prefix"):
+            return super().find(path, maxdepth=maxdepth, withdirs=withdirs, detail=True, **kwargs)
+        norm = self._verify_find_arguments(path, maxdepth, withdirs, "").strip("/")
+        bucket, key = self.split_path(norm)
+        prefix = key.rstrip("/") + "/" if key else ""
+        entries = self._get_object_info_list(bucket, prefix, "", kwargs.get("connect_timeout"))
+        out = {e["name"]: e for e in entries if e["type"] == "file"}
+        if not out and key and self.isfile(norm):
+            out[norm] = self.info(norm)
+        return {name: out[name] for name in sorted(out)}
+
+    def _bucket_exist(self, bucket_name: str) -> bool:
+        # ossfs answers False for any error, so bad credentials read as "no such file".
+        if not bucket_name:
+            return False
+        try:
+            self._call_oss("get_bucket_info", bucket=bucket_name)
+        except FileNotFoundError:
+            return False
+        return True
 
     def exists(self, path: str, **kwargs: Any) -> bool:
         try:

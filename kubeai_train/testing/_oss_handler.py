@@ -212,9 +212,12 @@ class OSSRequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
             self.server.counter.body(len(body))
 
+    def version_string(self) -> str:
+        return self.server_version
+
     def _common_headers(self) -> None:
+        # send_response() already wrote Date and Server.
         self.send_header("x-oss-request-id", self.request_id)
-        self.send_header("Date", _http_date())
 
     def _error(self, e: StoreError) -> None:
         body = xml.error(
