@@ -267,7 +267,8 @@ class OdpsSource(Source):
         sessions: download ids to reuse, ``{"<project>.<table>[/<spec>]": id}``.
         session_dir: a directory shared by all processes of the job, to share sessions.
         partition_columns: append the partition keys as string columns (default True).
-        retries: reopen attempts per failing read before ReadFailedError.
+        reopens: reopen attempts per failing range before ReadFailedError (through
+            ``data.read`` the pipeline's own ``retries`` come on top).
         timeout: seconds for connecting and for each socket read.
 
     Raises:
@@ -292,7 +293,7 @@ class OdpsSource(Source):
         sessions: Mapping[str, str] | None = None,
         session_dir: str | os.PathLike[str] | None = None,
         partition_columns: bool = True,
-        retries: int = 5,
+        reopens: int = 5,
         backoff: float = 0.1,
         timeout: float = 120.0,
     ) -> None:
@@ -325,14 +326,14 @@ class OdpsSource(Source):
         for name, v in (("parallel", parallel), ("split_rows", split_rows)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be an integer >= 0, got {retries!r}")
+        if not isinstance(reopens, int) or reopens < 0:
+            raise ValueError(f"reopens must be an integer >= 0, got {reopens!r}")
         self.compression = compression
         self.reader = reader
         self.parallel = parallel
         self.split_rows = split_rows
         self.partition_columns = partition_columns
-        self.retries = retries
+        self.reopens = reopens
         self.backoff = backoff
         self.timeout = timeout
         sess_env = env.get(SESSIONS_ENV)
@@ -732,7 +733,7 @@ class OdpsSource(Source):
                     raise self._translate(e, spec) from e
                 if not _is_transient(e):
                     raise
-                if attempt >= self.retries:
+                if attempt >= self.reopens:
                     raise ReadFailedError(
                         f"reading rows {pos}..{stop} of {self._where(spec)} failed {attempt + 1} times, last with "
                         f"{type(e).__name__}: {e}; check the ODPS service / network and resume from the state",
@@ -746,7 +747,7 @@ class OdpsSource(Source):
                     pos,
                     e,
                     attempt + 1,
-                    self.retries,
+                    self.reopens,
                 )
                 time.sleep(min(2.0, self.backoff * (2**attempt)))
                 attempt += 1
@@ -825,17 +826,32 @@ class _FastArrowDownload:
             return lz4.frame.LZ4FrameDecompressor()
         raise ChecksumMismatch(f"tunnel answered with unknown Content-Encoding {encoding!r}")
 
+    def _schema(self) -> pa.Schema:
+        wanted = set(self.columns or ())
+        return pa.schema(
+            [
+                pa.field(c.name, odps_type_to_arrow_type(c.type))
+                for c in self.sess.schema.simple_columns
+                if not wanted or c.name in wanted
+            ]
+        )
+
     def batches(self) -> Iterator[pa.RecordBatch]:
         resp = self._request()
         try:
-            body = _DeframedBody(resp, self._decompressor(resp.headers.get("Content-Encoding")), self.BLOCK)
-            schema = pa.schema(
-                [
-                    pa.field(c.name, odps_type_to_arrow_type(c.type))
-                    for c in self.sess.schema.simple_columns
-                    if not self.columns or c.name in set(self.columns)
-                ]
-            )
+            schema = self._schema()
+            encoding = resp.headers.get("Content-Encoding")
+            length = resp.headers.get("Content-Length")
+            fp = getattr(resp.raw, "_fp", None)
+            if (
+                (not encoding or encoding == "identity")
+                and length
+                and fp is not None
+                and hasattr(fp, "readinto")
+            ):
+                yield from _zero_copy_batches(fp, int(length), schema)
+                return
+            body = _DeframedBody(resp, self._decompressor(encoding), self.BLOCK)
             body.prepend(schema.serialize().to_pybytes())
             reader = pa.ipc.open_stream(body)
             while True:
@@ -847,6 +863,99 @@ class _FastArrowDownload:
             body.check_end()
         finally:
             resp.close()
+
+
+_I32 = struct.Struct("<i")
+_U16 = struct.Struct("<H")
+_I64 = struct.Struct("<q")
+
+
+def _read_exact(fp: Any, view: memoryview) -> None:
+    got = 0
+    n = len(view)
+    while got < n:
+        k = fp.readinto(view[got:])
+        if not k:
+            raise ChecksumMismatch(f"tunnel body truncated: {n - got} bytes of a chunk missing")
+        got += k
+
+
+def _ipc_body_length(meta: memoryview) -> int:
+    """bodyLength of an Arrow IPC Message flatbuffer (field 3 of the root table)."""
+    root = struct.unpack_from("<I", meta, 0)[0]
+    vtable = root - _I32.unpack_from(meta, root)[0]
+    vsize = _U16.unpack_from(meta, vtable)[0]
+    if vsize < 4 + 2 * 4:
+        return 0
+    off = _U16.unpack_from(meta, vtable + 4 + 2 * 3)[0]
+    return _I64.unpack_from(meta, root + off)[0] if off else 0
+
+
+def _zero_copy_batches(fp: Any, length: int, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """Decode a Content-Length tunnel Arrow body with one copy (socket -> buffer).
+
+    Each chunk is received straight into its place in one buffer (its 4-byte CRC lands where
+    the next chunk's data will go, and is checked first), verified with hardware CRC32C, and
+    every Arrow message completed by verified bytes becomes a record batch that references the
+    buffer (no further copy).
+    """
+    if length < 8:
+        raise ChecksumMismatch(f"tunnel body of {length} bytes is too short")
+    # Arrow's allocator (jemalloc / mimalloc) hands back recently freed memory without zeroing
+    # or faulting pages in again; a fresh bytearray of the body's size costs as much as the recv.
+    pybuf = pa.allocate_buffer(length)
+    view = memoryview(pybuf).cast("B")
+    buf = view
+    _read_exact(fp, view[:4])
+    (size,) = _U32.unpack_from(buf, 0)
+    if size < 1:
+        raise ChecksumMismatch(f"invalid tunnel chunk size {size}")
+    remaining = length - 4
+    off = 0  # verified data bytes in buf[:off]
+    total = 0
+    parsed = 0  # Arrow stream bytes already turned into batches
+    ended = False
+    while remaining > 0:
+        want = min(size + 4, remaining)
+        _read_exact(fp, view[off : off + want])
+        remaining -= want
+        n = want - 4
+        (expect,) = _U32.unpack_from(buf, off + n)
+        chunk = view[off : off + n]
+        if want == size + 4:
+            got = _crc32c.crc32c(chunk)
+            if got != expect:
+                raise ChecksumMismatch(f"tunnel chunk CRC32C mismatch at data byte {off}")
+            total = _crc32c.crc32c(chunk, total)
+            if remaining < 4:
+                raise ChecksumMismatch("tunnel body ends without its final checksum")
+        else:
+            total = _crc32c.crc32c(chunk, total)
+            if total != expect or remaining:
+                raise ChecksumMismatch(f"tunnel stream CRC32C mismatch after {off + n} data bytes")
+        off += n
+        # every complete Arrow message in buf[parsed:off] -> a record batch
+        while not ended and off - parsed >= 8:
+            cont, mlen = struct.unpack_from("<Ii", buf, parsed)
+            head = 8
+            if cont != 0xFFFFFFFF:  # legacy framing without the continuation marker
+                mlen, head = _I32.unpack_from(buf, parsed)[0], 4
+            if mlen == 0:
+                ended = True
+                parsed += head
+                break
+            if off - parsed < head + mlen:
+                break
+            body_len = _ipc_body_length(view[parsed + head : parsed + head + mlen])
+            end = parsed + head + mlen + body_len
+            if end > off:
+                break
+            msg = pa.ipc.read_message(pybuf.slice(parsed, end - parsed))
+            parsed = end
+            if msg.type == "record batch":
+                yield pa.ipc.read_record_batch(msg, schema)
+    if parsed != off and not (ended and parsed <= off):
+        raise ChecksumMismatch(f"tunnel Arrow stream incomplete: {off - parsed} bytes left undecoded")
 
 
 class _DeframedBody:

@@ -28,6 +28,7 @@ import pyarrow as pa
 __all__ = [
     "ARROW_EOS",
     "ENCODINGS",
+    "END_RECORD_TAG",
     "compress_body",
     "crc32c",
     "encode_arrow_batches",
@@ -125,6 +126,9 @@ def _varint(value: int) -> bytes:
 
 def _tag(field: int, wire_type: int) -> bytes:
     return _varint((field << 3) | wire_type)
+
+
+END_RECORD_TAG = _tag(_TUNNEL_END_RECORD, 0)
 
 
 def _zigzag(value: int) -> int:

@@ -49,6 +49,7 @@ from kubeai_train.testing._odps_auth import AuthFailure, Credentials, check_sign
 from kubeai_train.testing._odps_catalog import Catalog, CatalogError, PartitionData, TableInfo
 from kubeai_train.testing._odps_wire import (
     ENCODINGS,
+    END_RECORD_TAG,
     compress_body,
     encode_arrow_batches,
     encode_records,
@@ -781,8 +782,11 @@ class _Handler(BaseHTTPRequestHandler):
             pos = 4 + idx * (size + 4) + size if idx < n_full else len(buf) - 4
             buf[pos] ^= 0xFF
         else:
-            # flip a byte of the footer checksum varint (always the body's last byte)
-            buf[-1] ^= 0x01
+            # flip the low bit of the first record's checksum (the varint after its end tag)
+            tag = END_RECORD_TAG
+            pos = buf.find(tag)
+            if pos >= 0:
+                buf[pos + len(tag)] ^= 0x01
         return bytes(buf)
 
 
