@@ -1,0 +1,127 @@
+"""DeepFM CTR model trained in TF2 coordinator mode (ParameterServerStrategy), end to end.
+
+Every process of the job runs this same script; ``kubeai_train.tf.coordinator.run`` does the
+role's part (PS and workers serve; the chief schedules steps onto the workers, checkpoints,
+exports a SavedModel taking raw Criteo features and publishes it with its eval AUC / log loss).
+
+    python -m kubeai_train.testing.ctr --rows 200000 --eval-rows 50000 --out /tmp/ctr
+    python -m kubeai_train.launch --framework tf --ps 2 --workers 2 --restart-policy ExitCode \\
+        examples/tf_coord_ctr.py --train-data /tmp/ctr/train --eval-data /tmp/ctr/eval \\
+        --model-repo /tmp/models --model-dir /tmp/ctr_coord
+
+Input read on the workers instead (TFRecord files, written once from the same data):
+
+    python examples/tf_coord_ctr.py --write-native /tmp/ctr/train_tfrecord --train-data /tmp/ctr/train ...
+    python -m kubeai_train.launch ... examples/tf_coord_ctr.py --input workers \\
+        --native-data /tmp/ctr/train_tfrecord --train-data /tmp/ctr/train ...
+
+Without a launcher (no TF_CONFIG) it trains in one process: the single-process baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+from kubeai_train import tf as ktf
+from kubeai_train.tf import coordinator
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--train-data", required=True, help="training data URI (kubeai_train.data)")
+    p.add_argument("--eval-data", required=True, help="eval data URI")
+    p.add_argument("--model-repo", required=True, help="model repository URI to publish to")
+    p.add_argument("--model-name", default="ctr")
+    p.add_argument("--model-dir", default=None, help="checkpoints etc., shared by all processes")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--learning-rate", type=float, default=0.2)
+    p.add_argument("--embedding-dim", type=int, default=8)
+    p.add_argument("--hash-buckets", type=int, default=10000, help="embedding rows per categorical column")
+    p.add_argument("--checkpoint-steps", type=int, default=500)
+    p.add_argument("--log-steps", type=int, default=100)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--placement", choices=("round_robin", "greedy_bytes"), default="round_robin")
+    p.add_argument("--input", choices=("chief", "workers"), default="chief")
+    p.add_argument(
+        "--native-data", default=None, help="TFRecord / CSV files the workers read (--input workers)"
+    )
+    p.add_argument("--native-format", choices=("tfrecord", "csv"), default="tfrecord")
+    p.add_argument("--write-native", default=None, help="write --train-data as native files here and exit")
+    p.add_argument("--reader-threads", type=int, default=2)
+    p.add_argument(
+        "--fixed-shards", type=int, default=None, help="FixedShardsPartitioner(N) instead of MinSize"
+    )
+    p.add_argument("--no-shuffle", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--result-json", default=None, help="the chief writes its RunResult here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo], None]] = ()) -> int:
+    """Run this process's role; ``hooks`` see a StepInfo every ``--log-steps`` steps (chief)."""
+    args = parse(argv)
+    model = coordinator.DeepFMModuleModel(
+        features=ktf.CtrFeatures(hash_buckets=args.hash_buckets),
+        embedding_dim=args.embedding_dim,
+        learning_rate=args.learning_rate,
+    )
+    if args.write_native:
+        kinds = {**model.raw_features(), model.label: "int64"}
+        paths = coordinator.write_native(args.train_data, args.write_native, kinds, fmt=args.native_format)
+        print(json.dumps({"native_files": paths}))
+        return 0
+    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"tf_coord_ctr-{args.model_name}")
+    config = ktf.TrainConfig(
+        model_dir=model_dir,
+        train_data=args.train_data,
+        eval_data=args.eval_data,
+        batch_size=args.batch_size,
+        num_epochs=args.epochs,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        save_checkpoint_steps=args.checkpoint_steps,
+        log_steps=args.log_steps,
+        max_steps=args.max_steps,
+        model_repo=args.model_repo,
+        model_name=args.model_name,
+        params={"example": "tf_coord_ctr"},
+        hooks=hooks,
+    )
+    options = coordinator.CoordinatorOptions(
+        input=args.input,
+        native_data=args.native_data,
+        native_format=args.native_format,
+        reader_threads=args.reader_threads,
+        fixed_shards=args.fixed_shards,
+    )
+    policy = ktf.GreedyBytesPlacement() if args.placement == "greedy_bytes" else ktf.RoundRobinPlacement()
+    result = coordinator.run(model, config, options=options, placement=policy)
+    if result.version is not None:
+        print(
+            json.dumps(
+                {
+                    "model": args.model_name,
+                    "version": result.version,
+                    "uri": result.model_uri,
+                    "metrics": {k: result.metrics[k] for k in ("auc", "logloss")},
+                }
+            )
+        )
+    if args.result_json and result.role in ("chief", "local"):
+        with open(args.result_json, "w") as f:
+            json.dump(result.__dict__, f, default=str)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # TF's gRPC server threads can keep a finished process from exiting
