@@ -49,6 +49,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-shuffle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result-json", default=None, help="the chief writes its RunResult here")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a worker waits for the chief")
     p.add_argument("--audit-column", default=None, help="record this int64 column of every applied batch")
     return p.parse_args(argv)
 
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo],
         params={"example": "tf_ps_ctr"},
         hooks=hooks,
         audit_column=args.audit_column,
+        ready_timeout=args.ready_timeout,
     )
     policy = ktf.GreedyBytesPlacement() if args.placement == "greedy_bytes" else ktf.RoundRobinPlacement()
     result = ktf.run(model, config, placement=policy)

@@ -130,6 +130,14 @@ class PlanStrategy:
                 return pin
         task = self.plan.assignment.get(name)
         if task is None:
+            # an optimizer slot ("<variable>/Adagrad"): TensorFlow colocates it with its variable
+            # after asking us, so answer the variable's task and do not count it as unplanned
+            prefix = name
+            while "/" in prefix:
+                prefix = prefix.rsplit("/", 1)[0]
+                if prefix in self.plan.assignment:
+                    return self.plan.assignment[prefix]
+        if task is None:
             task = self._next % self.plan.num_ps
             self._next += 1
             self.unplanned.append(name)

@@ -403,18 +403,17 @@ class _Trainer:
 
     def _uninitialized(self, sess: Any, deadline: float, what: str) -> list[str]:
         """Names of uninitialised variables, retrying while the PS are not reachable yet."""
-        last: Exception | None = None
-        while time.monotonic() < deadline:
+        while True:
             try:
                 return [n.decode() for n in sess.run(self.uninitialized)]
             except _RETRYABLE as e:
-                last = e
+                if time.monotonic() >= deadline:
+                    raise ReadyTimeoutError(
+                        f"{self.tag} could not reach the parameter servers within ready_timeout="
+                        f"{self.config.ready_timeout}s while {what}: {type(e).__name__}: "
+                        f"{' '.join((e.message or '').split())[:200]}; check that the ps tasks are running"
+                    ) from e
                 time.sleep(self.config.ready_poll)
-        raise ReadyTimeoutError(
-            f"{self.tag} could not reach the parameter servers within ready_timeout="
-            f"{self.config.ready_timeout}s while {what}: {type(last).__name__}: "
-            f"{getattr(last, 'message', last)}; check that the ps tasks are running"
-        )
 
     def _chief_start(self, sess: Any) -> str:
         deadline = time.monotonic() + self.config.ready_timeout
@@ -430,9 +429,12 @@ class _Trainer:
         return "initialised"
 
     def _worker_start(self, sess: Any) -> None:
+        # poll every ready_poll seconds (SessionManager would sleep 30 s between checks)
         deadline = time.monotonic() + self.config.ready_timeout
-        missing = self._uninitialized(sess, deadline, "waiting for the chief")
-        while missing:
+        while True:
+            missing = self._uninitialized(sess, deadline, "waiting for the chief")
+            if not missing:
+                return
             if time.monotonic() >= deadline:
                 raise ReadyTimeoutError(
                     f"{self.tag} waited ready_timeout={self.config.ready_timeout}s for the chief to initialise "
@@ -440,7 +442,6 @@ class _Trainer:
                     "running? Raise TrainConfig.ready_timeout if restoring a large checkpoint takes longer"
                 )
             time.sleep(self.config.ready_poll)
-            missing = self._uninitialized(sess, deadline, "waiting for the chief")
 
     def _read_position(self, sess: Any) -> dict[str, Any] | None:
         raw = sess.run(self.positions[self.rank])

@@ -1,0 +1,91 @@
+"""Shared set-up of the tf tests: generated CTR data and a launcher runner with hard timeouts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kubeai_train.testing import ctr
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "tf_ps_ctr.py"
+JOB = Path(__file__).resolve().parent / "_job.py"
+
+
+@dataclass
+class Launched:
+    returncode: int
+    output: str
+    seconds: float
+
+
+def launch(
+    script: Path,
+    args: list[str],
+    *,
+    ps: int = 2,
+    workers: int = 2,
+    env: dict[str, str] | None = None,
+    launcher_args: tuple[str, ...] = (),
+    timeout: float = 240,
+) -> Launched:
+    """``python -m kubeai_train.launch --framework tf ...`` as a user runs it; never hangs."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "kubeai_train.launch",
+        "--framework",
+        "tf",
+        "--ps",
+        str(ps),
+        "--workers",
+        str(workers),
+        "--env",
+        "TF_CPP_MIN_LOG_LEVEL=2",
+        "--timeout",
+        str(int(timeout - 10)),
+        *launcher_args,
+    ]
+    for k, v in (env or {}).items():
+        cmd += ["--env", f"{k}={v}"]
+    cmd += [str(script), *args]
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(
+            f"job hung: no result after {timeout}s; output tail:\n{str(e.stdout)[-3000:]}"
+        ) from e
+    return Launched(out.returncode, out.stdout + out.stderr, time.perf_counter() - t0)
+
+
+def tail(text: str, n: int = 60) -> str:
+    lines = [ln for ln in text.splitlines() if "I0000" not in ln and "W0000" not in ln]
+    return "\n".join(lines[-n:])
+
+
+@pytest.fixture(scope="session")
+def ctr_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ctr_e2e")
+    report = ctr.generate_split(150_000, 30_000, root, seed=11, files=4, eval_files=2)
+    return root, report
+
+
+@pytest.fixture(scope="session")
+def ctr_small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ctr_small")
+    report = ctr.generate_split(40_000, 5_000, root, seed=12, files=4, eval_files=1)
+    return root, report

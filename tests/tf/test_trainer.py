@@ -1,0 +1,344 @@
+"""Between-graph PS training on real local clusters (chief, 2 PS, 2 workers) under the launcher.
+
+One cluster at a time, each with a hard timeout. Faults are real SIGKILLs (see _job.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kubeai_train import data
+from kubeai_train.repository import ModelRepository
+
+from .conftest import EXAMPLE, JOB, ROOT, launch, tail
+
+pytestmark = pytest.mark.integration
+
+FRESH_PREDICT = r"""
+import sys, numpy as np, tensorflow as tf
+export, sample = sys.argv[1], sys.argv[2]
+d = np.load(sample, allow_pickle=True)
+with tf.compat.v1.Session(graph=tf.Graph()) as s:
+    meta = tf.compat.v1.saved_model.loader.load(s, ["serve"], export)
+    sig = meta.signature_def["serving_default"]
+    feed = {sig.inputs[k].name: d[k] for k in sig.inputs}
+    p = s.run(sig.outputs["probability"].name, feed)
+np.save(sys.argv[3], p)
+print("modules", sorted(m for m in sys.modules if m.startswith("kubeai")))
+"""
+
+
+def _audit(model_dir: Path) -> dict[int, np.ndarray]:
+    out: dict[int, list[np.ndarray]] = {}
+    for f in sorted((model_dir / "audit").glob("rank*.npy")):
+        rank = int(re.match(r"rank(\d+)-", f.name).group(1))
+        out.setdefault(rank, []).append(np.load(f))
+    return {r: np.concatenate(v) for r, v in out.items()}
+
+
+def _rank_rows(uri: str, rank: int, world: int, seed: int = 0) -> set[int]:
+    ds = data.read(
+        uri, columns=["row_id"], batch_size=8192, rank=rank, world_size=world, shuffle=True, seed=seed
+    )
+    return set(np.concatenate([b["row_id"] for b in ds]).tolist())
+
+
+def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
+    root, report = ctr_data
+    train, ev = str(root / "train"), str(root / "eval")
+    common = [
+        "--train-data",
+        train,
+        "--eval-data",
+        ev,
+        "--batch-size",
+        "512",
+        "--epochs",
+        "1",
+        "--log-steps",
+        "50",
+        "--checkpoint-steps",
+        "100",
+    ]
+    dist_dir, repo = tmp_path / "dist", tmp_path / "repo"
+    res = launch(
+        EXAMPLE,
+        [
+            *common,
+            "--model-repo",
+            str(repo),
+            "--model-dir",
+            str(dist_dir),
+            "--audit-column",
+            "row_id",
+            "--result-json",
+            str(tmp_path / "dist.json"),
+        ],
+        timeout=240,
+    )
+    assert res.returncode == 0, tail(res.output)
+    dist = json.loads((tmp_path / "dist.json").read_text())
+
+    # the same model, data and epochs in one process (no TF_CONFIG)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    local = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLE),
+            *common,
+            "--model-repo",
+            str(tmp_path / "repo_local"),
+            "--model-dir",
+            str(tmp_path / "local"),
+            "--result-json",
+            str(tmp_path / "local.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert local.returncode == 0, tail(local.stdout + local.stderr)
+    single = json.loads((tmp_path / "local.json").read_text())
+    print(
+        f"eval AUC: distributed {dist['metrics']['auc']:.4f}, single process {single['metrics']['auc']:.4f}, "
+        f"true-probability ceiling {report['eval']['true_auc']:.4f}"
+    )
+    assert abs(dist["metrics"]["auc"] - single["metrics"]["auc"]) <= 0.01
+    assert dist["metrics"]["auc"] > 0.65
+
+    # published with metrics and lineage
+    mv = ModelRepository(str(repo)).get("ctr")
+    assert mv.version == dist["version"] == 1
+    assert mv.metadata["metrics"]["auc"] == pytest.approx(dist["metrics"]["auc"])
+    assert set(mv.metadata["metrics"]) == {"auc", "logloss"}
+    lineage = mv.metadata["lineage"]
+    assert lineage["train_data"] == train and lineage["checkpoint"] == dist["checkpoint"]
+    assert lineage["params"]["model"] == "DeepFM" and lineage["cluster"] == {"chief": 1, "worker": 2, "ps": 2}
+
+    # embeddings sharded over both PS, as the placement report and the graph devices say
+    placement = json.loads((dist_dir / "placement.json").read_text())
+    for table in ("deepfm/emb_v", "deepfm/emb_w"):
+        shards = placement["groups"][table]["shards"]
+        assert set(shards.values()) == {0, 1}
+        for name, task in shards.items():
+            assert placement["devices"][name].endswith(f"/job:ps/task:{task}")
+    assert all(p["bytes"] > 0 for p in placement["ps"])
+
+    # every trainer read its own rows, each exactly once in the epoch, and together all rows
+    audit = _audit(dist_dir)
+    assert sorted(audit) == [0, 1, 2]
+    for rank, rows in audit.items():
+        assert len(rows) == len(set(rows.tolist())), f"rank {rank} read a row twice"
+        assert set(rows.tolist()) == _rank_rows(train, rank, 3)
+    assert sorted(np.concatenate(list(audit.values())).tolist()) == list(range(150_000))
+    trained = json.loads((dist_dir / "_TRAINED.json").read_text())
+    assert trained["global_step"] == sum(math.ceil(len(r) / 512) for r in audit.values())
+
+    # the SavedModel, loaded in a fresh process without the training code, predicts exactly the same
+    out = tmp_path / "fresh.npy"
+    check = subprocess.run(
+        [sys.executable, "-c", FRESH_PREDICT, str(mv.uri), str(dist_dir / "eval_sample.npz"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "modules []" in check.stdout
+    expected = np.load(dist_dir / "eval_sample.npz", allow_pickle=True)["__prediction__"]
+    assert len(expected) == 2048
+    np.testing.assert_array_equal(np.load(out), expected)
+
+
+def test_worker_killed_mid_run_rejoins_and_the_job_finishes(ctr_small, tmp_path):
+    root, _ = ctr_small
+    model_dir = tmp_path / "m"
+    res = launch(
+        JOB,
+        [
+            "--train-data",
+            str(root / "train"),
+            "--eval-data",
+            str(root / "eval"),
+            "--model-repo",
+            str(tmp_path / "repo"),
+            "--model-dir",
+            str(model_dir),
+            "--hash-buckets",
+            "1000",
+            "--batch-size",
+            "256",
+            "--log-steps",
+            "10",
+            "--checkpoint-steps",
+            "20",
+            "--audit-column",
+            "row_id",
+        ],
+        env={"KT_DIE": "worker:0:20", "KT_STEP_SLEEP": "0.2"},
+        launcher_args=("--restart-policy", "ExitCode"),
+        timeout=240,
+    )
+    assert res.returncode == 0, tail(res.output)
+    assert "worker:0 exited with code 137; restarting" in res.output
+    assert (model_dir / "died-worker-0").exists()
+    # the restarted worker resumed after its last applied batch: 20 steps x 256 rows
+    assert re.search(
+        r'\[worker 0\] ready in [\d.]+ s \(chief initialised\); position \{"data": \{[^}]*"rows": 5120',
+        res.output,
+    ), tail(res.output)
+    # the chief finished its own share first and waited for the late worker
+    assert re.search(r"\[chief 0\] all workers done \(waited", res.output)
+    audit = _audit(model_dir)
+    allrows = np.concatenate(list(audit.values()))
+    assert sorted(allrows.tolist()) == list(range(40_000)), "rows lost or read twice across the kill"
+    trained = json.loads((model_dir / "_TRAINED.json").read_text())
+    assert trained["global_step"] == sum(math.ceil(len(r) / 256) for r in audit.values())
+
+
+def test_ps_killed_job_restores_checkpoint_and_loss_continues(ctr_small, tmp_path):
+    root, _ = ctr_small
+    model_dir = tmp_path / "m"
+    res = launch(
+        JOB,
+        [
+            "--train-data",
+            str(root / "train"),
+            "--eval-data",
+            str(root / "eval"),
+            "--model-repo",
+            str(tmp_path / "repo"),
+            "--model-dir",
+            str(model_dir),
+            "--hash-buckets",
+            "1000",
+            "--batch-size",
+            "256",
+            "--log-steps",
+            "10",
+            "--checkpoint-steps",
+            "20",
+        ],
+        env={"KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.2"},
+        launcher_args=("--restart-policy", "ExitCode"),
+        timeout=240,
+    )
+    assert res.returncode == 0, tail(res.output)
+    assert "ps:1 exited with code 137; restarting" in res.output
+    assert "chief:0 exited with code 138; restarting" in res.output
+    restored = re.search(r"\[chief 0\] restored \S+model\.ckpt-(\d+)", res.output)
+    assert restored, tail(res.output)
+    ckpt_step = int(restored.group(1))
+    assert ckpt_step >= 20
+    steps = [json.loads(ln) for ln in (model_dir / "steps.jsonl").read_text().splitlines()]
+    chief = [s for s in steps if s["role"] == "chief"]
+    pids = list(dict.fromkeys(s["pid"] for s in chief))
+    assert len(pids) == 2, "the chief should have run twice (before and after the PS loss)"
+    before = [s for s in chief if s["pid"] == pids[0]]
+    after = [s for s in chief if s["pid"] == pids[1]]
+    # training continued from the checkpoint: global steps past it, loss below the fresh model's
+    assert after[0]["global_step"] > ckpt_step
+    assert after[0]["loss"] < before[0]["loss"]
+    assert json.loads((model_dir / "_PUBLISHED.json").read_text())["version"] == 1
+
+
+def test_startups_back_to_back_never_hang(tmp_path):
+    """Full clusters started one after another; each must come up without the 30 s waits or hangs.
+
+    KT_STARTUPS sets the number (default 8; 20 is the issue's figure and takes ~5 min here)."""
+    from kubeai_train.testing import ctr
+
+    ctr.generate_split(3000, 500, tmp_path / "d", seed=3, files=2, eval_files=1)
+    n = int(os.environ.get("KT_STARTUPS", "8"))
+    times, waits = [], []
+    for i in range(n):
+        res = launch(
+            EXAMPLE,
+            [
+                "--train-data",
+                str(tmp_path / "d" / "train"),
+                "--eval-data",
+                str(tmp_path / "d" / "eval"),
+                "--model-repo",
+                str(tmp_path / "repo"),
+                "--model-dir",
+                str(tmp_path / f"m{i}"),
+                "--hash-buckets",
+                "100",
+                "--batch-size",
+                "256",
+                "--ready-timeout",
+                "60",
+            ],
+            timeout=120,
+        )
+        assert res.returncode == 0, f"start-up {i}:\n{tail(res.output)}"
+        waits += [float(w) for w in re.findall(r"\[(?:worker|chief) \d\] ready in ([\d.]+) s", res.output)]
+        times.append(res.seconds)
+    print(
+        f"{n} start-ups: job wall time min {min(times):.1f} s, max {max(times):.1f} s; "
+        f"readiness waits max {max(waits):.2f} s"
+    )
+    assert len(waits) == 3 * n
+    assert max(waits) < 20, "a trainer waited as long as SessionManager's 30 s recovery interval"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_worker_without_a_chief_fails_with_a_clear_timeout(ctr_small, tmp_path):
+    root, _ = ctr_small
+    cluster = {
+        "chief": [f"127.0.0.1:{_free_port()}"],
+        "ps": [f"127.0.0.1:{_free_port()}"],
+        "worker": [f"127.0.0.1:{_free_port()}"],
+    }
+    args = [
+        sys.executable,
+        str(EXAMPLE),
+        "--train-data",
+        str(root / "train"),
+        "--eval-data",
+        str(root / "eval"),
+        "--model-repo",
+        str(tmp_path / "repo"),
+        "--model-dir",
+        str(tmp_path / "m"),
+        "--ready-timeout",
+        "3",
+    ]
+
+    def env(role):
+        return {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": role, "index": 0}}),
+        }
+
+    ps = subprocess.Popen(args, env=env("ps"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.perf_counter()
+        worker = subprocess.run(args, env=env("worker"), capture_output=True, text=True, timeout=120)
+        elapsed = time.perf_counter() - t0
+    finally:
+        ps.kill()
+        ps.wait(timeout=30)
+    assert worker.returncode != 0
+    assert "ReadyTimeoutError" in worker.stderr and "waited ready_timeout=3.0s for the chief" in worker.stderr
+    assert "Is the chief running?" in worker.stderr
+    assert elapsed < 60

@@ -1,0 +1,76 @@
+"""Contracts: VariableInfo / PlacementPlan / TrainConfig validation and the plan report."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from kubeai_train.tf.types import (
+    ClusterUnavailableError,
+    PlacementError,
+    PlacementPlan,
+    ReadyTimeoutError,
+    TrainConfig,
+    TrainError,
+    VariableInfo,
+)
+
+
+def test_variable_info_validates():
+    with pytest.raises(PlacementError, match="nbytes must be >= 0"):
+        VariableInfo("a", (1,), "float32", -1)
+    with pytest.raises(PlacementError, match="name must not be empty"):
+        VariableInfo("", (1,), "float32", 4)
+    with pytest.raises(PlacementError, match="traffic must be >= 0"):
+        VariableInfo("a", (1,), "float32", 4, traffic=-2.0)
+
+
+def test_plan_validates_tasks_and_coverage():
+    with pytest.raises(PlacementError, match="valid tasks are 0..1"):
+        PlacementPlan({"a": 2}, num_ps=2)
+    with pytest.raises(PlacementError, match="num_ps must be >= 1"):
+        PlacementPlan({}, num_ps=0)
+    plan = PlacementPlan({"a": 0}, num_ps=2, policy="p")
+    with pytest.raises(PlacementError, match="leaves 1 variables unplaced"):
+        plan.validate([VariableInfo("a", (1,), "float32", 4), VariableInfo("b", (1,), "float32", 4)])
+
+
+def test_plan_report_bytes_per_ps():
+    vs = [
+        VariableInfo("a", (10,), "float32", 40, traffic=80),
+        VariableInfo("b", (5,), "float32", 20, traffic=8),
+        VariableInfo("c", (5,), "float32", 20),
+    ]
+    rep = PlacementPlan({"a": 0, "b": 1, "c": 1}, 2, "x").report(vs)
+    assert [p["bytes"] for p in rep["ps"]] == [40, 40]
+    assert rep["ps"][0]["traffic"] == 80 and rep["ps"][1]["variables"] == ["b", "c"]
+    assert rep["bytes_max_over_mean"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+        ({"num_epochs": 0}, "num_epochs"),
+        ({"sync": True}, "sync=True needs max_steps"),
+        ({"backup_workers": 1}, "only applies with sync"),
+        ({"ready_timeout": 0}, "ready_timeout must be > 0"),
+        ({"max_steps": 0}, "max_steps must be >= 1"),
+        ({"train_data": ""}, "train_data must be set"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    base = {"model_dir": "/tmp/x", "train_data": "/tmp/d"}
+    base.update(kwargs)
+    with pytest.raises(TrainError, match=match):
+        TrainConfig(**base)
+
+
+def test_config_describe_and_errors_pickle():
+    cfg = TrainConfig(model_dir="/m", train_data="/d", hooks=[print])
+    assert cfg.describe()["hooks"] == 1 and cfg.describe()["train_data"] == "/d"
+    for err in (ClusterUnavailableError("x"), ReadyTimeoutError("y"), PlacementError("z")):
+        again = pickle.loads(pickle.dumps(err))
+        assert type(again) is type(err) and str(again) == str(err)
+    assert ClusterUnavailableError.exit_code >= 128
