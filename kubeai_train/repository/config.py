@@ -57,7 +57,7 @@ def _check(kind: str, value: object, pattern: re.Pattern[str], what: str) -> str
         raise InvalidNameError(f"{kind} {value!r} must not contain '/' or '\\'; use {what}", value=value)
     if ".." in value:
         raise InvalidNameError(f"{kind} {value!r} must not contain '..'; use {what}", value=value)
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise InvalidNameError(f"{kind} {value!r} is unsafe; use {what}", value=value)
     return value
 
@@ -86,7 +86,7 @@ def check_alias(alias: object) -> str:
 
 def check_service(service: object) -> str:
     """Return ``service`` if it is a usable service name (letters, digits, ``._:/@-``, no ``..``)."""
-    if isinstance(service, str) and service and ".." not in service and _SERVICE.match(service):
+    if isinstance(service, str) and service and ".." not in service and _SERVICE.fullmatch(service):
         return service
     raise InvalidNameError(
         f"service {service!r} must be 1-253 letters, digits or '._:/@-' starting with a letter or digit",

@@ -496,7 +496,14 @@ class ModelRepository:
         meta = dict(metadata or {})
         parent_ref = parse_parent(parent if parent is not None else meta.get("parent"), name)
         if parent_ref is not None:
-            self.get(parent_ref["name"], parent_ref["version"])
+            try:
+                self.get(parent_ref["name"], parent_ref["version"])
+            except (ModelNotFoundError, VersionNotFoundError) as e:
+                raise VersionNotFoundError(
+                    f"parent {parent_ref['name']}/{parent_ref['version']} is not a committed version: {e}",
+                    name=parent_ref["name"],
+                    version=parent_ref["version"],
+                ) from e
         cv = code_version if code_version is not None else meta.pop("code_version", None)
         if cv is None:
             cv = git_code_version()
@@ -686,7 +693,13 @@ class ModelRepository:
         name = check_model_name(name)
         alias = check_alias(alias)
         mv = self.get(name, _check_version(version))
-        previous = self.aliases(name).get(alias)
+        previous = None
+        old = self._store.read(self._kdir(name, "aliases", f"{alias}.json"))
+        if old is not None:
+            try:
+                previous = int(json.loads(old)["version"])
+            except (ValueError, KeyError, TypeError):
+                previous = None
         body = {"alias": alias, "version": mv.version, "previous": previous, "updated": _now_iso()}
         self._store.write_atomic(self._kdir(name, "aliases", f"{alias}.json"), json.dumps(body).encode())
         logger.info("alias %s/%s -> %d (was %s)", name, alias, mv.version, previous)
