@@ -34,6 +34,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import urllib.request
@@ -64,6 +65,31 @@ class _HTTPServer(ThreadingHTTPServer):
     faults: FaultBook
     counter: ByteCounter
     host_id: str
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Hang up on every client (kept-alive connections would otherwise outlive the server)."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # Clients hanging up (or tests resetting connections) are routine; anything else is a bug.
@@ -139,6 +165,7 @@ class OSSServer:
             return
         self._httpd.shutdown()
         self._httpd.server_close()
+        self._httpd.close_connections()
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._httpd = None

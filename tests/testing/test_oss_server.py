@@ -313,6 +313,9 @@ def test_security_token_required_when_configured(tmp_path):
         with pytest.raises(oss2.exceptions.ServerError) as e:
             oss2.Bucket(oss2.StsAuth("sts-id", "sts-secret", "other"), srv.endpoint, "b01").get_object("k")
         assert (e.value.status, e.value.code) == (403, "InvalidSecurityToken")
+    # stopped means stopped, also for the client's kept-alive connections
+    with pytest.raises(oss2.exceptions.RequestError):
+        good.get_object("k")
 
 
 def test_string_to_sign_matches_oss2():
