@@ -173,7 +173,8 @@ def torchrun_env(
 ) -> list[tuple[str, str]]:
     """What torchrun's local agent sets for one of the ``nproc_per_node`` processes of a node
     (static rendezvous, no restarts). Differs from torchrun only in
-    ``TORCHELASTIC_USE_AGENT_STORE=False``: there is no agent store, rank 0 hosts the TCPStore."""
+    ``TORCHELASTIC_USE_AGENT_STORE=False``: there is no agent store, rank 0 hosts the TCPStore.
+    ``TORCHELASTIC_ERROR_FILE`` (a path) is added by the local target."""
     nproc = spec.nproc_per_node
     nnodes = spec.total_replicas
     rank = node_rank * nproc + local_rank
@@ -194,6 +195,7 @@ def torchrun_env(
         ("TORCHELASTIC_RUN_ID", "none"),  # torchrun's default --rdzv-id
         ("TORCHELASTIC_USE_AGENT_STORE", "False"),
         ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+        ("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT"),
     ]
 
 

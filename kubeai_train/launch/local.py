@@ -457,6 +457,9 @@ class LocalJob:
     def _spawn(self, proc: _Proc) -> None:
         env = dict(self._base_env)
         env.update(proc.plan.env)
+        if proc.plan.nproc > 1 and self.log_dir is not None:
+            # torchrun's per-process error file, where torch.distributed.elastic's @record writes
+            env["TORCHELASTIC_ERROR_FILE"] = str(self.log_dir / f"{proc.log_path.stem}.error.json")
         proc.starts += 1
         log = open(proc.log_path, "ab")  # noqa: SIM115 - owned by the reader thread
         if proc.starts > 1:
