@@ -309,3 +309,19 @@ def test_bad_credentials_are_permission_errors_without_the_secret(server, caplog
             storage_options={"endpoint": server.endpoint, "key": "data-id", "secret": "nope"},
         )
     assert SECRET not in str(e.value) and SECRET not in caplog.text
+
+
+@pytest.mark.integration
+def test_data_read_lists_a_large_prefix_in_pages(server):
+    for i in range(1500):
+        _put(server, f"many/logs/entry-{i:04d}.json", b"{}")  # listed, not data: skipped by extension
+    for i in range(3):
+        buf = io.BytesIO()
+        pq.write_table(table(i * 100, (i + 1) * 100, lists=False), buf)
+        _put(server, f"many/part-{i}.parquet", buf.getvalue())
+    server.reset_stats()
+    ds = data.read(
+        "oss://data/many/", columns=["id"], rank=0, world_size=1, storage_options=server.storage_options()
+    )
+    np.testing.assert_array_equal(np.sort(ids_of(list(ds), "id")), np.arange(300))
+    assert server.stats()["requests"]["ListObjects"] >= 2  # 1503 keys: more than one page
