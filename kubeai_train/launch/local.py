@@ -323,6 +323,12 @@ class LocalJob:
         plans = envmod.local_plan(spec, endpoints, self.python)
         self._procs = [_Proc(p, self.log_dir / f"{p.label.replace(':', '-')}.log") for p in plans]
         self.say(f"{spec.summary()} target=local log_dir={self.log_dir}")
+        missing = [k for k in spec.secret_env if k not in self._base_env]
+        if missing:
+            # locally a secret reference is read from this environment under the same name
+            self.say(
+                f"warning: secret_env {', '.join(missing)} not set in this environment; the processes will not see it"
+            )
 
         old_handlers = self._install_signals()
         try:

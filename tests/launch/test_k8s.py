@@ -548,3 +548,34 @@ def test_submit_unreachable_server(tmp_path):
         url = api.url
     with pytest.raises(SubmitError, match="cannot reach the Kubernetes API at http://127.0.0.1"):
         k8s.submit(k8s.render(tf(workers=1)), api_client=client.ApiClient(client.Configuration(host=url)))
+
+
+def test_submit_sh_validates_and_prints_or_refuses(tmp_path):
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **__import__("os").environ,
+        "KUBEAI_TRAIN_CRD_DIR": str(CRDS),
+        "PYTHON": __import__("sys").executable,
+    }
+    res = subprocess.run(
+        [str(root / "launchers" / "submit.sh"), "launchers/jobs/tf_ps_ctr.yaml", "--name", "ctr-20261129", "--dry-run", "--", "--epochs", "3"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    m = yaml.safe_load(res.stdout)
+    k8s.validate(m, CRDS)
+    assert m["metadata"]["name"] == "ctr-20261129" and m["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+    c = m["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert c["command"][-2:] == ["--epochs", "3"]
+    assert all("value" not in e for e in c["env"] if "ACCESS_KEY" in e["name"])
+    bad = subprocess.run(
+        [str(root / "launchers" / "submit.sh"), str(tmp_path / "nope.yaml")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
