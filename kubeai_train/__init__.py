@@ -8,7 +8,14 @@ publishes versioned models, ``launch`` runs jobs. ``kubeai_train.tf`` and
 package never imports tensorflow or torch at import time.
 """
 
+import fsspec
+
 from kubeai_train import cluster
+
+# oss:// everywhere (data, repository, user code) goes through our ossfs subclass: exact byte
+# ranges instead of readahead to end of file, retries with resume. Registered by name, so
+# ossfs is imported only when an oss:// path is first opened.
+fsspec.register_implementation("oss", "kubeai_train.data.oss.OSSFileSystem", clobber=True)
 
 __version__ = "0.1.0"
 __all__ = ["__version__", "cluster"]
