@@ -82,7 +82,7 @@ def snapshot_build(build: Callable[[], Any], partitioner: Any) -> list[Planned]:
             k = seen.get(shown, 0)
             seen[shown] = k + 1
             name = shown if k == 0 else f"{shown}_{k}"
-            out.append(Planned(name, raw_i, s, dtype, bool(kwargs.get("trainable", True)), len(shards) > 1))
+            out.append(Planned(name, raw_i, s, dtype, bool(var.trainable), len(shards) > 1))
         return var
 
     with tf.Graph().as_default(), tf.variable_creator_scope(record):

@@ -459,7 +459,7 @@ class _Trainer:
             if not self.distributed:
                 raise
             raise ClusterUnavailableError(
-                f"{self.tag} lost the cluster's state: {type(e).__name__}: {' '.join(str(e).split())[:240]}"
+                f"lost the cluster's state: {type(e).__name__}: {' '.join(str(e).split())[:240]}"
             ) from e
         _write_json(
             os.path.join(self.model_dir, TRAINED_MARKER),
@@ -654,6 +654,10 @@ class _Trainer:
                 keep=cfg.eval_predictions,
                 options=cfg.reader_options,
             )
+            if sample:
+                # predicted again as one batch, so a consumer feeding exactly these rows as one
+                # batch gets bit-identical results (a different batch size may change the last ulp)
+                sample["__prediction__"] = predictor.predict(sample)
             np.savez(os.path.join(self.model_dir, EVAL_SAMPLE), **sample)  # type: ignore[arg-type]
             log.info(
                 "%s eval on %s: auc %.4f logloss %.4f (%d rows)",
