@@ -427,7 +427,11 @@ class ModelRepository:
         if not isinstance(src, str) or not src:
             raise SourceNotFoundError(f"publish needs a directory or file to publish, got {path!r}")
         if "://" in src:
-            src_fs, src_path = fsspec.core.url_to_fs(src)
+            protocol = fsspec.utils.get_protocol(src)
+            try:
+                src_fs, src_path = _open_fs(src, protocol, resolve_storage_options(protocol, None))
+            except (ImportError, ValueError, TypeError) as e:
+                raise SourceNotFoundError(f"cannot open {redact_url(src)!r}: {type(e).__name__}: {e}") from e
         else:
             src_fs, src_path = fsspec.filesystem("file"), os.path.abspath(src)
         if not src_fs.exists(src_path):

@@ -385,3 +385,15 @@ def test_missing_or_empty_sources_are_rejected(repo: ModelRepository, tmp_path):
 def test_bad_repository_settings(root, kwargs, match):
     with pytest.raises(RepositoryConfigError, match=match):
         ModelRepository(root, **kwargs)
+
+
+def test_publish_from_a_url(repo: ModelRepository, export_dir):
+    src = f"file://{export_dir}"
+    mv = repo.publish("ctr", src)
+    assert {f.path for f in mv.manifest} == {
+        "saved_model.pb",
+        "variables/variables.index",
+        "variables/variables.data-00000-of-00001",
+    }
+    with pytest.raises(SourceNotFoundError, match="cannot open"):
+        repo.publish("ctr", "nosuchproto://x/y")
