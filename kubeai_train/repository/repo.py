@@ -933,7 +933,9 @@ class ModelRepository:
         """Remove killed publishers' debris and, with ``keep_last``, old versions.
 
         Debris older than ``grace_seconds`` (default: the repository's): staging directories,
-        version directories without metadata (uncommitted), claims, temporary files. Claims of
+        version directories without metadata (uncommitted; with ``commit="rename"`` only those
+        with a claim, since renamed publishes are never partial and other integer directories
+        were put there by hand), claims, temporary files. Claims of
         committed versions go at any age. With ``keep_last=N``, committed versions other than the
         newest N are removed — except aliased versions, currently deployed versions and those the
         maintained ``models.config`` serves, which are never deleted. A version's metadata file
@@ -991,6 +993,13 @@ class ModelRepository:
                     live_claims.add(v)
             for v, files in sorted(scan.uncommitted.items()):
                 if v in live_claims:
+                    continue
+                if self.mode == "rename":
+                    # Renamed publishes are never partial: a metadata-less directory here was put
+                    # by hand (or by a marker-mode publisher whose stale claim was handled above).
+                    report.damaged.append(
+                        (n, v, "no metadata: not published by the repository; left in place")
+                    )
                     continue
                 mtimes = [info_mtime(i) for i in files.values()]
                 known = [m for m in mtimes if m is not None]

@@ -397,3 +397,16 @@ def test_publish_from_a_url(repo: ModelRepository, export_dir):
     }
     with pytest.raises(SourceNotFoundError, match="cannot open"):
         repo.publish("ctr", "nosuchproto://x/y")
+
+
+def test_gc_leaves_hand_made_version_directories_on_local_disks(tmp_path, export_dir):
+    repo = ModelRepository(tmp_path / "repo")
+    repo.publish("ctr", export_dir)
+    manual = tmp_path / "repo" / "ctr" / "7"
+    manual.mkdir()
+    (manual / "saved_model.pb").write_bytes(b"by hand")
+    report = repo.gc(grace_seconds=0)
+    assert report.removed_debris == [] and report.damaged[0][:2] == ("ctr", 7)
+    assert manual.exists()
+    assert [v.version for v in repo.versions("ctr")] == [1]
+    assert repo.publish("ctr", export_dir).version == 8  # numbering steps over it
