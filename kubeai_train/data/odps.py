@@ -174,6 +174,23 @@ def _is_transient(exc: BaseException) -> bool:
 _U32 = struct.Struct("!I")
 
 
+def _forget_inherited_connections() -> None:
+    """In a forked child, drop the pooled HTTP connections pyodps keeps per thread (class-wide):
+    their sockets are shared with the parent, and two processes must not talk on one socket."""
+    from odps.rest import RestClient
+
+    try:
+        RestClient._session_local.session_cache = {}
+    except AttributeError:
+        pass
+
+
+os.register_at_fork(after_in_child=_forget_inherited_connections)
+
+_CLIENTS: dict[tuple, dict[str, Any]] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
 class ChecksumMismatch(IOError):
     """A tunnel chunk's CRC32C does not match its data (corrupt or truncated body)."""
 
@@ -355,20 +372,21 @@ class OdpsSource(Source):
         self._session_ids: dict[Spec, str] = {}
         self._counts: dict[Spec, int] = {}
         self._splits: list[Split] | None = None
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._sessions: dict[Spec, Any] = {}
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
 
     # -- pickling / description: live clients stay behind, the secret never shows ------------------
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["_local"] = None
+        d["_sessions"] = {}
         d["_lock"] = None
         return d
 
     def __setstate__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"OdpsSource({self.url!r}, endpoint={self.endpoint!r}, reader={self.reader!r})"
@@ -395,31 +413,38 @@ class OdpsSource(Source):
     def _key(self, spec: Spec) -> str:
         return f"{self.project}.{self.table_name}" + (f"/{_spec_str(spec)}" if spec else "")
 
-    # -- pyodps objects (one set per thread: requests sessions are per thread in pyodps) ----------
+    # -- pyodps objects: one client per process and credentials, shared by every source and thread
+    # (pyodps keeps its HTTP sessions per thread), and download sessions cached by id ----------------
+    def _holder(self) -> dict[str, Any]:
+        ident = (
+            os.getpid(),
+            self.endpoint,
+            self.tunnel_endpoint,
+            self.access_id,
+            hashlib.sha256(f"{self._secret}|{self._token}".encode()).hexdigest(),
+        )
+        with _CLIENTS_LOCK:
+            h = _CLIENTS.get(ident)
+            if h is None:
+                kw: dict[str, Any] = {"project": self.project, "endpoint": self.endpoint}
+                if self.tunnel_endpoint:
+                    kw["tunnel_endpoint"] = self.tunnel_endpoint
+                if self._token:
+                    from odps.accounts import StsAccount
+
+                    o = ODPS(account=StsAccount(self.access_id, self._secret, self._token), **kw)
+                else:
+                    o = ODPS(self.access_id, self._secret, **kw)
+                h = {"odps": o, "tunnel": TableTunnel(o, endpoint=self.tunnel_endpoint), "sessions": {}}
+                _CLIENTS[ident] = h
+        return h
+
     @property
     def _client(self) -> ODPS:
-        o = getattr(self._local, "odps", None)
-        if o is None:
-            kw: dict[str, Any] = {"project": self.project, "endpoint": self.endpoint}
-            if self.tunnel_endpoint:
-                kw["tunnel_endpoint"] = self.tunnel_endpoint
-            if self._token:
-                from odps.accounts import StsAccount
-
-                kw["account"] = StsAccount(self.access_id, self._secret, self._token)
-                o = ODPS(**kw)
-            else:
-                o = ODPS(self.access_id, self._secret, **kw)
-            self._local.odps = o
-            self._local.sessions = {}
-        return o
+        return self._holder()["odps"]
 
     def _tunnel(self) -> TableTunnel:
-        t = getattr(self._local, "tunnel", None)
-        if t is None:
-            t = TableTunnel(self._client, endpoint=self.tunnel_endpoint)
-            self._local.tunnel = t
-        return t
+        return self._holder()["tunnel"]
 
     def _translate(self, e: Exception, spec: Spec | None = None) -> Exception:
         """A DataError for a pyodps error that will not heal by retrying."""
@@ -443,6 +468,8 @@ class OdpsSource(Source):
     # -- discovery -------------------------------------------------------------------------------
     def _discover(self) -> None:
         if self._partitions is not None:
+            return
+        if self._discover_from_sessions():
             return
         o = self._client
         table = o.get_table(self.table_name, project=self.project)
@@ -474,12 +501,40 @@ class OdpsSource(Source):
                 parts = [()]
         except odps_errors.ODPSError as e:
             raise self._translate(e) from e
+        self._set_schema(tschema, keys)
+        self._partitions = parts
+
+    def _discover_from_sessions(self) -> bool:
+        """With shared session ids for this table, the partitions are their keys and the schema
+        is the sessions' one: no listing, the same partitions on every rank."""
+        base = f"{self.project}.{self.table_name}"
+        parts: list[Spec] = []
+        for key in self._shared_sessions:
+            if key == base or key.startswith(base + "/"):
+                spec = _parse_spec(key[len(base) + 1 :], self.url)
+                if spec[: len(self.spec)] == self.spec:
+                    parts.append(spec)
+        if not parts:
+            return False
+        parts.sort()
+        tschema = self._session(parts[0]).schema
+        keys = tuple(p.name for p in tschema.partitions)
+        bad = [p for p in parts if tuple(k for k, _ in p) != keys]
+        if bad:
+            raise ValueError(
+                f"{self.url}: shared session keys {[self._key(p) for p in bad]} do not name full partitions "
+                f"({', '.join(keys) or 'the table is not partitioned'})"
+            )
+        self._set_schema(tschema, keys)
+        self._partitions = parts
+        return True
+
+    def _set_schema(self, tschema: Any, keys: tuple[str, ...]) -> None:
         fields = [pa.field(c.name, odps_type_to_arrow_type(c.type)) for c in tschema.simple_columns]
         if self.partition_columns:
             fields += [pa.field(k, pa.string()) for k in keys]
         self._schema = pa.schema(fields)
         self._partition_keys = keys
-        self._partitions = parts
 
     def schema(self) -> pa.Schema:
         self._discover()
@@ -492,7 +547,7 @@ class OdpsSource(Source):
         return [_spec_str(s) for s in self._partitions or []]
 
     # -- sessions --------------------------------------------------------------------------------
-    def _create_session(self, spec: Spec, download_id: str | None = None):
+    def _create_session(self, spec: Spec, download_id: str | None = None) -> Any:
         kw: dict[str, Any] = {}
         if spec:
             kw["partition_spec"] = _spec_str(spec)
@@ -504,30 +559,51 @@ class OdpsSource(Source):
         except odps_errors.ODPSError as e:
             raise self._translate(e, spec) from e
 
-    def _session(self, spec: Spec):
-        """This thread's pyodps TableDownloadSession for ``spec`` (shared id, see module doc)."""
-        cache = getattr(self._local, "sessions", None)
-        if cache is None:
-            _ = self._client
-            cache = self._local.sessions
-        sess = cache.get(spec)
-        if sess is not None:
+    def _session(self, spec: Spec) -> Any:
+        """The pyodps TableDownloadSession for ``spec`` (shared id, see module doc)."""
+        if self._pid != os.getpid():  # a forked DataLoader worker
+            self._sessions = {}
+            self._pid = os.getpid()
+        cur = self._sessions.get(spec)
+        if cur is not None:
+            return cur
+        with self._lock:
+            cur = self._sessions.get(spec)
+            if cur is not None:
+                return cur
+            sess: Any
+            cache = self._holder()["sessions"]
+            key = self._key(spec)
+            sid = self._session_ids.get(spec) or self._shared_sessions.get(key)
+            if sid is None and self.session_dir:
+                sid = self._session_from_dir(spec, stale=None)
+            if sid is None:
+                sess = self._create_session(spec)
+                log.info(
+                    "created ODPS download session %s for %s (%d rows)",
+                    sess.id,
+                    self._where(spec),
+                    sess.count,
+                )
+            else:
+                sess = cache.get((key, sid)) or self._create_session(spec, download_id=sid)
+                if sess.status == sess.Status.Expired:
+                    sess = self._renew(spec, sess.id)
+            cache[(key, sess.id)] = sess
+            self._remember(spec, sess)
+            self._sessions[spec] = sess
             return sess
-        sid = self._session_ids.get(spec) or self._shared_sessions.get(self._key(spec))
-        if sid is None and self.session_dir:
-            sid = self._session_from_dir(spec, stale=None)
-        if sid is None:
-            sess = self._create_session(spec)
-            log.info(
-                "created ODPS download session %s for %s (%d rows)", sess.id, self._where(spec), sess.count
-            )
-        else:
-            sess = self._create_session(spec, download_id=sid)
-            if sess.status == sess.Status.Expired:
-                sess = self._renew(spec, sess.id)
-        self._remember(spec, sess)
-        cache[spec] = sess
-        return sess
+
+    def _replace_session(self, spec: Spec, expired: Any) -> None:
+        expired_id = str(expired.id)
+        with self._lock:
+            current = self._sessions.get(spec)
+            if current is not None and current.id != expired_id:
+                return  # another thread replaced it already
+            new = self._renew(spec, expired_id)
+            self._remember(spec, new)
+            self._holder()["sessions"][(self._key(spec), new.id)] = new
+            self._sessions[spec] = new
 
     def _remember(self, spec: Spec, sess: Any) -> None:
         count = int(sess.count)
@@ -542,7 +618,7 @@ class OdpsSource(Source):
             self._counts[spec] = count
             self._session_ids[spec] = sess.id
 
-    def _renew(self, spec: Spec, expired_id: str):
+    def _renew(self, spec: Spec, expired_id: str) -> Any:
         """A new session replacing ``expired_id`` (shared through session_dir if configured)."""
         sid = self._session_from_dir(spec, stale=expired_id) if self.session_dir else None
         sess = self._create_session(spec, download_id=sid) if sid else self._create_session(spec)
@@ -725,10 +801,7 @@ class OdpsSource(Source):
                     raise
                 if isinstance(e, odps_errors.ODPSError) and not _is_transient(e):
                     if self._expired(sess):
-                        self._local.sessions.pop(spec, None)
-                        new = self._renew(spec, sess.id)
-                        self._remember(spec, new)
-                        self._local.sessions[spec] = new
+                        self._replace_session(spec, sess)
                         continue
                     raise self._translate(e, spec) from e
                 if not _is_transient(e):
