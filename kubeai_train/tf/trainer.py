@@ -96,6 +96,7 @@ class RunResult:
     version: int | None = None
     model_uri: str | None = None
     placement: dict[str, Any] | None = None
+    ready_seconds: float = 0.0
 
 
 def run(
@@ -182,11 +183,23 @@ def _session_config(config: TrainConfig, filters: Sequence[str]) -> Any:
     )
 
 
+_SERVERS: dict[str, Any] = {}
+
+
 def _server(info: cluster.ClusterInfo) -> Any:
+    """This task's gRPC server, started once per process (TF cannot stop one; a second ``run`` in
+    the same process, e.g. the next round of a stress test, reuses it)."""
     job = "chief" if info.role == "master" else info.role
     spec = {("chief" if k == "master" else k): v for k, v in info.cluster_spec().items() if k != "evaluator"}
+    key = json.dumps([spec, job, info.index], sort_keys=True)
+    if key not in _SERVERS:
+        _SERVERS[key] = _new_server(spec, job, info.index)
+    return _SERVERS[key]
+
+
+def _new_server(spec: dict[str, Any], job: str, index: int) -> Any:
     return tf.distribute.Server(
-        tf.train.ClusterSpec(spec), job_name=job, task_index=info.index, protocol="grpc", start=True
+        tf.train.ClusterSpec(spec), job_name=job, task_index=index, protocol="grpc", start=True
     )
 
 
@@ -198,7 +211,10 @@ def _serve_ps(info: cluster.ClusterInfo, config: TrainConfig) -> RunResult:
     g = tf.Graph()
     with g.as_default(), tf.compat.v1.device(f"/job:ps/task:{info.index}"):
         handle = tf.raw_ops.VarHandleOp(
-            dtype=tf.bool, shape=[], shared_name=f"{STATE_SCOPE}/job_done_{info.index}", container=""
+            dtype=tf.bool,
+            shape=[],
+            shared_name=f"{STATE_SCOPE}/job_done_{info.index}",
+            container=config.container,
         )
         done = tf.raw_ops.ReadVariableOp(resource=handle, dtype=tf.bool)
     sess = tf.compat.v1.Session(
@@ -210,7 +226,8 @@ def _serve_ps(info: cluster.ClusterInfo, config: TrainConfig) -> RunResult:
                 break
         except tf.errors.OpError:
             pass  # not initialised yet (or restored right now): keep serving
-        time.sleep(0.5)
+        time.sleep(0.25)
+    sess.close()
     log.info("[ps %d] job done after %.1f s; stopping", info.index, time.perf_counter() - t0)
     return RunResult(role="ps", rank=info.index, seconds=time.perf_counter() - t0)
 
@@ -290,7 +307,7 @@ class _Trainer:
 
     def _build(self) -> None:
         self.graph = tf.Graph()
-        with self.graph.as_default():
+        with self.graph.as_default(), self.graph.container(self.config.container):
             if self.distributed:
                 self._plan()
                 strategy = PlanStrategy(self.plan, pinned=self._pinned)
@@ -378,6 +395,7 @@ class _Trainer:
         if not self.is_chief:
             self._worker_start(sess)
         position = self._read_position(sess)
+        result.ready_seconds = time.perf_counter() - t0
         log.info(
             "%s ready in %.2f s (%s); position %s",
             self.tag,

@@ -195,6 +195,9 @@ class TrainConfig:
         reader_options: extra keyword arguments for ``kubeai_train.data.read``.
         params: free-form parameters recorded in the published lineage.
         hooks: callables given a :class:`StepInfo` every ``log_steps`` steps.
+        container: the resource container of every variable of the job on the PS (default: the
+            server's default). Jobs, or rounds of a stress test, that share long-lived PS processes
+            stay apart by using different containers.
         audit_column: an int64 column (e.g. a row id) whose values for every applied batch each
             trainer writes to ``<model_dir>/audit/rank<R>-pid<P>-<chunk>.npy`` (flushed every
             ``log_steps``), to verify who read what.
@@ -224,6 +227,7 @@ class TrainConfig:
     params: dict[str, Any] = field(default_factory=dict)
     hooks: Sequence[Callable[[StepInfo], None]] = ()
     audit_column: str | None = None
+    container: str = ""
 
     def __post_init__(self) -> None:
         if not self.model_dir:

@@ -16,6 +16,7 @@ from kubeai_train.testing import ctr
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "tf_ps_ctr.py"
 JOB = Path(__file__).resolve().parent / "_job.py"
+ROUNDS = Path(__file__).resolve().parent / "_rounds.py"
 
 
 @dataclass

@@ -1,0 +1,248 @@
+"""Coordinator mode on real local clusters (chief + 2 PS + 2 workers) through the launcher.
+
+Run as a script, this file is the job: ``examples/tf_coord_ctr.py`` with real fault injection.
+PS and worker processes write ``<model_dir>/<role>-<index>.pid``; the chief's step hook appends
+a JSON line per hook call to ``<model_dir>/steps.jsonl`` and, once per job (a marker file):
+
+* ``KT_KILL=<role>:<index>:<step>``: SIGKILLs that process at the chief's ``step``-th step;
+* ``KT_STEP_SLEEP=<seconds>``: sleeps in every hook call (so faults land mid-run).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "tf_coord_ctr.py"
+ROWS, EVAL_ROWS, BUCKETS = 30000, 8000, 2000
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("tf_coord_ctr", EXAMPLE)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _job_main() -> int:
+    from kubeai_train import cluster
+
+    argv = sys.argv[1:]
+    model_dir = Path(argv[argv.index("--model-dir") + 1])
+    model_dir.mkdir(parents=True, exist_ok=True)
+    info = cluster.current()
+    role = "chief" if info.role == "master" else info.role
+    if role in ("ps", "worker"):
+        (model_dir / f"{role}-{info.index}.pid").write_text(str(os.getpid()))
+    kill = os.environ.get("KT_KILL", "")
+    sleep = float(os.environ.get("KT_STEP_SLEEP", "0") or 0)
+
+    def hook(step) -> None:
+        with open(model_dir / "steps.jsonl", "a") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "local_step": step.local_step,
+                        "global_step": step.global_step,
+                        "loss": step.loss,
+                        "examples": step.examples,
+                        "time": time.time(),
+                    }
+                )
+                + "\n"
+            )
+        if kill:
+            r, i, s = kill.split(":")
+            if step.local_step >= int(s):
+                try:
+                    fd = os.open(model_dir / f"killed-{r}-{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    fd = None
+                if fd is not None:
+                    os.close(fd)
+                    os.kill(int((model_dir / f"{r}-{i}.pid").read_text()), signal.SIGKILL)
+        if sleep:
+            time.sleep(sleep)
+
+    return _example().main(argv, hooks=[hook])
+
+
+# ----------------------------------------------------------------------------- the tests
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from kubeai_train.testing import ctr
+
+    root = tmp_path_factory.mktemp("coord_cluster")
+    ctr.generate_split(ROWS, EVAL_ROWS, root, seed=21, files=4, eval_files=2)
+    return root
+
+
+def _args(data: Path, model_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--train-data", str(data / "train"), "--eval-data", str(data / "eval"),
+        "--model-repo", str(model_dir.parent / "repo"), "--model-dir", str(model_dir),
+        "--result-json", str(model_dir.parent / f"{model_dir.name}.json"),
+        "--hash-buckets", str(BUCKETS), "--log-steps", "5", *extra,
+    ]  # fmt: skip
+
+
+def _cluster(data: Path, model_dir: Path, *extra: str, env=None, timeout: float = 200):
+    from kubeai_train.launch import run_processes
+
+    res = run_processes(
+        Path(__file__),
+        framework="tf",
+        workers=2,
+        ps=2,
+        args=_args(data, model_dir, *extra),
+        env={"TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+        timeout=timeout,
+        restart_policy="ExitCode",
+        backoff_limit=4,
+        log_dir=model_dir.parent / f"{model_dir.name}-logs",
+    )
+    result = json.loads((model_dir.parent / f"{model_dir.name}.json").read_text())
+    return res, result
+
+
+def _steps(model_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (model_dir / "steps.jsonl").read_text().splitlines()]
+
+
+def test_cluster_matches_single_process_places_by_policy_and_exports_exactly(data, tmp_path):
+    from kubeai_train.repository import ModelRepository
+    from kubeai_train.tf import CtrFeatures, GreedyBytesPlacement
+    from kubeai_train.tf._coord_models import DeepFMModuleModel
+    from kubeai_train.tf._coord_placement import infos, snapshot_build
+
+    # the single-process baseline: the same script without a cluster, in its own process
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG",)}
+    base = subprocess.run(
+        [sys.executable, str(EXAMPLE), *_args(data, tmp_path / "single")],
+        env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True, timeout=150,
+    )  # fmt: skip
+    assert base.returncode == 0, base.stderr[-3000:]
+    single = json.loads((tmp_path / "single.json").read_text())
+
+    res, result = _cluster(data, tmp_path / "m", "--placement", "greedy_bytes")
+    assert result["role"] == "chief" and result["examples"] == ROWS
+    assert abs(result["metrics"]["auc"] - single["metrics"]["auc"]) <= 0.01, (
+        result["metrics"],
+        single["metrics"],
+    )
+
+    # placement: every variable / shard sits on the PS the policy's plan names, and the slots
+    # sit with their variables
+    placement = json.loads((tmp_path / "m" / "placement.json").read_text())
+    assert placement["applied"] and not placement["mismatched"] and placement["warning"] is None
+    model = DeepFMModuleModel(features=CtrFeatures(hash_buckets=BUCKETS), learning_rate=0.2)
+    partitioner = __import__("tensorflow").distribute.experimental.partitioners.MinSizePartitioner(
+        min_shard_bytes=256 << 10, max_shards=2
+    )
+    snap = infos(snapshot_build(model.build, partitioner), 512)
+    plan = GreedyBytesPlacement().plan(snap, 2)
+    devices = placement["devices"]
+    assert set(devices) == set(plan.assignment) and len(placement["slots"]) == len(devices)
+    for name, task in plan.assignment.items():
+        assert devices[name].startswith(f"/job:ps/replica:0/task:{task}/"), (name, task, devices[name])
+    shards = [n for n in devices if n.startswith("emb_v/part_")]
+    assert len(shards) == 2 and {devices[n].split("task:")[1][0] for n in shards} == {"0", "1"}
+    for var_name, dev in placement["slots"].items():
+        assert dev == devices[var_name.split(":")[0]], (var_name, dev)
+
+    # the export, loaded in a fresh process without the training code, predicts exactly
+    check = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "s = np.load(sys.argv[1], allow_pickle=True)\n"
+        "fn = tf.saved_model.load(sys.argv[2]).signatures['serving_default']\n"
+        "names = [n for n in s.files if n[0] in 'IC']\n"
+        "p = fn(**{n: tf.constant(s[n]) for n in names})['probability'].numpy()\n"
+        "assert len(names) == 39 and p.shape == s['__prediction__'].shape, (names, p.shape)\n"
+        "print(int(np.array_equal(p, s['__prediction__'])), len(p))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check, str(tmp_path / "m" / "eval_sample.npz"), result["export_dir"]],
+        env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    same, n = out.stdout.split()[-2:]
+    assert same == "1" and int(n) == 2048
+    mv = ModelRepository(str(tmp_path / "repo")).get("ctr")
+    assert mv.version == result["version"] and mv.metadata["mode"] == "coordinator"
+    assert mv.metadata["metrics"]["auc"] == pytest.approx(result["metrics"]["auc"])
+
+
+def test_worker_killed_mid_run_is_absorbed(data, tmp_path):
+    res, result = _cluster(data, tmp_path / "m", env={"KT_KILL": "worker:1:10", "KT_STEP_SLEEP": "0.2"})
+    assert (tmp_path / "m" / "killed-worker-1").exists()
+    steps = _steps(tmp_path / "m")
+    assert max(s["local_step"] for s in steps) > 10  # training went on after the kill
+    # every batch applied exactly once: closures lost with the worker ran on the other one
+    assert result["examples"] == ROWS and result["global_step"] == result["local_steps"]
+    worker1 = next(e for e in res.exits if e.label == "worker:1")
+    assert worker1.restarts >= 1
+    assert next(e for e in res.exits if e.label == "chief:0").restarts == 0
+
+
+def test_ps_killed_makes_the_job_restore_from_its_checkpoint(data, tmp_path):
+    res, result = _cluster(
+        data,
+        tmp_path / "m",
+        "--checkpoint-steps",
+        "20",
+        env={"KT_KILL": "ps:0:30", "KT_STEP_SLEEP": "0.2"},
+        timeout=260,
+    )
+    chief = next(e for e in res.exits if e.label == "chief:0")
+    assert chief.restarts >= 1
+    log_text = res.log("chief:0")
+    assert "exiting with 138" in log_text
+    restored = [int(line.rsplit("global step ", 1)[1].rstrip(")")) for line in log_text.splitlines()
+                if " restored " in line and "ckpt-" in line]  # fmt: skip
+    assert restored and restored[-1] >= 20
+    steps = _steps(tmp_path / "m")
+    pids = list(dict.fromkeys(s["pid"] for s in steps))
+    assert len(pids) >= 2
+    after = [s for s in steps if s["pid"] == pids[-1]]
+    # the restarted chief continued from the checkpoint's step with a trained model's loss
+    assert after[0]["global_step"] == restored[-1] + after[0]["local_step"]
+    first_loss = steps[0]["loss"]
+    assert after[0]["loss"] < first_loss and after[0]["loss"] < 0.69
+    # and read exactly the rows the checkpoint had not seen: 512-row batches before it
+    assert result["examples"] + 512 * restored[-1] == ROWS
+    assert result["global_step"] == restored[-1] + result["local_steps"]
+
+
+def test_native_files_are_read_on_the_workers(data, tmp_path):
+    from kubeai_train.tf import CtrFeatures
+    from kubeai_train.tf._coord_input import write_native
+    from kubeai_train.tf._coord_models import DeepFMModuleModel
+
+    model = DeepFMModuleModel(features=CtrFeatures(hash_buckets=BUCKETS))
+    kinds = {**model.raw_features(), "label": "int64"}
+    write_native(str(data / "train"), str(tmp_path / "tfr"), kinds, fmt="tfrecord", files=4)
+    res, result = _cluster(data, tmp_path / "m", "--input", "workers", "--native-data", str(tmp_path / "tfr"))
+    assert result["examples"] == ROWS and result["global_step"] == result["local_steps"]
+    assert result["metrics"]["auc"] > 0.6
+    log_text = res.log("chief:0")
+    assert "native input: 4 tfrecord files, rows per worker [15000, 15000]" in log_text
+
+
+if __name__ == "__main__":
+    code = _job_main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
