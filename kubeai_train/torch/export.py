@@ -130,22 +130,31 @@ def publish(
     name: str,
     export_dir: str | os.PathLike[str],
     metrics: Mapping[str, float],
+    *,
+    dataset: str | Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
     lineage: Mapping[str, Any] | None = None,
-    **repo_options: Any,
+    parent: int | str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Publish ``export_dir`` as the next version of ``name`` in the model repository.
 
-    Metadata: ``{"metrics": metrics, "framework": "torch", "format": "torchscript",
-    "lineage": lineage, "features": <features.json>}``. Returns the ModelVersion.
+    Metadata: ``framework="torch"``, the ``signature`` (its ``format`` is ``torchscript``) and ``features`` written by
+    :func:`export`, ``metrics`` (e.g. eval ``auc`` / ``logloss``), ``params`` (hyperparameters),
+    ``dataset`` (the training data URI: lineage the repository indexes), ``lineage`` (anything
+    else: eval data, steps, rows, world size, checkpoint) and ``parent``; the repository adds
+    the code version (git sha). Returns the ModelVersion.
     """
     from kubeai_train.repository import ModelRepository
 
-    features = json.loads((Path(export_dir) / "features.json").read_text())
+    out = Path(export_dir)
     metadata = {
-        "metrics": {k: float(v) for k, v in metrics.items()},
         "framework": "torch",
-        "format": "torchscript",
+        "signature": json.loads((out / "signature.json").read_text()),
+        "features": json.loads((out / "features.json").read_text()),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "params": dict(params or {}),
         "lineage": dict(lineage or {}),
-        "features": features,
     }
-    return ModelRepository(repo_uri, **repo_options).publish(name, str(export_dir), metadata=metadata)
+    repo = ModelRepository(repo_uri, storage_options=storage_options)
+    return repo.publish(name, str(out), metadata=metadata, dataset=dataset, parent=parent)

@@ -1,0 +1,99 @@
+"""Functions the integration tests run in every process of a local job (``run_processes``)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kubeai_train import data
+from kubeai_train import torch as kt
+
+FEATURES = kt.CTRFeatures(buckets=64)
+
+
+def _digest(state: Any) -> str:
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            h.update(x.detach().contiguous().numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                h.update(str(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        else:
+            h.update(repr(x).encode())
+
+    walk(state)
+    return h.hexdigest()
+
+
+def uneven(
+    data_root: str, checkpoint_dir: str | None, epochs: int, num_workers: int, max_steps: int | None
+) -> dict[str, Any]:
+    """Rank r trains on ``<data_root>/rank<r>`` alone (shards of very different sizes)."""
+    torch.set_num_threads(1)
+
+    def main() -> dict[str, Any]:
+        with kt.process_group(timeout_s=60) as ctx:
+            torch.manual_seed(0)
+            model = kt.DLRM(FEATURES.sizes, len(FEATURES.dense), dim=8)
+            cfg = kt.TrainConfig(
+                dense_lr=0.01,
+                sparse_lr=0.05,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=7,
+                num_workers=num_workers,
+                max_steps=max_steps,
+            )
+            trainer = kt.Trainer(model, FEATURES, cfg, ctx)
+            ds = data.read(
+                os.path.join(data_root, f"rank{ctx.rank}"),
+                batch_size=100,
+                rank=0,
+                world_size=1,
+                **FEATURES.read_options(),
+            )
+            res = trainer.fit(ds, epochs=epochs)
+            out = {
+                "rank": ctx.rank,
+                "steps": res.steps,
+                "rows_per_rank": res.rows_per_rank,
+                "resumed_from": res.resumed_from,
+                "model": _digest(trainer.module.state_dict()),
+                "optimizer": _digest(trainer.optimizer.state_dict()),
+                "norms": [float(p.detach().double().norm()) for p in trainer.module.parameters()],
+            }
+            ctx.barrier()
+            return out
+
+    return kt.run(main)
+
+
+def hung_peer(timeout_s: float) -> dict[str, Any]:
+    """Rank 1 stops answering after the first collective; rank 0 must fail, not hang."""
+
+    def main() -> dict[str, Any]:
+        ctx = kt.init(timeout_s=timeout_s)
+        t = torch.ones(1)
+        with kt.guard("first all_reduce"):
+            dist.all_reduce(t)
+        if ctx.rank == 1:
+            time.sleep(600)  # alive but silent
+        t0 = time.monotonic()
+        try:
+            with kt.guard("second all_reduce"):
+                dist.all_reduce(t)
+        finally:
+            print(f"rank {ctx.rank} waited {time.monotonic() - t0:.1f}s", flush=True)
+        return {"rank": ctx.rank}
+
+    return kt.run(main)
