@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
+from google.protobuf import text_format
 from hypothesis import given
 from hypothesis import strategies as st
+from tensorflow_serving.config import model_server_config_pb2
 
 from kubeai_train.repository.serving import render_model_config, served_versions
 
@@ -19,9 +21,24 @@ def test_render_lists_versions_and_labels():
     assert text.count("{") == text.count("}")
 
 
+def parse(text: str) -> model_server_config_pb2.ModelServerConfig:
+    """Parse with TF Serving's own ModelServerConfig proto, as --model_config_file does."""
+    return text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+
+
+def test_tf_serving_parses_the_config():
+    cfg = parse(render_model_config("ctr", "oss://b/models/ctr", [3, 5], {"production": 3}, "tensorflow"))
+    (model,) = cfg.model_config_list.config
+    assert (model.name, model.base_path, model.model_platform) == ("ctr", "oss://b/models/ctr", "tensorflow")
+    assert list(model.model_version_policy.specific.versions) == [3, 5]
+    assert dict(model.version_labels) == {"production": 3}
+
+
 def test_render_quotes_strings():
     text = render_model_config('we"ird', "/p/a\\b", [1])
     assert 'name: "we\\"ird"' in text and 'base_path: "/p/a\\\\b"' in text
+    (model,) = parse(text).model_config_list.config
+    assert (model.name, model.base_path) == ('we"ird', "/p/a\\b")
 
 
 @given(
@@ -39,3 +56,6 @@ def test_served_versions_are_committed_newest_plus_aliased(committed, aliases, s
     assert [int(v) for v in re.findall(r"versions: (\d+)", text)] == served
     labelled = [int(v) for v in re.findall(r"value: (\d+)", text)]
     assert set(labelled) <= set(served)
+    (model,) = parse(text).model_config_list.config
+    assert list(model.model_version_policy.specific.versions) == served
+    assert dict(model.version_labels) == {a: v for a, v in aliases.items() if v in served}
