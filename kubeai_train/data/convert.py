@@ -121,34 +121,39 @@ def plan_columns(
 def fnv1a64(arr: pa.Array) -> np.ndarray:
     """FNV-1a 64-bit hash of every (non-null) string / binary value of ``arr``, vectorised.
 
-    The loop runs over byte positions (the longest value's length), each step a numpy
-    operation over all values still that long; values are never visited one by one.
+    Values are grouped by byte length; for each length ``L`` the group's bytes form a
+    ``(values, L)`` matrix and the FNV rounds run column by column over the whole group, so
+    the Python loop is over distinct lengths and byte positions, never over values.
     """
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
-    arr = arr.cast(pa.large_binary())
+    if not pa.types.is_large_binary(arr.type):
+        arr = arr.cast(pa.large_binary())
     n = len(arr)
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
     if n == 0:
-        return np.zeros(0, dtype=np.uint64)
+        return h
     bufs = arr.buffers()
     offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
     starts = offsets[:-1]
     lengths = offsets[1:] - starts
-    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    idx = np.arange(n)
-    pos = starts.copy()
-    remaining = lengths.copy()
+    distinct = np.unique(lengths)
     with np.errstate(over="ignore"):
-        while idx.size:
-            live = remaining > 0
-            if not live.all():
-                idx, pos, remaining = idx[live], pos[live], remaining[live]
-                if not idx.size:
-                    break
-            h[idx] = (h[idx] ^ data[pos].astype(np.uint64)) * _FNV_PRIME
-            pos += 1
-            remaining -= 1
+        for length in distinct.tolist():
+            if length == 0:
+                continue
+            sel = None if len(distinct) == 1 else np.flatnonzero(lengths == length)
+            st = starts if sel is None else starts[sel]
+            mat = data[st[:, None] + np.arange(length)].astype(np.uint64)
+            hh = np.full(len(st), _FNV_OFFSET, dtype=np.uint64)
+            for j in range(length):
+                hh ^= mat[:, j]
+                hh *= _FNV_PRIME
+            if sel is None:
+                h = hh
+            else:
+                h[sel] = hh
     return h
 
 
