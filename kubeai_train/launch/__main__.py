@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--kubeconfig", help="k8s: kubeconfig file (default: $KUBECONFIG, ~/.kube/config or in-cluster)"
     )
     p.add_argument("--context", help="k8s: kubeconfig context")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="k8s: after submitting, wait for the job to end; exit 0 Succeeded, 1 Failed, 124 after --timeout",
+    )
+    p.add_argument(
+        "--poll-interval", type=float, default=10.0, help="k8s --wait: seconds between status reads"
+    )
     p.add_argument("--restart-policy", help="Never (default), OnFailure, ExitCode or Always")
     p.add_argument("--backoff-limit", type=int, help="restarts allowed per job (default 3)")
     p.add_argument(
@@ -101,7 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl-seconds-after-finished", type=int)
     p.add_argument("--clean-pod-policy", help="k8s: None, Running (default for PS jobs) or All")
     p.add_argument("--log-dir", help="local: per-process logs (default a new temporary directory)")
-    p.add_argument("--timeout", type=float, help="local: stop the job after this many seconds (exit 124)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="stop the local job (k8s --wait: stop waiting) after this many seconds (exit 124)",
+    )
     p.add_argument("--grace-period", type=float, default=5.0, help="local: seconds from SIGTERM to SIGKILL")
     p.add_argument(
         "--success-grace",
@@ -289,16 +301,42 @@ def _k8s(spec: JobSpec, ns: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     sys.stderr.write(f"[launch] {spec.summary()} target=k8s\n")
+    kind = manifest["kind"]
     try:
-        created = k8s.submit(manifest, kubeconfig=ns.kubeconfig, context=ns.context)
+        api_client = k8s.api_client_for(ns.kubeconfig, ns.context)
+        created = k8s.submit(manifest, api_client=api_client)
+        meta = created.get("metadata", {}) if isinstance(created, dict) else {}
+        where = f"{meta.get('namespace', spec.namespace)}/{meta.get('name', spec.name)}"
+        sys.stdout.write(f"{kind} {where} created\n")
+        sys.stdout.flush()
+        if not ns.wait:
+            return 0
+
+        def show(state: str, message: str) -> None:
+            sys.stderr.write(f"[launch] {kind} {where}: {state}{': ' + message if message else ''}\n")
+            sys.stderr.flush()
+
+        state, message = k8s.wait(
+            kind,
+            spec.name,
+            spec.namespace,
+            api_client=api_client,
+            poll=ns.poll_interval,
+            timeout=ns.timeout,
+            on_change=show,
+        )
     except SubmitError as e:
         _fail(str(e))
         return 1
-    meta = created.get("metadata", {}) if isinstance(created, dict) else {}
-    sys.stdout.write(
-        f"{manifest['kind']} {meta.get('namespace', spec.namespace)}/{meta.get('name', spec.name)} created\n"
-    )
-    return 0
+    if state == "Succeeded":
+        return 0
+    if state == "Timeout":
+        _fail(
+            f"{kind} {where}: {message}; it keeps running (kubectl delete {kind.lower()} -n {spec.namespace} {spec.name} stops it)"
+        )
+        return 124
+    _fail(f"{kind} {where} failed: {message or 'see kubectl describe'}")
+    return 1
 
 
 def _fail(message: str) -> None:

@@ -7,7 +7,8 @@
 ``openAPIV3Schema`` (``additionalProperties: false`` added wherever properties are listed and
 unknown fields are not preserved, so a typo is an error instead of being pruned silently) and
 against the operator's admission-webhook rules (``crds/SOURCES.md``). ``submit`` posts it with
-the official client (``CustomObjectsApi.create_namespaced_custom_object``).
+the official client (``CustomObjectsApi.create_namespaced_custom_object``); ``wait`` polls
+the job's conditions until it Succeeded or Failed (``--wait``, for schedulers).
 
 Rendering choices: containers are named ``tensorflow`` / ``pytorch`` with the port
 ``tfjob-port`` 2222 / ``pytorchjob-port`` 23456; ``restartPolicy`` and ``backoffLimit`` are
@@ -44,7 +45,17 @@ from kubeai_train.launch.types import (
     dns1035_error,
 )
 
-__all__ = ["crd_dir", "render", "strict_schema", "submit", "to_yaml", "validate"]
+__all__ = [
+    "api_client_for",
+    "crd_dir",
+    "job_state",
+    "render",
+    "strict_schema",
+    "submit",
+    "to_yaml",
+    "validate",
+    "wait",
+]
 
 GROUP = "kubeflow.org"
 VERSION = "v1"
@@ -429,6 +440,28 @@ def _status_message(body: object) -> str:
     return re.sub(r"\s+", " ", str(msg))[:500] if msg else ""
 
 
+def api_client_for(kubeconfig: str | None = None, context: str | None = None) -> Any:
+    """A ``kubernetes.client.ApiClient`` from a kubeconfig ($KUBECONFIG / ~/.kube/config by
+    default) or, failing that, the in-cluster service account.
+
+    Raises:
+        SubmitError: neither works (the message names the file, never its credentials).
+    """
+    from kubernetes import config as k8s_config
+
+    try:
+        k8s_config.load_kube_config(config_file=kubeconfig, context=context)
+    except (k8s_config.ConfigException, OSError) as e:
+        try:
+            k8s_config.load_incluster_config()
+        except k8s_config.ConfigException:
+            where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+            raise SubmitError(
+                f"no Kubernetes configuration: {where} unusable ({type(e).__name__}) and not in a cluster; pass --kubeconfig"
+            ) from e
+    return k8s_client.ApiClient()
+
+
 def submit(
     manifest: Mapping[str, Any],
     *,
@@ -440,8 +473,7 @@ def submit(
 
     Args:
         manifest: a rendered (and validated) TFJob / PyTorchJob.
-        kubeconfig, context: which cluster (default: $KUBECONFIG / ~/.kube/config, else the
-            in-cluster service account).
+        kubeconfig, context: which cluster (see ``api_client_for``).
         api_client: a ready ``kubernetes.client.ApiClient`` (overrides kubeconfig).
 
     Raises:
@@ -449,22 +481,11 @@ def submit(
         SubmitError: no cluster configuration, the API refused the job (status and reason), or
             the server could not be reached. Credentials never appear in the message.
     """
-    from kubernetes import config as k8s_config
     from kubernetes.client.rest import ApiException
 
     validate(manifest)
     if api_client is None:
-        try:
-            k8s_config.load_kube_config(config_file=kubeconfig, context=context)
-        except (k8s_config.ConfigException, OSError) as e:
-            try:
-                k8s_config.load_incluster_config()
-            except k8s_config.ConfigException:
-                where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-                raise SubmitError(
-                    f"no Kubernetes configuration: {where} unusable ({type(e).__name__}) and not in a cluster; pass --kubeconfig"
-                ) from e
-        api_client = k8s_client.ApiClient()
+        api_client = api_client_for(kubeconfig, context)
     api = k8s_client.CustomObjectsApi(api_client)
     kind = str(manifest["kind"])
     meta = manifest.get("metadata") or {}
@@ -484,6 +505,85 @@ def submit(
             f"the API server refused {kind} {namespace}/{meta.get('name')}: {e.status} {e.reason}{': ' + detail if detail else ''}"
         ) from e
     except Exception as e:  # urllib3 connection errors and alike: name the server, not the credentials
-        host = getattr(getattr(api_client, "configuration", None), "host", "?")
-        raise SubmitError(f"cannot reach the Kubernetes API at {host}: {type(e).__name__}") from e
+        raise SubmitError(
+            f"cannot reach the Kubernetes API at {_host(api_client)}: {type(e).__name__}"
+        ) from e
     return dict(created) if isinstance(created, Mapping) else {}
+
+
+def _host(api_client: Any) -> str:
+    return str(getattr(getattr(api_client, "configuration", None), "host", "?"))
+
+
+def job_state(obj: Mapping[str, Any]) -> tuple[str, str]:
+    """The job's current condition ``(type, message)`` from its status (``Pending`` before any):
+    the last condition whose status is "True", as the operator appends them."""
+    conditions = ((obj.get("status") or {}).get("conditions")) or []
+    current = [c for c in conditions if isinstance(c, Mapping) and c.get("status") == "True"]
+    if not current:
+        return "Pending", ""
+    last = current[-1]
+    return str(last.get("type", "Unknown")), str(last.get("message", "") or "")
+
+
+def wait(
+    kind: str,
+    name: str,
+    namespace: str,
+    *,
+    api_client: Any,
+    poll: float = 10.0,
+    timeout: float | None = None,
+    on_change: Any = None,
+    max_errors: int = 5,
+) -> tuple[str, str]:
+    """Poll a submitted job until it is ``Succeeded`` or ``Failed`` (or ``timeout`` seconds
+    pass: ``Timeout``); returns ``(state, message)``. ``on_change(state, message)`` is called
+    whenever the state changes.
+
+    Raises:
+        SubmitError: the job disappeared, or the API failed ``max_errors`` times in a row.
+    """
+    import time as _time
+
+    from kubernetes.client.rest import ApiException
+
+    api = k8s_client.CustomObjectsApi(api_client)
+    deadline = None if timeout is None else _time.monotonic() + timeout
+    last: tuple[str, str] | None = None
+    errors = 0
+    while True:
+        try:
+            obj = api.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURALS[kind], name, _request_timeout=30
+            )
+            errors = 0
+        except ApiException as e:
+            if e.status == 404:
+                raise SubmitError(
+                    f"{kind} {namespace}/{name} no longer exists (deleted while waiting?)"
+                ) from e
+            errors += 1
+            if errors >= max_errors:
+                raise SubmitError(
+                    f"reading {kind} {namespace}/{name} failed {errors} times: {e.status} {e.reason}"
+                ) from e
+            obj = None
+        except Exception as e:
+            errors += 1
+            if errors >= max_errors:
+                raise SubmitError(
+                    f"cannot reach the Kubernetes API at {_host(api_client)}: {type(e).__name__}"
+                ) from e
+            obj = None
+        if obj is not None:
+            state = job_state(obj)
+            if state != last:
+                last = state
+                if on_change is not None:
+                    on_change(*state)
+            if state[0] in ("Succeeded", "Failed"):
+                return state
+        if deadline is not None and _time.monotonic() >= deadline:
+            return "Timeout", f"still {last[0] if last else 'unknown'} after {timeout:g}s"
+        _time.sleep(poll)

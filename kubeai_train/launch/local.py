@@ -260,6 +260,7 @@ class LocalJob:
         self._wake = threading.Event()
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._lease: PortLease | None = None
+        self._deadline: float | None = None
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -349,6 +350,7 @@ class LocalJob:
     def _supervise(self) -> int:
         spec = self.spec
         start = time.monotonic()
+        self._deadline = None if self.timeout is None else start + self.timeout
         pending_restart: dict[tuple[str, int], float] = {}
         while True:
             if self._signal is not None:
@@ -432,6 +434,8 @@ class LocalJob:
                 f"waiting up to {self.success_grace:g}s for {', '.join(p.plan.label for p in running)} to finish"
             )
             deadline = time.monotonic() + self.success_grace
+            if self._deadline is not None:
+                deadline = min(deadline, self._deadline)
             while time.monotonic() < deadline and self._signal is None:
                 self._poll()
                 running = [p for p in self._procs if p.exit_code is None]

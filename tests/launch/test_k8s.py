@@ -408,12 +408,24 @@ def test_k8s_without_image_is_bad_input(capsys):
 class _ApiServer:
     """A tiny Kubernetes API stand-in: records every request, answers POSTs with ``status``."""
 
-    def __init__(self, status=201):
+    def __init__(self, status=201, states=()):
         self.requests: list[dict] = []
         self.status = status
+        self.states = list(states)  # job conditions returned by successive GETs (the last repeats)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.requests.append({"path": self.path, "method": "GET"})
+                state = outer.states.pop(0) if len(outer.states) > 1 else outer.states[0]
+                conditions = [{"type": t, "status": "True", "message": m} for t, m in state]
+                data = json.dumps({"kind": "TFJob", "status": {"conditions": conditions}}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 outer.requests.append(
@@ -579,3 +591,79 @@ def test_submit_sh_validates_and_prints_or_refuses(tmp_path):
         timeout=60,
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("final", "code", "needle"),
+    [
+        (
+            [("Created", ""), ("Running", ""), ("Succeeded", "TFJob ml/ctr successfully completed.")],
+            0,
+            "Succeeded: TFJob ml/ctr successfully completed.",
+        ),
+        (
+            [("Created", ""), ("Failed", "TFJob ml/ctr has failed because 1 Worker replica(s) failed.")],
+            1,
+            "failed: TFJob ml/ctr has failed because 1 Worker",
+        ),
+    ],
+)
+def test_cli_submit_and_wait(tmp_path, capsys, final, code, needle):
+    states = [[], [final[0]], final[:2], final]
+    with _ApiServer(states=states) as api:
+        kc = _kubeconfig(tmp_path, api.url)
+        argv = [
+            "--framework",
+            "tf",
+            "--workers",
+            "1",
+            "--ps",
+            "1",
+            "--target",
+            "k8s",
+            "--image",
+            "reg/img:1",
+            "--name",
+            "ctr",
+            "--namespace",
+            "ml",
+        ]
+        got = main([*argv, "--kubeconfig", str(kc), "--wait", "--poll-interval", "0.01", "train.py"])
+    assert got == code
+    err = capsys.readouterr().err
+    assert needle in err
+    assert "[launch] TFJob ml/ctr: Pending" in err and "[launch] TFJob ml/ctr: Created" in err
+    gets = [r for r in api.requests if r.get("method") == "GET"]
+    assert gets[0]["path"] == "/apis/kubeflow.org/v1/namespaces/ml/tfjobs/ctr" and len(gets) >= 3
+
+
+def test_cli_wait_times_out(tmp_path, capsys):
+    with _ApiServer(states=[[("Running", "")]]) as api:
+        kc = _kubeconfig(tmp_path, api.url)
+        argv = [
+            "--framework",
+            "tf",
+            "--workers",
+            "1",
+            "--target",
+            "k8s",
+            "--image",
+            "reg/img:1",
+            "--name",
+            "ctr",
+        ]
+        got = main(
+            [
+                *argv,
+                "--kubeconfig",
+                str(kc),
+                "--wait",
+                "--poll-interval",
+                "0.05",
+                "--timeout",
+                "0.3",
+                "train.py",
+            ]
+        )
+    assert got == 124
+    assert "still Running after 0.3s; it keeps running" in capsys.readouterr().err
