@@ -9,6 +9,7 @@ Layout under the root (TF Serving's base path for each model)::
     <root>/<name>/.kubeai/models.config          TF Serving config listing only committed versions
     <root>/<name>/.kubeai/staging/<uuid>/        local publishes in progress (renamed into place)
     <root>/<name>/.kubeai/claims/<v>.<uuid>.json object-store publishes in progress
+    <root>/<name>/.kubeai/trash/<v>-<id>/        local versions gc took out, being deleted
 
 How a version becomes visible (``commit`` mode):
 
@@ -159,6 +160,7 @@ class _Scan:
     max_seen: int = 0
     claims: dict[str, dict[str, Any]] = field(default_factory=dict)
     staging: dict[str, float | None] = field(default_factory=dict)
+    trash: set[str] = field(default_factory=set)
     temp_files: dict[str, float | None] = field(default_factory=dict)
     alias_files: list[str] = field(default_factory=list)
 
@@ -360,6 +362,8 @@ class ModelRepository:
                 scan.staging[parts[1]] = (
                     mtime if prev is None or (mtime is not None and mtime > prev) else prev
                 )
+            elif parts[0] == "trash" and len(parts) >= 2:
+                scan.trash.add(parts[1])
             elif parts[0] == "claims" and len(parts) == 2:
                 scan.claims[parts[1]] = info
             elif (
@@ -972,6 +976,8 @@ class ModelRepository:
             for sid, mtime in sorted(scan.staging.items()):
                 if old(mtime):
                     remove(self._kdir(n, "staging", sid), True)
+            for tid in sorted(scan.trash):  # versions an earlier gc took out but did not finish deleting
+                remove(self._kdir(n, "trash", tid), True)
             live_claims: set[int] = set()
             for cname, info in sorted(scan.claims.items()):
                 v = _parse_version(cname.split(".", 1)[0])
@@ -1024,8 +1030,7 @@ class ModelRepository:
             )
         return report
 
-    def _gc_versions(self, name: str, scan: _Scan, keep_last: int, report: GcReport, dry_run: bool) -> bool:
-        committed = sorted(scan.committed)
+    def _protected(self, name: str, committed: list[int], keep_last: int) -> dict[int, str]:
         protected: dict[int, str] = {}
         for v in committed[-keep_last:]:
             protected.setdefault(v, "newest")
@@ -1036,18 +1041,37 @@ class ModelRepository:
             protected.setdefault(d.version, f"deployed:{d.service}")
         for v in served_versions(committed, aliases, self.config.serve_latest):
             protected.setdefault(v, "served")
+        return protected
+
+    def _gc_versions(self, name: str, scan: _Scan, keep_last: int, report: GcReport, dry_run: bool) -> bool:
+        committed = sorted(scan.committed)
+        protected = self._protected(name, committed, keep_last)
+        doomed = [v for v in committed[:-keep_last] if v not in protected]
+        if doomed and not dry_run:
+            # An alias or deployment recorded since the first look protects too; what remains
+            # is the window between this look and the delete (gc is an operator's tool).
+            protected = self._protected(name, committed, keep_last)
         changed = False
         for v in committed[:-keep_last]:
             if v in protected:
                 report.kept.append((name, v, protected[v]))
                 continue
             report.removed_versions.append((name, v))
-            if not dry_run:
-                vdir = self._vdir(name, v)
+            if dry_run:
+                continue
+            vdir = self._vdir(name, v)
+            if self._store.local:
+                # One atomic rename takes the whole version out of the base path (a poller sees
+                # it complete or gone), then the copy in the trash is deleted at leisure.
+                trash = self._kdir(name, "trash", f"{v}-{uuid.uuid4().hex[:8]}")
+                self._store.makedirs(self._kdir(name, "trash"))
+                os.rename(vdir, trash)
+                self._store.rm_tree(trash)
+            else:
                 self._store.rm_file(Store.join(vdir, METADATA_FILE))  # uncommit first
                 self._store.rm_tree(vdir)
-                self._cache.pop((name, v), None)
-                changed = True
+            self._cache.pop((name, v), None)
+            changed = True
         return changed
 
 

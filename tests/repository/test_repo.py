@@ -410,3 +410,14 @@ def test_gc_leaves_hand_made_version_directories_on_local_disks(tmp_path, export
     assert manual.exists()
     assert [v.version for v in repo.versions("ctr")] == [1]
     assert repo.publish("ctr", export_dir).version == 8  # numbering steps over it
+
+
+def test_gc_finishes_a_killed_gc(tmp_path, export_dir):
+    repo = ModelRepository(tmp_path / "repo")
+    repo.publish("ctr", export_dir)
+    leftover = tmp_path / "repo" / "ctr" / ".kubeai" / "trash" / "3-deadbeef" / "variables"
+    leftover.mkdir(parents=True)
+    (leftover / "x").write_bytes(b"x")
+    report = repo.gc()
+    assert report.removed_debris == [str(leftover.parent)]
+    assert not leftover.parent.exists()
