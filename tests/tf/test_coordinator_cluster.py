@@ -78,7 +78,7 @@ def _job_main() -> int:
 
 
 # ----------------------------------------------------------------------------- the tests
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(320)]
 
 
 @pytest.fixture(scope="module")
