@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kubeai_train.repository.config import (
     RepositoryConfig,
@@ -65,3 +67,15 @@ def test_config_validation():
     ]:
         with pytest.raises(RepositoryConfigError, match=match):
             RepositoryConfig(**kwargs)
+
+
+@given(st.text(max_size=140))
+def test_any_accepted_name_is_one_safe_path_component(text):
+    try:
+        name = check_model_name(text)
+    except InvalidNameError as e:
+        assert "\n" not in str(e)
+        return
+    assert name == text and name not in (".", "..") and "/" not in name and "\\" not in name
+    assert ".." not in name and not name.startswith((".", "-")) and name.isascii() and name.isprintable()
+    assert len(name) <= 128
