@@ -110,6 +110,8 @@ class ReadOptions:
         if self.columns is not None:
             if isinstance(self.columns, str) or not all(isinstance(c, str) for c in self.columns):
                 raise ValueError(f"columns must be a list of column names, got {self.columns!r}")
+            if not self.columns:
+                raise ValueError("columns must name at least one column (None reads all)")
             if len(set(self.columns)) != len(self.columns):
                 raise ValueError(f"columns has duplicates: {list(self.columns)}")
         if self.backoff < 0:
@@ -346,6 +348,10 @@ class Dataset:
             self._epoch, self._rows = self._epoch + 1, 0
         n = self.options.num_epochs
         end = None if n is None else (self._epoch // n + 1) * n
+        if end is None and self._epoch_rows() == 0:
+            # nothing to read, forever: iterate nothing rather than spin
+            log.warning("rank %d reads no rows; num_epochs=None iterates nothing", self.reader.rank)
+            return
         if self.options.prefetch == 0:
             for item in self._produce(self._epoch, self._rows, end):
                 if item[0] is _END:
@@ -442,7 +448,13 @@ class Dataset:
             yield self._to_numpy(pending), epoch, pos
 
     def _to_numpy(self, pieces: list[pa.RecordBatch]) -> dict[str, np.ndarray]:
-        rb = pieces[0] if len(pieces) == 1 else pa.concat_batches(pieces)
+        if len(pieces) == 1:
+            return convert(pieces[0], self.plans)
+        try:
+            rb = pa.concat_batches(pieces)
+        except pa.ArrowInvalid:  # schemas equal but for metadata (a source's batches may differ)
+            cols = [pa.concat_arrays([p.column(i) for p in pieces]) for i in range(pieces[0].num_columns)]
+            rb = pa.RecordBatch.from_arrays(cols, names=pieces[0].schema.names)
         return convert(rb, self.plans)
 
     def _rows_from(self, splits: Sequence[Split], epoch: int, start: int) -> Iterator[pa.RecordBatch]:

@@ -233,6 +233,8 @@ class FileSource(Source):
             )
         self.retry = RetryPolicy(retries=retries, backoff=backoff)
         self._fs: fsspec.AbstractFileSystem | None = None
+        self._fs_pid = 0
+        self._meta: dict[str, pq.FileMetaData] = {}  # parsed Parquet footers, this process only
         self._files: list[_File] | None = None
         self._schema: pa.Schema | None = None
         self._splits: list[Split] | None = None
@@ -244,6 +246,7 @@ class FileSource(Source):
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["_fs"] = None
+        d["_meta"] = {}
         d["_pred"] = None  # only needed for discovery, and may be an unpicklable lambda
         d["partition_filter"] = None if self.partition_filter is None else repr(self.partition_filter)
         return d
@@ -253,9 +256,11 @@ class FileSource(Source):
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        if self._fs is None:
+        # a forked DataLoader worker must not share the parent's connections
+        if self._fs is None or self._fs_pid != os.getpid():
             opts = storage_options_for(self.urls[0], self.storage_options)
             self._fs, _ = fsspec.core.url_to_fs(self.urls[0], **opts)
+            self._fs_pid = os.getpid()
         return self._fs
 
     @property
@@ -354,6 +359,7 @@ class FileSource(Source):
                 if f.format == "parquet":
                     pf = pq.ParquetFile(fh)
                     md = pf.metadata
+                    self._meta[f.path] = md
                     f.schema = pf.schema_arrow
                     f.bounds = [0]
                     for i in range(md.num_row_groups):
@@ -535,7 +541,9 @@ class FileSource(Source):
         try:
             with self._open(f) as fh:
                 if f.format == "parquet":
-                    pf = pq.ParquetFile(fh)
+                    # the footer parsed at open time: no second footer read per split
+                    pf = pq.ParquetFile(fh, metadata=self._meta.get(f.path))
+                    self._meta.setdefault(f.path, pf.metadata)
                     for unit in units:
                         yield from (
                             (bt, unit)

@@ -149,3 +149,10 @@ def test_reader_id_and_split_validation() -> None:
         Split("k", 5, 4)
     s = Split("k", 1, 9, {"path": "p", "row_group": 3})
     assert Split.from_dict(s.to_dict()) == s and Split.from_dict(s.to_dict()).info == s.info
+
+
+def test_reader_with_no_rows_and_endless_epochs_iterates_nothing() -> None:
+    ds = data.read(ArraySource(n=2, split=2), batch_size=4, rank=2, world_size=3, num_epochs=None)
+    assert ds.num_rows == 0 and list(ds) == []
+    with pytest.raises(ValueError, match="at least one column"):
+        data.read(ArraySource(), columns=[], rank=0, world_size=1)
