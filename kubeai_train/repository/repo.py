@@ -427,7 +427,10 @@ class ModelRepository:
 
     # ------------------------------------------------------------------------------- publishing
     def _source_files(self, path: str | os.PathLike[str]) -> tuple[Any, list[tuple[str, str]]]:
-        src = os.fspath(path)
+        try:
+            src = os.fspath(path)
+        except TypeError:
+            src = None
         if not isinstance(src, str) or not src:
             raise SourceNotFoundError(f"publish needs a directory or file to publish, got {path!r}")
         if "://" in src:
@@ -445,20 +448,22 @@ class ModelRepository:
         if src_fs.isfile(src_path):
             return src_fs, [(src_path.rsplit("/", 1)[-1], src_path)]
         files = []
-        base = src_path.rstrip("/")
+        base = src_path.strip("/")
         for full, info in sorted(src_fs.find(src_path, detail=True).items()):
             if info.get("type") == "directory":
                 continue
-            rel = full[len(base) :].lstrip("/") if full.startswith(base) else full.rsplit("/", 1)[-1]
+            rel = full.lstrip("/")[len(base) :].lstrip("/") if full.lstrip("/").startswith(base + "/") else ""
+            if not rel or ".." in rel.split("/"):
+                raise SourceNotFoundError(f"cannot place {full!r} relative to {redact_url(src)!r}", path=src)
+            if rel == METADATA_FILE:
+                # A downloaded or another repository's version: its record describes that
+                # version, not this one; the new record is written by this publish.
+                logger.info("not publishing %s from %s (the repository writes its own)", rel, redact_url(src))
+                continue
             files.append((rel, full))
         if not files:
             raise SourceNotFoundError(
                 f"nothing to publish at {redact_url(src)!r}: the directory has no files", path=src
-            )
-        if any(rel == METADATA_FILE for rel, _ in files):
-            raise InvalidArgumentError(
-                f"{redact_url(src)!r} holds a file named {METADATA_FILE}, which the repository writes; "
-                "publish the export directory itself, not a downloaded version"
             )
         return src_fs, files
 
