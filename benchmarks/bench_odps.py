@@ -51,12 +51,19 @@ def _make_table(root: Path, rows: int) -> None:
     pq.write_table(pa.table(cols), d / "part-0.parquet", row_group_size=1 << 20)
 
 
-def _time(fn, repeat: int) -> tuple[float, int]:
-    times, n = [], 0
+_CPU: dict[str, float] = {}
+
+
+def _time(fn, repeat: int, name: str = "") -> tuple[float, int]:
+    """Median wall time of ``fn`` (and its median client CPU time, kept in _CPU[name])."""
+    times, cpus, n = [], [], 0
     for _ in range(repeat):
+        c = time.process_time()
         t = time.perf_counter()
         n = fn()
         times.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    _CPU[name] = statistics.median(cpus)
     return statistics.median(times), n
 
 
@@ -124,44 +131,56 @@ def main(argv: list[str] | None = None) -> int:
                     pass
 
             results: list[tuple[str, float]] = []
-            t_wire, _ = _time(wire, args.repeat)
-            results.append(("wire: plain GET of the tunnel body", rows / t_wire))
-            t, n = _time(lambda: fast(src), args.repeat)
+            name = "wire: plain GET of the tunnel body"
+            t_wire, _ = _time(wire, args.repeat, name)
+            results.append((name, rows / t_wire))
+            name = "kubeai fast reader (CRC verified) -> batches"
+            t, n = _time(lambda: fast(src), args.repeat, name)
             assert n == rows
-            results.append(("kubeai fast reader (CRC verified) -> batches", rows / t))
+            results.append((name, rows / t))
             for par in (2, 4):
                 sp = OdpsSource(url, split_rows=args.rows, parallel=par, sessions={"bench.wide": sess.id})
                 fast(sp)
-                t, n = _time(lambda sp=sp: fast(sp), args.repeat)
+                name = f"kubeai fast reader, parallel={par} range readers"
+                t, n = _time(lambda sp=sp: fast(sp), args.repeat, name)
                 assert n == rows
-                results.append((f"kubeai fast reader, parallel={par} range readers", rows / t))
+                results.append((name, rows / t))
             sl = OdpsSource(url, split_rows=args.rows, compression="lz4")
             fast(sl)
-            t, n = _time(lambda: fast(sl), args.repeat)
-            results.append(("kubeai fast reader, lz4 compression", rows / t))
-            t, n = _time(pyodps_arrow, args.repeat)
+            name = "kubeai fast reader, lz4 compression"
+            t, n = _time(lambda: fast(sl), args.repeat, name)
+            results.append((name, rows / t))
+            name = "pyodps TunnelArrowReader (open_arrow_reader)"
+            t, n = _time(pyodps_arrow, args.repeat, name)
             assert n == rows
-            results.append(("pyodps TunnelArrowReader (open_arrow_reader)", rows / t))
-            t, n = _time(pyodps_record, 1)
+            results.append((name, rows / t))
+            name = f"pyodps record reader ({rec_rows} rows, scaled)"
+            t, n = _time(pyodps_record, 1, name)
             assert n == rec_rows
             rec_rate = rec_rows / t
-            results.append((f"pyodps record reader ({rec_rows} rows, scaled)", rec_rate))
+            _CPU[name] *= rows / rec_rows
+            results.append((name, rec_rate))
         finally:
             proc.terminate()
             proc.join(10)
 
     wire_rate = results[0][1]
+    wire_cpu = _CPU[results[0][0]]
     print(
         f"\nODPS tunnel read, {rows} rows x 14 numeric columns, body {body_bytes / 1e6:.0f} MB "
         f"({body_bytes / rows:.0f} B/row), median of {args.repeat}, loopback, local server in its own process\n"
+        "rows/s and its ratios are wall clock; 'client CPU s' is the reader process's CPU time for all rows\n"
     )
-    print(f"| {'reader':50} | {'rows/s':>12} | {'MB/s':>8} | {'x wire':>7} | {'x record':>9} |")
-    print(f"|{'-' * 52}|{'-' * 14}|{'-' * 10}|{'-' * 9}|{'-' * 11}|")
+    print(
+        f"| {'reader':50} | {'rows/s':>12} | {'MB/s':>6} | {'x wire':>6} | {'x record':>8} | {'client CPU s':>12} |"
+    )
+    print(f"|{'-' * 52}|{'-' * 14}|{'-' * 8}|{'-' * 8}|{'-' * 10}|{'-' * 14}|")
     for name, rate in results:
         print(
-            f"| {name:50} | {rate:12,.0f} | {rate * body_bytes / rows / 1e6:8.0f} | "
-            f"{rate / wire_rate:7.2f} | {rate / rec_rate:9.1f} |"
+            f"| {name:50} | {rate:12,.0f} | {rate * body_bytes / rows / 1e6:6.0f} | "
+            f"{rate / wire_rate:6.2f} | {rate / rec_rate:8.1f} | {_CPU[name]:12.3f} |"
         )
+    print(f"\nwire drain CPU {wire_cpu:.3f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return 0
 
 

@@ -316,3 +316,16 @@ def test_three_ranks_two_loader_workers_one_session_per_partition(env, tmp_path)
     every = [i for r in range(3) for i in json.loads((tmp_path / f"ids{r}.json").read_text())]
     assert len(every) == TOTAL and sorted(every) == list(range(TOTAL))
     assert env.stats.snapshot()["sessions_created"] - before == len(PARTS)
+
+
+def test_crc_combination_matches_a_second_pass():
+    import crc32c
+
+    from kubeai_train.data.odps import _crc_shift_tables
+
+    rng = np.random.default_rng(1)
+    a, b = rng.bytes(1000), rng.bytes(4096)
+    t0, t1, t2, t3 = _crc_shift_tables(len(b))
+    ca, cb = crc32c.crc32c(a), crc32c.crc32c(b)
+    combined = t0[ca & 255] ^ t1[(ca >> 8) & 255] ^ t2[(ca >> 16) & 255] ^ t3[ca >> 24] ^ cb
+    assert combined == crc32c.crc32c(a + b)
