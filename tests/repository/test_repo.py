@@ -423,15 +423,11 @@ def test_gc_finishes_a_killed_gc(tmp_path, export_dir):
     assert not leftover.parent.exists()
 
 
-def test_republishing_a_downloaded_version_promotes_it(
-    repo_root, repo: ModelRepository, export_dir, tmp_path
-):
+def test_republishing_a_downloaded_version_promotes_it(repo: ModelRepository, export_dir, tmp_path):
     first = repo.publish("ctr", export_dir, metadata={"metrics": {"auc": 0.7}})
     dl = repo.download("ctr", 1, tmp_path / "dl")
     prod = ModelRepository(tmp_path / "prod")
-    promoted = prod.publish(
-        "ctr", dl, metadata=dict(first.metadata["metrics"] and {"metrics": first.metrics})
-    )
+    promoted = prod.publish("ctr", dl, metadata={"metrics": first.metrics})
     assert [(f.path, f.sha256) for f in promoted.manifest] == [(f.path, f.sha256) for f in first.manifest]
     assert promoted.metrics == {"auc": 0.7}
     with pytest.raises(SourceNotFoundError):
