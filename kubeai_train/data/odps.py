@@ -105,7 +105,7 @@ _COMPRESSION = {
     "zlib": CompressOption.CompressAlgorithm.ODPS_ZLIB,
     "deflate": CompressOption.CompressAlgorithm.ODPS_ZLIB,
 }
-_READERS = ("fast", "pyodps")
+_READERS = ("fast", "pyodps", "storage")
 _URL = re.compile(r"^odps://(?P<project>[^/]+)/tables/(?P<table>[^/]+)(?:/(?P<spec>.*))?$")
 _ACCESS_DENIED = (
     odps_errors.NoPermission,
@@ -278,7 +278,9 @@ class OdpsSource(Source):
             docstring (explicit values win over the environment).
         compression: ``None`` (default: loopback / fast networks), ``"lz4"``, ``"zstd"`` or
             ``"zlib"``: the tunnel compresses the body, the reader decompresses it.
-        reader: ``"fast"`` (default) or ``"pyodps"`` (pyodps's own TunnelArrowReader).
+        reader: ``"fast"`` (default), ``"pyodps"`` (pyodps's own TunnelArrowReader) or
+            ``"storage"`` (pyodps's Storage API ArrowReader over a batch-read session per
+            partition and process, addressed by row offset; its bodies carry no CRC).
         parallel: range readers per ``read`` call fetching consecutive sub-ranges concurrently
             (each its own HTTP connection), yielded in order.
         split_rows: rows per split (a download request reads at most this many rows).
@@ -787,7 +789,7 @@ class OdpsSource(Source):
         while pos < stop:
             sess = self._session(spec)
             try:
-                for batch in self._fetch(sess, pos, stop - pos, fetch):
+                for batch in self._fetch(sess, pos, stop - pos, fetch, spec):
                     if batch.num_rows == 0:
                         continue
                     if pos + batch.num_rows > stop:
@@ -803,6 +805,13 @@ class OdpsSource(Source):
                 if isinstance(e, odps_errors.ODPSError) and not _is_transient(e):
                     if self._expired(sess):
                         self._replace_session(spec, sess)
+                        continue
+                    if (
+                        self.reader == "storage"
+                        and self._drop_read_session(spec, fetch)
+                        and attempt < self.reopens
+                    ):
+                        attempt += 1  # an expired Storage API read session: open a new one
                         continue
                     raise self._translate(e, spec) from e
                 if not _is_transient(e):
@@ -833,7 +842,66 @@ class OdpsSource(Source):
             return False
         return bool(sess.status == sess.Status.Expired)
 
-    def _fetch(self, sess: Any, start: int, count: int, fetch: list[str] | None) -> Iterator[pa.RecordBatch]:
+    def _read_session(self, spec: Spec, fetch: list[str] | None) -> tuple[Any, str]:
+        """(StorageApiClient, read session id) of a partition and column set, one per process."""
+        from odps.apis.storage_api import SplitOptions, StorageApiClient, TableBatchScanRequest
+
+        cache = self._holder()["sessions"]
+        key = ("storage", self._key(spec), tuple(fetch or ()))
+        with self._lock:
+            hit = cache.get(key)
+            if hit is not None:
+                return hit  # type: ignore[no-any-return]
+            table = self._client.get_table(self.table_name, project=self.project)
+            client = StorageApiClient(self._client, table, rest_endpoint=self.tunnel_endpoint)
+            req = TableBatchScanRequest(
+                required_data_columns=list(fetch or []),
+                required_partitions=[_spec_str(spec).replace(",", "/")] if spec else [],
+            )
+            req.split_options = SplitOptions.get_default_options(SplitOptions.SplitMode.ROW_OFFSET)
+            try:
+                resp = client.create_read_session(req)
+            except odps_errors.ODPSError as e:
+                raise self._translate(e, spec) from e
+            known = self._counts.get(spec)
+            if known is not None and int(resp.record_count) != known:
+                raise OdpsTableChangedError(
+                    f"{self._where(spec)}: Storage API read session has {resp.record_count} rows, the splits "
+                    f"were cut from {known}; restart the epoch",
+                    table=self._key(spec),
+                )
+            cache[key] = (client, resp.session_id)
+            return cache[key]  # type: ignore[no-any-return]
+
+    def _drop_read_session(self, spec: Spec, fetch: list[str] | None) -> bool:
+        return (
+            self._holder()["sessions"].pop(("storage", self._key(spec), tuple(fetch or ())), None) is not None
+        )
+
+    def _fetch(
+        self, sess: Any, start: int, count: int, fetch: list[str] | None, spec: Spec = ()
+    ) -> Iterator[pa.RecordBatch]:
+        if self.reader == "storage":
+            from odps.apis.storage_api import ArrowReader, Compression, ReadRowsRequest
+
+            client, sid = self._read_session(spec, fetch)
+            codec = {None: Compression.UNCOMPRESSED, "lz4": Compression.LZ4_FRAME, "zstd": Compression.ZSTD}
+            req = ReadRowsRequest(
+                sid,
+                row_index=start,
+                row_count=count,
+                max_batch_rows=32768,
+                compression=codec.get(self.compression, Compression.UNCOMPRESSED),
+            )
+            reader = ArrowReader(client.read_rows_stream(req))
+            n = 0
+            while n < count:
+                batch = reader.read()
+                if batch is None:
+                    break
+                n += batch.num_rows
+                yield batch
+            return
         if self.reader == "pyodps":
             reader = sess.open_arrow_reader(start, count, columns=fetch, compress=bool(self.compression))
             try:

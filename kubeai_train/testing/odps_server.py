@@ -64,6 +64,7 @@ DEFAULT_ACCESS_ID = "local-access-id"
 DEFAULT_SECRET = "local-secret"  # a test credential of the local server, not a real secret
 _FAULT_KINDS = ("reset", "status", "bad_crc", "slow")
 _FAULT_SCOPES = ("data", "session", "meta", "any")
+_STORAGE_PREFIX = "/api/storage/v1"
 _ROWRANGE = re.compile(r"^\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
 
 
@@ -107,6 +108,44 @@ class _Session:
     part: PartitionData
     created: float
     expired: bool = False
+
+
+@dataclass
+class _ReadSession:
+    """A Storage API batch-read session: rows of its partitions, concatenated in order."""
+
+    id: str
+    table: TableInfo
+    parts: list[PartitionData]
+    columns: list[str]
+    partition_columns: list[str]
+    split_rows: int  # 0: RowOffset mode (no splits, rows addressed by offset)
+    created: float
+    expired: bool = False
+
+    @property
+    def num_rows(self) -> int:
+        return sum(p.num_rows for p in self.parts)
+
+    def rows(self, start: int, count: int) -> pa.Table:
+        pieces = []
+        base = 0
+        for part in self.parts:
+            lo, hi = max(start, base), min(start + count, base + part.num_rows)
+            if lo < hi:
+                t = part.data.slice(lo - base, hi - lo).select(self.columns)
+                for key in self.partition_columns:
+                    value = dict(part.spec).get(key)
+                    t = t.append_column(key, pa.repeat(pa.scalar(value, pa.string()), t.num_rows))
+                pieces.append(t)
+            base += part.num_rows
+        if not pieces:
+            schema = self.table.arrow_schema
+            fields = [schema.field(c) for c in self.columns] + [
+                pa.field(k, pa.string()) for k in self.partition_columns
+            ]
+            return pa.schema(fields).empty_table()
+        return pa.concat_tables(pieces)
 
 
 @dataclass
@@ -210,6 +249,7 @@ class OdpsServer:
         self._faults: list[Fault] = []
         self._fault_lock = threading.Lock()
         self._sessions: dict[str, _Session] = {}
+        self._read_sessions: dict[str, _ReadSession] = {}
         self._session_lock = threading.Lock()
         self._bodies: OrderedDict[tuple, bytes] = OrderedDict()
         self._body_bytes = 0
@@ -292,9 +332,12 @@ class OdpsServer:
             return [Fault(**vars(f)) for f in self._faults]
 
     def expire_sessions(self, session_id: str | None = None) -> int:
-        """Mark one (or every) download session expired; returns how many."""
+        """Mark one (or every) download / Storage API read session expired; returns how many."""
         with self._session_lock:
-            hit = [s for s in self._sessions.values() if session_id in (None, s.id)]
+            hit: list[_Session | _ReadSession] = [
+                s for s in self._sessions.values() if session_id in (None, s.id)
+            ]
+            hit += [s for s in self._read_sessions.values() if session_id in (None, s.id)]
             for s in hit:
                 s.expired = True
         return len(hit)
@@ -464,7 +507,10 @@ class _Handler(BaseHTTPRequestHandler):
             if raw.startswith("/__admin__/"):
                 self._admin(raw)
                 return
-            if odps.prefix and (raw == odps.prefix or raw.startswith(odps.prefix + "/")):
+            storage = raw.startswith(_STORAGE_PREFIX + "/")
+            # REST calls are signed relative to the endpoint (which ends in the prefix); Storage
+            # API calls go to the tunnel endpoint, so their signed path keeps /api/storage/v1.
+            if not storage and odps.prefix and (raw == odps.prefix or raw.startswith(odps.prefix + "/")):
                 raw = raw[len(odps.prefix) :]
             headers = {k.lower(): v for k, v in self.headers.items()}
             try:
@@ -473,7 +519,10 @@ class _Handler(BaseHTTPRequestHandler):
                 with odps.stats.lock:
                     odps.stats.auth_failures += 1
                 raise _HttpError(e.status, e.code, e.message) from None
-            self._route(raw)
+            if storage:
+                self._storage_route(raw)
+            else:
+                self._route(raw)
         except _HttpError as e:
             self._error(e.status, e.code, e.message)
         except CatalogError as e:
@@ -580,6 +629,149 @@ class _Handler(BaseHTTPRequestHandler):
                 self._table_xml(table, extended="extended" in params)
             return
         raise _HttpError(404, "NoSuchObject", f"no such resource {parts.path}")
+
+    # -- Storage API (odps.apis.storage_api): batch-read sessions and Arrow IPC streams ----------
+    def _storage_route(self, raw: str) -> None:
+        odps = self.server.odps
+        parts = urlsplit(raw)
+        segs = [unquote(x) for x in parts.path[len(_STORAGE_PREFIX) :].strip("/").split("/") if x]
+        params = dict(parse_qsl(parts.query, keep_blank_values=True))
+        # projects/<p>/schemas/<s>/tables/<t>/(sessions[/<id>] | data)
+        if len(segs) < 7 or segs[0] != "projects" or segs[2] != "schemas" or segs[4] != "tables":
+            raise _HttpError(404, "NoSuchObject", f"no such Storage API resource {parts.path}")
+        project, name, rest = segs[1], segs[5], segs[6:]
+        if not odps.catalog.project_exists(project):
+            raise _HttpError(404, "NoSuchProject", f"project {project!r} does not exist")
+        table = odps.catalog.table(project, name)
+        if table is None:
+            raise _HttpError(404, "NoSuchTable", f"table {project}.{name} does not exist")
+        if rest == ["sessions"] and self.command == "POST":
+            self._apply_faults("session")
+            self._storage_create(table)
+        elif len(rest) == 2 and rest[0] == "sessions" and self.command == "GET":
+            self._apply_faults("session")
+            self._storage_json(self._storage_session(rest[1], table), 200)
+        elif rest == ["data"] and self.command == "GET":
+            self._storage_data(table, params)
+        else:
+            raise _HttpError(404, "NoSuchObject", f"no such Storage API resource {parts.path}")
+
+    def _storage_session(self, sid: str, table: TableInfo) -> _ReadSession:
+        odps = self.server.odps
+        with odps._session_lock:
+            sess = odps._read_sessions.get(sid)
+        if sess is None or sess.table.name != table.name:
+            raise _HttpError(
+                404, "NoSuchSession", f"read session {sid!r} not found for {table.project}.{table.name}"
+            )
+        if time.time() - sess.created > odps.session_ttl:
+            sess.expired = True
+        return sess
+
+    def _storage_create(self, table: TableInfo) -> None:
+        odps = self.server.odps
+        try:
+            req = json.loads(self._req_body or b"{}")
+        except ValueError as e:
+            raise _HttpError(400, "InvalidArgument", f"read session request is not JSON: {e}") from None
+        known = [n for n, _ in table.columns]
+        columns = list(req.get("RequiredDataColumns") or known)
+        bad = [c for c in columns if c not in known]
+        pcols = list(req.get("RequiredPartitionColumns") or [])
+        bad += [c for c in pcols if c not in table.partition_keys]
+        if bad:
+            raise _HttpError(
+                400, "InvalidColumnSpec", f"columns {bad} not in table {table.project}.{table.name}"
+            )
+        wanted = [_parse_spec(x) for x in req.get("RequiredPartitions") or []]
+        specs = (
+            [self._lookup_partition(table, w) for w in wanted] if wanted else list(table.partitions or [()])
+        )
+        parts = [odps.catalog.read(table, sp) for sp in specs]
+        split = req.get("SplitOptions") or {}
+        mode = split.get("SplitMode", "Size")
+        number = int(split.get("SplitNumber") or 0)
+        total = sum(p.num_rows for p in parts)
+        row_bytes = max(1, sum(p.data.nbytes for p in parts) // max(1, total))
+        if mode == "RowOffset":
+            split_rows = 0
+        elif mode == "Parallelism":
+            split_rows = max(1, -(-total // max(1, number)))
+        elif mode == "Size":
+            split_rows = max(1, (number or 256 << 20) // row_bytes)
+        else:
+            raise _HttpError(400, "InvalidArgument", f"split mode {mode!r} is not supported here")
+        sess = _ReadSession(uuid.uuid4().hex.upper(), table, parts, columns, pcols, split_rows, time.time())
+        with odps._session_lock:
+            odps._read_sessions[sess.id] = sess
+        with odps.stats.lock:
+            odps.stats.sessions_created += 1
+        self._storage_json(sess, 201)
+
+    def _storage_json(self, sess: _ReadSession, status: int) -> None:
+        ptypes = dict.fromkeys(sess.table.partition_keys, "string")
+        ctypes = dict(sess.table.columns)
+        total = sess.num_rows
+        body = {
+            "SessionId": sess.id,
+            "SessionType": "batch_read",
+            "SessionStatus": "EXPIRED" if sess.expired else "NORMAL",
+            "ExpirationTime": int((sess.created + self.server.odps.session_ttl) * 1000),
+            "SplitsCount": -(-total // sess.split_rows) if sess.split_rows else -1,
+            "RecordCount": total,
+            "DataSchema": {
+                "DataColumns": [
+                    {"Name": c, "Type": ctypes[c], "Comment": "", "Nullable": True} for c in sess.columns
+                ],
+                "PartitionColumns": [
+                    {"Name": k, "Type": ptypes[k], "Comment": "", "Nullable": True}
+                    for k in sess.partition_columns
+                ],
+            },
+            "SupportedDataFormat": [{"Type": "arrow", "Version": "v5"}],
+        }
+        self._send(status, json.dumps(body).encode(), "application/json")
+
+    def _storage_data(self, table: TableInfo, params: dict[str, str]) -> None:
+        odps = self.server.odps
+        sess = self._storage_session(params.get("session_id", ""), table)
+        if sess.expired:
+            raise _HttpError(
+                400, "SessionExpired", f"read session {sess.id} has expired; create a new read session"
+            )
+        try:
+            split_index = int(params.get("split_index", "0"))
+            row_index = int(params.get("row_index", "0"))
+            row_count = int(params.get("row_count", "0"))
+            max_rows = max(1, int(params.get("max_batch_rows", "4096")))
+        except ValueError:
+            raise _HttpError(
+                400, "InvalidArgument", "split_index, row_index, row_count must be integers"
+            ) from None
+        total = sess.num_rows
+        if sess.split_rows:
+            lo = split_index * sess.split_rows
+            hi = min(total, lo + sess.split_rows)
+            if split_index < 0 or lo >= max(total, 1) and total:
+                raise _HttpError(400, "InvalidArgument", f"split_index {split_index} out of range")
+        else:
+            lo, hi = 0, total
+        start = lo + row_index
+        stop = hi if row_count <= 0 else min(hi, start + row_count)
+        if start > hi:
+            raise _HttpError(400, "InvalidArgument", f"row_index {row_index} is beyond the split")
+        faults = self._apply_faults("data")
+        with odps.stats.lock:
+            odps.stats.data_requests += 1
+        data = sess.rows(start, stop - start)
+        accept = self.headers.get("Accept-Encoding", "").strip().upper()
+        codec = {"LZ4_FRAME": "lz4", "ZSTD": "zstd"}.get(accept)
+        sink = pa.BufferOutputStream()
+        opts = pa.ipc.IpcWriteOptions(compression=codec)
+        with pa.ipc.new_stream(sink, data.schema, options=opts) as writer:
+            for batch in data.to_batches(max_chunksize=max_rows):
+                writer.write_batch(batch)
+        self._send_body(sink.getvalue().to_pybytes(), faults, None)
 
     def _project_xml(self, project: str) -> None:
         now = _rfc822(time.time())
@@ -745,6 +937,10 @@ class _Handler(BaseHTTPRequestHandler):
         if len(accept) == 1 and accept[0] in ENCODINGS:
             encoding = accept[0]
             body = compress_body(body, encoding)
+        self._send_body(body, faults, encoding)
+
+    def _send_body(self, body: bytes, faults: list[Fault], encoding: str | None) -> None:
+        odps = self.server.odps
         reset = next((f for f in faults if f.kind == "reset"), None)
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")

@@ -296,3 +296,39 @@ def test_cli_prints_endpoint_and_env(root):
         timeout=60,
     )
     assert bad.returncode == 2 and "not a directory" in bad.stderr
+
+
+@pytest.mark.parametrize("compression", ["UNCOMPRESSED", "LZ4_FRAME", "ZSTD"])
+def test_storage_api_read_session_through_pyodps(o, server, compression):
+    from odps.apis.storage_api import (
+        ArrowReader,
+        Compression,
+        ReadRowsRequest,
+        SessionRequest,
+        SplitOptions,
+        StorageApiClient,
+        TableBatchScanRequest,
+    )
+
+    client = StorageApiClient(o, o.get_table("parted"), rest_endpoint=server.tunnel_endpoint)
+    req = TableBatchScanRequest(
+        required_data_columns=["id", "s"],
+        required_partitions=["ds=20260101/hh=01", "ds=20260102/hh=00"],
+        required_partition_columns=["ds"],
+    )
+    req.split_options = SplitOptions.get_default_options(SplitOptions.SplitMode.PARALLELISM)
+    req.split_options.split_number = 3
+    created = client.create_read_session(req)
+    assert created.record_count == 800 and created.split_count == 3
+    assert [c.name for c in created.data_schema.data_columns] == ["id", "s"]
+    polled = client.get_read_session(SessionRequest(created.session_id))
+    assert polled.session_id == created.session_id and polled.record_count == 800
+    ids, ds = [], set()
+    for split in range(created.split_count):
+        rr = ReadRowsRequest(created.session_id, split_index=split, compression=Compression[compression])
+        reader = ArrowReader(client.read_rows_stream(rr))
+        while (batch := reader.read()) is not None:
+            assert batch.schema.names == ["id", "s", "ds"]
+            ids += batch.column("id").to_pylist()
+            ds |= set(batch.column("ds").to_pylist())
+    assert ids == list(range(700, 1000)) + list(range(1000, 1500)) and ds == {"20260101", "20260102"}
