@@ -73,8 +73,10 @@ def snapshot(graph: Any, batch_size: int = 512) -> list[VariableInfo]:
     """
     infos: dict[str, dict[str, Any]] = {}
     order: list[str] = []
+    # local variables (e.g. SyncReplicasOptimizer's local step) live on the trainer, not a PS
+    local = {v.op.name for v in graph.get_collection("local_variables")}
     for op in graph.get_operations():
-        if op.type not in ("VarHandleOp", "VariableV2"):
+        if op.type not in ("VarHandleOp", "VariableV2") or op.name in local:
             continue
         shape = tuple(int(d.size) for d in op.get_attr("shape").dim)
         dtype = op.get_attr("dtype").name

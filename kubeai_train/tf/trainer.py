@@ -97,6 +97,8 @@ class RunResult:
     model_uri: str | None = None
     placement: dict[str, Any] | None = None
     ready_seconds: float = 0.0
+    ready_at: float = 0.0
+    train_seconds: float = 0.0
 
 
 def run(
@@ -290,6 +292,9 @@ class _Trainer:
             )
             self.sync_opt = opt
         self.train_op = opt.minimize(self.loss, global_step=self.global_step)
+        if self.sync_opt is not None:
+            # built by SyncReplicasOptimizer for its hook; unused in the planning pass (quiet tf_should_use)
+            getattr(self.sync_opt.ready_for_local_init_op, "mark_used", lambda: None)()
 
     def _plan(self) -> None:
         """Pass 1: build the model in a throw-away graph, snapshot its variables, ask the policy."""
@@ -396,6 +401,7 @@ class _Trainer:
             self._worker_start(sess)
         position = self._read_position(sess)
         result.ready_seconds = time.perf_counter() - t0
+        result.ready_at = time.time()
         log.info(
             "%s ready in %.2f s (%s); position %s",
             self.tag,
@@ -527,12 +533,14 @@ class _Trainer:
         if self.is_chief:
             with tf.Graph().as_default():  # the v1 writer refuses eager mode; it adds no ops
                 writer = tf.compat.v1.summary.FileWriter(self.model_dir)
-        fetches = [self.step_op, self.loss, self.global_step, self.batch_rows]
+        # the global step is a read from a PS: fetch it every step only when max_steps needs it
+        step_gstep = cfg.max_steps is not None
+        fetches = [self.step_op, self.loss, self.global_step if step_gstep else self.step_op, self.batch_rows]
         if self.audit is not None:
             fetches.append(self.audit)
         audit: list[np.ndarray] = []
         chunk = 0
-        t_log = time.perf_counter()
+        t_log = t_loop = time.perf_counter()
         ex_log = 0
         last_loss = float("nan")
         step = 0
@@ -549,6 +557,11 @@ class _Trainer:
                 step += 1
                 result.examples += int(rows)
                 ex_log += int(rows)
+                boundary = step % cfg.log_steps == 0 or (
+                    self.is_chief and step % cfg.save_checkpoint_steps == 0
+                )
+                if boundary and not step_gstep:
+                    gstep = sess.run(self.global_step)
                 if step % cfg.log_steps == 0:
                     now = time.perf_counter()
                     eps = ex_log / max(now - t_log, 1e-9)
@@ -580,8 +593,9 @@ class _Trainer:
                 writer.close()
             if audit:
                 self._write_audit(audit, chunk)
-        result.local_steps = step
-        result.global_step = int(gstep)
+        result.train_seconds += time.perf_counter() - t_loop
+        result.local_steps += step
+        result.global_step = int(sess.run(self.global_step))
         # the position of the last applied batch is already stored; mark it done
         position = self._read_position(sess) or {}
         sess.run(self.set_position, {self.position_in: json.dumps({**position, "done": True})})

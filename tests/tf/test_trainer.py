@@ -287,6 +287,42 @@ def test_twenty_startups_back_to_back_never_hang(tmp_path):
     )
 
 
+def test_sync_replicas_stop_together_at_max_steps(ctr_small, tmp_path):
+    root, _ = ctr_small
+    model_dir = tmp_path / "m"
+    res = launch(
+        EXAMPLE,
+        [
+            "--train-data",
+            str(root / "train"),
+            "--eval-data",
+            str(root / "eval"),
+            "--model-repo",
+            str(tmp_path / "repo"),
+            "--model-dir",
+            str(model_dir),
+            "--hash-buckets",
+            "1000",
+            "--batch-size",
+            "256",
+            "--sync",
+            "--max-steps",
+            "30",
+            "--epochs",
+            "5",
+            "--log-steps",
+            "10",
+        ],
+        timeout=240,
+    )
+    assert res.returncode == 0, tail(res.output)
+    trained = json.loads((model_dir / "_TRAINED.json").read_text())
+    # one global step per aggregated update of all 3 replicas, stopped at max_steps
+    assert 30 <= trained["global_step"] <= 32
+    assert "Object was never used" not in res.output
+    assert (model_dir / "_PUBLISHED.json").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
