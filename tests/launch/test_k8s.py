@@ -308,7 +308,7 @@ def specs(draw):
     return JobSpec.from_counts(framework, scheduling=sched, **common, **kw)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs())
 def test_sweep_every_spec_renders_a_strictly_valid_manifest(spec):
     m = k8s.render(spec)  # validates: strict CRD schema + webhook rules
@@ -331,7 +331,7 @@ def test_sweep_every_spec_renders_a_strictly_valid_manifest(spec):
     assert text == k8s.to_yaml(k8s.render(spec)) and yaml.safe_load(text) == m
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(spec=specs(), data=st.data())
 def test_sweep_an_unknown_field_anywhere_typed_is_rejected(spec, data):
     m = k8s.render(spec)

@@ -433,7 +433,7 @@ def test_chief_success_stops_ps_and_stragglers(tmp_path):
             "--workers",
             "2",
             "--success-grace",
-            "1",
+            "3",
             "--grace-period",
             "1",
             job,
@@ -441,9 +441,10 @@ def test_chief_success_stops_ps_and_stragglers(tmp_path):
         timeout=60,
     )
     assert res.returncode == 0, res.stderr
-    assert time.monotonic() - t0 < 20
-    assert "chief:0 succeeded: job job succeeded; stopping ps:0, ps:1" in res.stderr
-    assert "stopping worker:1 after the success grace period" in res.stderr
+    assert time.monotonic() - t0 < 30, res.stderr
+    assert "chief:0 succeeded: job job succeeded; stopping ps:0, ps:1" in res.stderr, res.stderr
+    # worker:0 normally finishes within the grace period; on a loaded machine it may be stopped too
+    assert re.search(r"stopping (worker:0, )?worker:1 after the success grace period", res.stderr), res.stderr
 
 
 def _rank_and_sum(scale):
