@@ -599,10 +599,12 @@ class _Trainer:
         base = int(self.step.numpy())
         finished: set[int] = set()
         t_log, rows_log, since_save = time.perf_counter(), 0, 0
+        last_progress = time.monotonic()
         while len(finished) < workers:
             remaining = max(0, sum(share) - sum(done_rows))
             n = min(max(workers, math.ceil(remaining / cfg.batch_size) + workers), cfg.save_checkpoint_steps)
             rvs = [self._dispatch(self.iter_fn, (iterator,)) for _ in range(n)]
+            before = result.examples
             for rv in rvs:
                 loss, rows, w = rv.fetch()
                 if int(rows) == 0:
@@ -616,6 +618,18 @@ class _Trainer:
                 if result.local_steps % cfg.log_steps == 0:
                     self._log(result, float(loss), base + result.local_steps, t_log, rows_log)
                     t_log, rows_log = time.perf_counter(), 0
+            if result.examples > before:
+                last_progress = time.monotonic()
+            elif len(finished) < workers:
+                # only finished workers ran this round: the others are down (TensorFlow keeps
+                # their closures until they are back); wait for them, but not forever
+                missing = sorted(set(range(workers)) - finished)
+                if time.monotonic() - last_progress > cfg.worker_wait_timeout:
+                    raise TrainError(
+                        f"{self.tag} workers {missing} have not reported their share done within "
+                        f"worker_wait_timeout={cfg.worker_wait_timeout}s; are they running?"
+                    )
+                time.sleep(0.5)
             if since_save >= cfg.save_checkpoint_steps and len(finished) < workers:
                 self._save_with_state({"workers": {"rows": done_rows}})
                 since_save = 0
