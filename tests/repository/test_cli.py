@@ -153,6 +153,7 @@ def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path, capsys, argv, matc
     assert match in err
 
 
+@pytest.mark.integration
 def test_module_entry_point_runs(tmp_path):
     from kubeai_train.repository import ModelRepository
 
