@@ -308,7 +308,7 @@ def specs(draw):
     return JobSpec.from_counts(framework, scheduling=sched, **common, **kw)
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(spec=specs())
 def test_sweep_every_spec_renders_a_strictly_valid_manifest(spec):
     m = k8s.render(spec)  # validates: strict CRD schema + webhook rules
