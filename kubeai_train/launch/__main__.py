@@ -45,7 +45,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Run one training job locally or on Kubernetes (TFJob / PyTorchJob).")
+    p = _Parser(
+        prog=PROG,
+        usage=f"{PROG} [launcher flags] (script.py | -m module) [script args...]\n       {PROG} --job FILE [launcher flags] [script args...]",
+        description="Run one training job locally (supervised processes) or on Kubernetes (TFJob / PyTorchJob). "
+        "Everything after the script (or after --) is the script's.",
+    )
     p.add_argument("--framework", help="tf or torch")
     p.add_argument(
         "--workers", type=int, help="torch: processes in total (1 master + N-1 workers); tf: worker replicas"

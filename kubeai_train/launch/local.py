@@ -17,8 +17,10 @@ Guarantees:
   job still succeeds (the operator marks the job Succeeded at that point too);
 * restarts: the restart policy and backoff limit decide (``decide``): ``ExitCode`` retries exit
   codes >= 128 (killed by a signal) and treats 1-127 as permanent, ``OnFailure``/``Always``
-  retry any non-zero code, ``Never`` none; at most ``backoff_limit`` restarts per job. The failed
-  replica alone is restarted, with the same environment, like the operator recreating one pod;
+  retry any non-zero code (``Always`` does not restart a process that exited 0: it is done),
+  ``Never`` none; at most ``backoff_limit`` restarts per job. The failed replica alone is
+  restarted (all its processes when ``nproc_per_node > 1``), with the same environment, after
+  0.5 s doubling per restart (at most 10 s), like the operator recreating one pod;
 * no orphans: each process leads its own process group, dies with the launcher
   (``PR_SET_PDEATHSIG``), and a watchdog process kills the groups if the launcher is SIGKILLed;
   SIGINT/SIGTERM to the launcher are forwarded to every group.
