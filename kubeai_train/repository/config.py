@@ -166,7 +166,7 @@ class RepositoryConfig:
     """
 
     root: str
-    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)  # may hold secrets
     commit: str = "auto"
     grace_seconds: float = 3600.0
     serve_latest: int = 1

@@ -127,7 +127,7 @@ def test_secrets_never_reach_metadata_or_logs(repo_root, export_dir, caplog):
         dataset="oss://AKID:TOPSECRET-4@bucket/train/",
     )
     raw = repo._store.read(repo._store.join(repo._vdir("ctr", mv.version), METADATA_FILE))
-    text = raw.decode() + caplog.text + repr(repo) + json.dumps(mv.to_json())
+    text = raw.decode() + caplog.text + repr(repo) + repr(repo.config) + json.dumps(mv.to_json())
     for secret in ("TOPSECRET-1", "TOPSECRET-2", "TOPSECRET-3", "TOPSECRET-4", "AKID"):
         assert secret not in text
     assert mv.metadata["params"] == {
