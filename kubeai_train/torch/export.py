@@ -16,6 +16,7 @@ sample inputs before it returns.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Mapping
@@ -68,9 +69,8 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
         raise ExportError(f"export directory {out} is not empty: give a new directory")
-    module = module.to("cpu")
-    was_training = module.training
-    module.eval()
+    # a CPU copy: the live model (maybe on a GPU, maybe still training) is left as it is
+    module = copy.deepcopy(module).to("cpu").eval()
     serving = ServingModule(module).eval()
     try:
         program = torch.jit.script(serving)
@@ -106,7 +106,6 @@ def export(
         "torch_version": torch.__version__,
     }
     (out / "signature.json").write_text(json.dumps(signature, indent=2))
-    module.train(was_training)
     return out
 
 

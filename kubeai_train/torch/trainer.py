@@ -37,7 +37,7 @@ from kubeai_train.torch.checkpoint import CheckpointStore
 from kubeai_train.torch.features import CTRFeatures
 from kubeai_train.torch.group import DistContext, guard
 from kubeai_train.torch.group import init as init_group
-from kubeai_train.torch.optim import SplitOptimizer
+from kubeai_train.torch.optim import SplitOptimizer, split_parameters
 from kubeai_train.torch.summary import ScalarWriter
 from kubeai_train.torch.types import ConfigError, TrainConfig
 
@@ -141,6 +141,11 @@ class Trainer:
         self.config = config or TrainConfig()
         self.ctx = ctx or init_group()
         self.features = features
+        if self.ctx.backend == "nccl" and split_parameters(model)[0]:
+            raise ConfigError(
+                "nccl cannot all-reduce sparse gradients: build the model with sparse=False "
+                "(e.g. DLRM(..., sparse=False)) or train on CPU with gloo"
+            )
         self.module = model.to(self.ctx.device)
         # DDP broadcasts rank 0's parameters now, so every replica starts identical.
         with guard("wrapping the model in DDP (initial parameter broadcast)"):

@@ -211,3 +211,21 @@ def test_killed_rank_restarts_job_which_resumes_from_checkpoint(ctr_data, tmp_pa
     assert result["rows"] == 32000 and result["steps"] == 250
     assert CheckpointStore(str(model_dir / "checkpoints")).latest_step() == 250
     assert result["metrics"]["auc"] > 0.65
+
+
+def test_plain_torchrun(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(Path(__file__).with_name("_torchrun_job.py"))],
+        env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted(
+        (json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line),
+        key=lambda r: r["rank"],
+    )
+    assert results == [
+        {"rank": 0, "world": 2, "local_rank": 0, "sum": 3.0},
+        {"rank": 1, "world": 2, "local_rank": 1, "sum": 3.0},
+    ]
