@@ -27,7 +27,7 @@ Example::
 """
 
 from kubeai_train.torch.checkpoint import CheckpointStore
-from kubeai_train.torch.export import export, load, publish
+from kubeai_train.torch.exporter import export, load, publish
 from kubeai_train.torch.features import CTRFeatures, hash_column
 from kubeai_train.torch.group import DistContext, guard, init, process_group, run, shutdown
 from kubeai_train.torch.model import DLRM

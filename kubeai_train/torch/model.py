@@ -6,7 +6,7 @@ one logit per row. All categorical features share one ``EmbeddingBag(sparse=True
 feature owns a contiguous block of rows), so DDP exchanges a single sparse gradient per step
 holding only the rows the batch touched, instead of the whole table.
 
-The module is TorchScript-compatible; ``kubeai_train.torch.export`` scripts it as-is.
+The module is TorchScript-compatible; ``kubeai_train.torch.exporter`` scripts it as-is.
 """
 
 # no `from __future__ import annotations`: TorchScript needs real class annotations

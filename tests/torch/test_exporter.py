@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kubeai_train.torch.export import ServingModule, export, load
+from kubeai_train.torch.exporter import ServingModule, export, load
 from kubeai_train.torch.features import CTRFeatures
 from kubeai_train.torch.model import DLRM
 from kubeai_train.torch.types import ExportError
