@@ -455,8 +455,8 @@ class _Trainer:
                 self._train_chief(result, state)
             result.global_step = int(self.step.numpy())
             result.checkpoint = self._save(result.global_step)
-        except _RETRYABLE as e:
-            if not self.distributed:
+        except tf.errors.OpError as e:
+            if not self.distributed or not _is_cluster_loss(e):
                 raise
             raise ClusterUnavailableError(
                 f"lost the cluster's state: {type(e).__name__}: {' '.join(str(e).split())[:240]}"
@@ -729,6 +729,19 @@ class _Trainer:
                 "placement": placement,
             },
         }
+
+
+def _is_cluster_loss(e: Exception) -> bool:
+    """An error meaning a task (a PS) went away or came back empty: restart and restore."""
+    if isinstance(e, _RETRYABLE):
+        return True
+    # a PS that restarts between two RPCs shows up as an unknown device / missing remote handle
+    text = str(e)
+    return (
+        isinstance(e, tf.errors.InvalidArgumentError)
+        and "/job:ps" in text
+        and ("unknown device" in text.lower() or "remote_handle" in text)
+    )
 
 
 def _read_json(path: str) -> Any:

@@ -295,3 +295,15 @@ def test_local_run_trains_exports_and_evaluates(small, tmp_path, clean_cluster_e
     # a second run on a finished model_dir goes straight to export, same checkpoint, no new version
     again = coord.run(_model(learning_rate=0.2), cfg)
     assert again.checkpoint == res.checkpoint and again.version == 1 and again.local_steps == 0
+
+
+def test_cluster_loss_classification():
+    from kubeai_train.tf.coordinator import _is_cluster_loss
+
+    assert _is_cluster_loss(tf.errors.UnavailableError(None, None, "ps gone"))
+    assert _is_cluster_loss(tf.errors.NotFoundError(None, None, "Resource does not exist"))
+    assert _is_cluster_loss(
+        tf.errors.InvalidArgumentError(None, None, "Unknown device /job:ps/replica:0/task:1/device:CPU:0")
+    )
+    assert not _is_cluster_loss(tf.errors.InvalidArgumentError(None, None, "shape mismatch [3] vs [4]"))
+    assert not _is_cluster_loss(tf.errors.ResourceExhaustedError(None, None, "OOM"))
