@@ -262,20 +262,47 @@ def write_native(
     return paths
 
 
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int64 as protobuf does: ten bytes of two's complement
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(tag: int, payload: bytes) -> bytes:
+    return bytes((tag,)) + _varint(len(payload)) + payload
+
+
+def encode_examples(cols: Mapping[str, np.ndarray], kinds: Mapping[str, str], n: int) -> list[bytes]:
+    """Rows as serialized ``tf.train.Example`` protos, encoded directly (several times faster
+    than building proto objects; the bytes parse to the same Example)."""
+    per_col: list[list[bytes]] = []
+    for c, kind in kinds.items():
+        key = _len_field(0x0A, c.encode())  # map entry field 1: the key
+        if kind == "string":
+            # Feature.bytes_list (1) > BytesList.value (1)
+            vals = [_len_field(0x0A, _len_field(0x0A, str(v).encode())) for v in cols[c][:n].tolist()]
+        elif kind == "float32":
+            # Feature.float_list (2) > FloatList.value (1, packed)
+            raw = np.ascontiguousarray(cols[c][:n], dtype="<f4").tobytes()
+            vals = [b"\x12\x06\x0a\x04" + raw[4 * i : 4 * i + 4] for i in range(n)]
+        else:
+            # Feature.int64_list (3) > Int64List.value (1, packed varints)
+            vals = [_len_field(0x1A, _len_field(0x0A, _varint(int(v)))) for v in cols[c][:n].tolist()]
+        per_col.append([_len_field(0x0A, key + _len_field(0x12, v)) for v in vals])
+    return [_len_field(0x0A, b"".join(row)) for row in zip(*per_col, strict=True)]
+
+
 def _write_tfrecord(path: str, cols: Mapping[str, np.ndarray], kinds: Mapping[str, str], n: int) -> None:
-    feature = tf.train.Feature
     with tf.io.TFRecordWriter(path) as w:
-        for i in range(n):
-            feats = {}
-            for c, kind in kinds.items():
-                v = cols[c][i]
-                if kind == "string":
-                    feats[c] = feature(bytes_list=tf.train.BytesList(value=[str(v).encode()]))
-                elif kind == "float32":
-                    feats[c] = feature(float_list=tf.train.FloatList(value=[float(v)]))
-                else:
-                    feats[c] = feature(int64_list=tf.train.Int64List(value=[int(v)]))
-            w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+        for record in encode_examples(cols, kinds, n):
+            w.write(record)
 
 
 def _write_csv(path: str, cols: Mapping[str, np.ndarray], kinds: Mapping[str, str], n: int) -> None:

@@ -307,3 +307,26 @@ def test_cluster_loss_classification():
     )
     assert not _is_cluster_loss(tf.errors.InvalidArgumentError(None, None, "shape mismatch [3] vs [4]"))
     assert not _is_cluster_loss(tf.errors.ResourceExhaustedError(None, None, "OOM"))
+
+
+def test_encoded_examples_parse_to_the_protos_tensorflow_builds():
+    from kubeai_train.tf._coord_input import encode_examples
+
+    cols = {
+        "C1": np.array(["a", "", "ü€x" * 50], dtype=object),
+        "I1": np.array([1.5, np.nan, -3e38], dtype=np.float32),
+        "label": np.array([0, 1, -5], dtype=np.int64),
+    }
+    kinds = {"C1": "string", "I1": "float32", "label": "int64"}
+    for i, raw in enumerate(encode_examples(cols, kinds, 3)):
+        ex = tf.train.Example.FromString(raw)
+        f = ex.features.feature
+        assert f["C1"].bytes_list.value == [cols["C1"][i].encode()]
+        np.testing.assert_array_equal(np.float32(f["I1"].float_list.value[0]), cols["I1"][i])
+        assert f["label"].int64_list.value == [cols["label"][i]]
+        want = tf.train.Example(features=tf.train.Features(feature={
+            "C1": tf.train.Feature(bytes_list=tf.train.BytesList(value=[cols["C1"][i].encode()])),
+            "I1": tf.train.Feature(float_list=tf.train.FloatList(value=[cols["I1"][i]])),
+            "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[cols["label"][i]])),
+        }))  # fmt: skip
+        assert ex == want or (np.isnan(cols["I1"][i]) and len(ex.features.feature) == 3)
