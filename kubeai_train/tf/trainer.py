@@ -667,6 +667,11 @@ class _Trainer:
                     predictor, self.read, cfg.eval_data, keep=cfg.eval_predictions, options=cfg.reader_options
                 )
                 np.savez(os.path.join(self.model_dir, EVAL_SAMPLE), **sample)  # type: ignore[arg-type]
+                with tf.Graph().as_default():
+                    writer = tf.compat.v1.summary.FileWriter(os.path.join(self.model_dir, "eval"))
+                    values = {f"eval/{k}": result.metrics[k] for k in ("auc", "logloss")}
+                    writer.add_summary(_summary(values), result.global_step)
+                    writer.close()
                 log.info(
                     "%s eval on %s: auc %.4f logloss %.4f (%d rows)",
                     self.tag,
