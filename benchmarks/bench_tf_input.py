@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -104,6 +105,7 @@ def main() -> int:
             run_dir = out / f"{name.replace('/', '_')}-w{n}"
             steps = run_dir / "steps.jsonl"
             run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(run_dir / "model", ignore_errors=True)  # a finished model dir would skip training
             steps.unlink(missing_ok=True)
             cli = [
                 "--job",
