@@ -9,7 +9,12 @@ ranges of it, and rows come through the Arrow tunnel (``?data&arrow``, never the
 reader). By default (``reader="fast"``) the download request is made and signed by pyodps's
 own session / RestClient, and its body is decoded here: chunks and their CRC32C checksums are
 verified with hardware CRC32C in whole chunks, and the Arrow IPC stream is decoded by pyarrow.
-``reader="pyodps"`` uses ``TableDownloadSession.open_arrow_reader`` unchanged instead.
+``reader="pyodps"`` uses ``TableDownloadSession.open_arrow_reader`` unchanged instead, and
+``reader="storage"`` the Storage API (``odps.apis.storage_api`` batch-read sessions, read by
+row offset with pyodps's ``ArrowReader``). The tunnel is the default because its bodies carry a
+CRC32C per chunk that is verified here (Storage API bodies carry none), its download session
+is shared by id across all processes of a job, and any row range can be addressed; measured
+on the local server the fast tunnel reader is also the faster one (benchmarks/bench_odps.py).
 
 Sharing the download session (every rank and loader worker must read the same snapshot, and
 ODPS limits sessions): the session id of each partition is taken from, in order,
@@ -69,6 +74,7 @@ from kubeai_train.data.types import (
 )
 
 try:
+    import crc32c as _crc32c  # hardware CRC32C (SSE4.2 / ARMv8) that accepts memoryviews
     import odps as _odps  # noqa: F401  (fail early with the install hint)
     import requests
     import urllib3
@@ -80,7 +86,6 @@ try:
 except ImportError as _e:  # pragma: no cover - exercised only without the extra
     raise ImportError("reading odps:// needs pyodps: pip install 'kubeai_train[odps]'") from _e
 
-import crc32c as _crc32c
 
 __all__ = [
     "SESSIONS_ENV",
