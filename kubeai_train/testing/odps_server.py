@@ -62,7 +62,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ACCESS_ID = "local-access-id"
 DEFAULT_SECRET = "local-secret"  # a test credential of the local server, not a real secret
-_FAULT_KINDS = ("reset", "status", "bad_crc", "slow")
+_FAULT_KINDS = ("reset", "truncate", "status", "bad_crc", "slow")
 _FAULT_SCOPES = ("data", "session", "meta", "any")
 _STORAGE_PREFIX = "/api/storage/v1"
 _ROWRANGE = re.compile(r"^\(\s*(\d+)\s*,\s*(\d+)\s*\)$")
@@ -73,7 +73,8 @@ class Fault:
     """One injected fault rule; each matching request consumes one of ``count``.
 
     Attributes:
-        kind: "reset" (send ``after_bytes`` of the body, then a TCP reset), "status" (answer
+        kind: "reset" (send ``after_bytes`` of the body, then a TCP reset), "truncate" (send
+            ``after_bytes`` of the body, then close the connection cleanly), "status" (answer
             ``status`` with an ODPS error body), "bad_crc" (flip a chunk CRC of an Arrow body,
             or the record checksum of a record body), "slow" (sleep ``delay`` s first).
         scope: which requests: "data" (tunnel downloads), "session" (session create/poll),
@@ -941,7 +942,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_body(self, body: bytes, faults: list[Fault], encoding: str | None) -> None:
         odps = self.server.odps
-        reset = next((f for f in faults if f.kind == "reset"), None)
+        reset = next((f for f in faults if f.kind in ("reset", "truncate")), None)
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
@@ -964,7 +965,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._reset = True
             self.close_connection = True
             try:
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if reset.kind == "reset":  # RST instead of FIN
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                else:
+                    self.connection.shutdown(socket.SHUT_RDWR)
                 self.connection.close()
             except OSError:
                 pass

@@ -153,6 +153,7 @@ def test_data_read_non_partitioned(env):
 # ------------------------------------------------------------------ faults
 FAULTS = [
     {"kind": "reset", "after_bytes": 5000},
+    {"kind": "truncate", "after_bytes": 7000},
     {"kind": "status", "status": 503},
     {"kind": "status", "status": 500},
     {"kind": "bad_crc", "chunk": 2},
@@ -160,7 +161,7 @@ FAULTS = [
 
 
 @pytest.mark.parametrize("reader", ["fast", "pyodps"])
-@pytest.mark.parametrize("fault", FAULTS, ids=["reset", "503", "500", "bad_crc"])
+@pytest.mark.parametrize("fault", FAULTS, ids=["reset", "truncate", "503", "500", "bad_crc"])
 def test_faults_reopen_at_the_exact_row(env, fault, reader):
     src = OdpsSource("odps://proj/tables/events", split_rows=2000, reader=reader, backoff=0.01)
     src.splits()

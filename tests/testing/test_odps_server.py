@@ -175,10 +175,11 @@ def test_missing_table_and_partition(o, server):
     "fault",
     [
         {"kind": "reset", "after_bytes": 9000},
+        {"kind": "truncate", "after_bytes": 9000},
         {"kind": "status", "status": 503},
         {"kind": "bad_crc", "chunk": 1},
     ],
-    ids=["reset", "503", "bad_crc"],
+    ids=["reset", "truncate", "503", "bad_crc"],
 )
 def test_pyodps_arrow_reader_recovers_from_faults(o, server, fault):
     s = _tunnel(o, server).create_download_session("plain")
