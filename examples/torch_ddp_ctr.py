@@ -13,7 +13,9 @@ TorchScript program and publishes it to the model repository with its metrics an
         --eval-data /tmp/ctr/eval --model-repo /tmp/models --model-dir /tmp/torch_ctr
 
 Without a launcher it trains in one process (a process group of one): the baseline.
-``--model-dir`` holds checkpoints/ and tensorboard/; reuse it only to resume the same job.
+``--model-dir`` holds checkpoints/ (and tensorboard/ when local); reuse it only to resume the
+same job. On Kubernetes, print the PyTorchJob with ``--target k8s --image IMG --name NAME
+--dry-run`` and give ``--model-dir`` a shared volume or an ``oss://`` URL.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import logging
 import os
 import sys
 import tempfile
-import time
 from typing import Any
 
 import numpy as np
@@ -40,7 +41,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-data", required=True, help="eval data URI")
     p.add_argument("--model-repo", required=True, help="model repository URI to publish to")
     p.add_argument("--model-name", default="ctr")
-    p.add_argument("--model-dir", default=None, help="checkpoints + TensorBoard (shared by all ranks)")
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="checkpoints (shared by all ranks: a shared volume or an fsspec URL such as oss://...)",
+    )
+    p.add_argument(
+        "--tensorboard-dir",
+        default=None,
+        help="rank 0's TensorBoard summaries (a local path; default <model-dir>/tensorboard when that is local)",
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1024, help="rows per step per rank")
     p.add_argument("--dense-lr", type=float, default=1e-3)
@@ -73,9 +83,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         config = kt.TrainConfig(
             dense_lr=args.dense_lr,
             sparse_lr=args.sparse_lr,
-            checkpoint_dir=os.path.join(model_dir, "checkpoints"),
+            checkpoint_dir=model_dir.rstrip("/") + "/checkpoints",
             checkpoint_every=args.checkpoint_steps,
-            log_dir=os.path.join(model_dir, "tensorboard"),
+            log_dir=args.tensorboard_dir
+            or (None if "://" in model_dir else os.path.join(model_dir, "tensorboard")),
             log_every=args.log_steps,
             num_workers=args.num_workers,
             max_steps=args.max_steps,
@@ -105,7 +116,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "eval_rows": metrics["rows"],
         }
         if ctx.is_chief:
-            result.update(_export_and_publish(args, trainer, features, fit, metrics, model_dir))
+            result.update(_export_and_publish(args, trainer, features, fit, metrics))
         trainer.close()
         ctx.barrier("end of job")  # nobody tears the group down while rank 0 publishes
     return result
@@ -117,7 +128,6 @@ def _export_and_publish(
     features: kt.CTRFeatures,
     fit: kt.FitResult,
     metrics: dict[str, float],
-    model_dir: str,
 ) -> dict[str, Any]:
     # the first eval rows, exactly as the trainer sees them: the export check's sample
     first = next(
@@ -128,7 +138,8 @@ def _export_and_publish(
     live = trainer.predict(ids, dense)
     if args.predictions_out:
         np.savez(args.predictions_out, ids=batch["ids"], dense=batch["dense"], predictions=live.numpy())
-    export_dir = os.path.join(model_dir, "export", f"{int(time.time() * 1000)}")
+    # a local staging directory: the repository copies it to wherever it lives
+    export_dir = os.path.join(tempfile.mkdtemp(prefix="torch-ctr-export-"), "model")
     kt.export(trainer.module, features, export_dir, sample=(ids, dense))
     version = kt.publish(
         args.model_repo,

@@ -1,8 +1,9 @@
 """The DDP training loop: lockstep steps over uneven inputs, checkpoints, cross-rank metrics.
 
 Uneven inputs. Ranks rarely get the same number of batches (files and row groups differ in
-size). Before each step every rank all-reduces ``[has_batch, loss_sum, rows]`` of three floats;
-a rank that has run out of data but sees others still going runs a *shadow step*: a forward and
+size). At the start of each step every rank all-reduces ``[has_batch, loss_sum, rows]`` of three
+floats, asynchronously: a rank with a batch does not wait for it (like Join's per-step
+all-reduce, it stays off the critical path); a rank that has run out of data but sees others still going runs a *shadow step*: a forward and
 backward pass over one dummy row with zero weight, so it joins DDP's gradient all-reduce with
 zero gradients and then applies the same averaged gradient as everyone else. The loop ends on
 every rank at the same step, when no rank has a batch left. This is what
@@ -276,8 +277,7 @@ class Trainer:
             exhausted = resumed and epoch == self._epoch and self._epoch_done
             it = None if exhausted else self._loader(source)
             taken = 0  # batches of this pass trained on (what the data state counts)
-            carry = torch.zeros(3, dtype=torch.float64)  # [has_batch, loss_sum, rows]
-            first = True
+            prev = (0.0, 0)  # this rank's loss sum and rows of the previous step
             while True:
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     stop = True
@@ -287,23 +287,29 @@ class Trainer:
                 # step must not count a batch that was fetched but not trained on
                 pending = None if exhausted or it is None else next(it, None)
                 exhausted = pending is None
-                carry[0] = 0.0 if exhausted else 1.0
+                # [ranks with a batch, previous step's loss sum, rows]; asynchronous, so a rank
+                # with a batch goes straight on (gloo runs a group's collectives in issue order,
+                # so this one always precedes the step's gradient all-reduce on every rank)
+                sync = torch.tensor([0.0 if exhausted else 1.0, prev[0], float(prev[1])], dtype=torch.float64)
                 with guard(f"step {self.step} (input sync)"):
-                    dist.all_reduce(carry)
-                if not first:  # carry holds the previous step's global loss and rows
-                    run_loss += float(carry[1])
-                    run_rows += int(carry[2])
-                    win[0] += float(carry[1])
-                    win[1] += int(carry[2])
-                first = False
-                if carry[0] == 0:
-                    break
+                    work = dist.all_reduce(sync, async_op=True)
+                    if pending is None:  # out of data: a shadow step, or the end of the epoch?
+                        work.wait()
+                if pending is None:
+                    run_loss, run_rows = run_loss + float(sync[1]), run_rows + int(sync[2])
+                    win[0], win[1] = win[0] + float(sync[1]), win[1] + int(sync[2])
+                    if sync[0] == 0:
+                        break
                 loss_sum, n = self._train_step(pending)
                 self.step += 1
                 if pending is not None:
+                    with guard(f"step {self.step - 1} (input sync)"):
+                        work.wait()  # long done: the gradient all-reduce came after it
+                    run_loss, run_rows = run_loss + float(sync[1]), run_rows + int(sync[2])
+                    win[0], win[1] = win[0] + float(sync[1]), win[1] + int(sync[2])
                     taken += 1
                     rows += n
-                carry = torch.tensor([0.0, loss_sum, float(n)], dtype=torch.float64)
+                prev = (loss_sum, n)
                 step_times.append(time.perf_counter() - ts)
                 if self.ctx.is_chief and self.step % cfg.log_every == 0:
                     self._log_window(win)
