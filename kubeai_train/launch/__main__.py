@@ -300,6 +300,10 @@ def _k8s(spec: JobSpec, ns: argparse.Namespace) -> int:
         raise SpecError(
             f"--target k8s needs the kubernetes clients: pip install 'kubeai_train[k8s]' ({e.name} missing)"
         ) from e
+    if k8s.crd_dir() is None:
+        sys.stderr.write(
+            "[launch] note: CRDs not found (set KUBEAI_TRAIN_CRD_DIR); checking the operator's webhook rules only\n"
+        )
     manifest = k8s.render(spec)
     text = k8s.to_yaml(manifest)
     if ns.dry_run:
