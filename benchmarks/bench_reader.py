@@ -51,6 +51,16 @@ def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+def peak_rss() -> int:
+    """This process's peak RSS (VmHWM). Not ru_maxrss: Linux carries that over from the parent
+    across fork + exec, so every child would report at least the parent's peak."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def batch_bytes(batch: dict) -> int:
     total = 0
     for a in batch.values():
@@ -145,7 +155,7 @@ def child(path: str, data_dir: str, batch_size: int, rows_limit: int) -> dict:
     out["seconds"] = time.perf_counter() - t0
     out["rows"] = n
     out["rss_base"] = base
-    out["rss_peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["rss_peak"] = peak_rss()
     return out
 
 
@@ -186,10 +196,11 @@ def main() -> int:
 
     marker = Path(args.data) / f"_rows_{args.rows}"
     if not marker.exists():
-        from kubeai_train.testing import ctr
-
         print(f"writing {args.rows} rows to {args.data} ...", flush=True)
-        ctr.generate(args.rows, args.data, files=4, row_group_size=65536)
+        gen = [sys.executable, "-m", "kubeai_train.testing.ctr", "--rows", str(args.rows), "--out", args.data]
+        subprocess.run(
+            [*gen, "--files", "4", "--row-group-size", "65536"], check=True, capture_output=True, timeout=1800
+        )
         marker.write_text("")
     for f in Path(args.data).glob("*.parquet"):  # warm the page cache for every path alike
         f.read_bytes()
