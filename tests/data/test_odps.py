@@ -349,3 +349,72 @@ def test_storage_api_reader_recovers_from_a_reset_and_an_expired_read_session(en
     env.expire_sessions()
     got += [i for s in splits[1:] for b in src.read(s) for i in b.column("id").to_pylist()]
     assert got == list(range(TOTAL))
+
+
+def _framed(n_rows: int, chunk: int, corrupt: int | None = None) -> tuple[bytes, pa.Table]:
+    from kubeai_train.testing._odps_wire import encode_arrow_batches, frame_arrow
+
+    t = _rows(n_rows, 0)
+    return frame_arrow(encode_arrow_batches(t.to_batches(max_chunksize=50)), chunk, corrupt_chunk=corrupt), t
+
+
+class _SockResponse:
+    """What the decoders need of an http.client response: .fp (buffered socket file), .length."""
+
+    chunked = False
+
+    def __init__(self, body: bytes) -> None:
+        import socket
+        import threading
+
+        a, b = socket.socketpair()
+        self._keep = a
+        threading.Thread(target=lambda: (a.sendall(body), a.shutdown(socket.SHUT_WR)), daemon=True).start()
+        b.settimeout(10)
+        self.sock = b
+        self.fp = b.makefile("rb")
+        self.length = len(body)
+
+    def readinto(self, buf) -> int:
+        return self.fp.readinto(buf)
+
+
+@pytest.mark.parametrize("path", ["scatter", "blocks"])
+@pytest.mark.parametrize("chunk", [64, 1000, 4096])
+def test_body_decoders_verify_every_crc(path, chunk):
+    from kubeai_train.data.odps import ChecksumMismatch, _raw_socket, _scatter_batches, _zero_copy_batches
+
+    def decode(body: bytes, length: int | None = None) -> pa.Table:
+        resp = _SockResponse(body)
+        schema = _rows(0, 0).schema
+        if path == "scatter":
+            assert _raw_socket(resp) is resp.sock
+            batches = list(_scatter_batches(resp.sock, resp, length or len(body), schema))
+        else:
+            batches = list(_zero_copy_batches(resp, length or len(body), schema))
+        return pa.Table.from_batches(batches, schema=schema)
+
+    body, table = _framed(777, chunk)
+    assert decode(body).equals(table)
+    for k in (0, 3):
+        with pytest.raises(ChecksumMismatch):
+            decode(_framed(777, chunk, corrupt=k)[0])
+    with pytest.raises(ChecksumMismatch):
+        decode(body[: len(body) // 2], length=len(body))  # truncated: the connection ends early
+    # a body whose data is an exact multiple of the chunk size ends with an empty final chunk
+    from kubeai_train.testing._odps_wire import encode_arrow_batches, frame_arrow
+
+    data = encode_arrow_batches(table.to_batches(max_chunksize=50))
+    exact = frame_arrow(data + b"\0" * (-len(data) % chunk), chunk)
+    assert decode(exact).equals(table)
+
+
+def test_fallback_reader_without_socket_access(env, monkeypatch):
+    import kubeai_train.data.odps as odps_mod
+
+    monkeypatch.setattr(odps_mod, "_raw_socket", lambda fp: None)
+    src = OdpsSource("odps://proj/tables/events", split_rows=1000, backoff=0.01)
+    src.splits()
+    env.inject("bad_crc", chunk=1)
+    env.inject("truncate", after_bytes=4000)
+    assert _all_ids(src) == list(range(TOTAL))
