@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,10 +231,10 @@ def driver_main() -> int:
     for workers in sorted({w for _, w, _ in rows}):
         t = [r for m, w, r in rows if m == "trainer" and w == workers]
         h = [r for m, w, r in rows if m == "handwritten" and w == workers]
-        te = sum(r["examples_per_s"] for r in t) / len(t)
-        he = sum(r["examples_per_s"] for r in h) / len(h)
-        ts = sum(r["startup_s"] for r in t) / len(t)
-        hs = sum(r["startup_s"] for r in h) / len(h)
+        te = statistics.median(r["examples_per_s"] for r in t)
+        he = statistics.median(r["examples_per_s"] for r in h)
+        ts = statistics.median(r["startup_s"] for r in t)
+        hs = statistics.median(r["startup_s"] for r in h)
         print(f"| {workers} | {te:.0f} | {he:.0f} | {te / he:.3f} | {ts:.1f} | {hs:.1f} |")
     return 0
 

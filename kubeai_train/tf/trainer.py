@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -710,8 +710,8 @@ class _Trainer:
             "framework": "tf",
             "mode": "between_graph",
             "lineage": {
-                "train_data": self.config.train_data,
-                "eval_data": self.config.eval_data,
+                "train_data": _redact_uri(self.config.train_data),
+                "eval_data": _redact_uri(self.config.eval_data),
                 "checkpoint": result.checkpoint,
                 "global_step": result.global_step,
                 "model_dir": self.model_dir,
@@ -727,6 +727,11 @@ class _Trainer:
                 "placement": placement,
             },
         }
+
+
+def _redact_uri(uri: str | None) -> str | None:
+    """A data URI without any ``user:password@`` part (lineage must never carry secrets)."""
+    return None if uri is None else re.sub(r"//[^/@]*@", "//***@", uri)
 
 
 def _tf_dtype(kind: str) -> Any:
@@ -752,11 +757,3 @@ def _write_json(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
-
-
-def main_exit(result: RunResult) -> None:
-    """Flush logs and end the process with status 0 (TF's gRPC server threads can block a normal exit)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    logging.shutdown()
-    os._exit(0)

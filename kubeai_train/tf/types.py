@@ -9,6 +9,7 @@ follows it: a policy sees a :class:`VariableInfo` snapshot and returns a :class:
 from __future__ import annotations
 
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ __all__ = [
 #: ``restartPolicy: ExitCode`` and the local launcher treat it as retryable and bring it back,
 #: after which it restores the last checkpoint.
 RETRYABLE_EXIT_CODE = 138
+
+_SECRET = re.compile(r"storage_options|key|secret|token|password|credential", re.I)
 
 
 class TrainError(Exception):
@@ -251,9 +254,18 @@ class TrainConfig:
                 raise TrainError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
 
     def describe(self) -> dict[str, Any]:
-        """The configuration as plain data (for logs and lineage; no callables)."""
+        """The configuration as plain data for logs: no callables, no secrets (reader options that
+        may carry credentials, such as ``storage_options``, show their keys only; URIs lose any
+        ``user:password@`` part)."""
         out = {k: v for k, v in self.__dict__.items() if k not in ("hooks",)}
         out["hooks"] = len(self.hooks)
+        out["reader_options"] = {
+            k: (sorted(v) if isinstance(v, Mapping) else "***") if _SECRET.search(k) else v
+            for k, v in self.reader_options.items()
+        }
+        for k in ("train_data", "eval_data", "model_repo", "model_dir", "export_dir"):
+            if isinstance(out.get(k), str):
+                out[k] = re.sub(r"//[^/@]*@", "//***@", out[k])
         return out
 
 

@@ -70,6 +70,18 @@ def test_config_validation(kwargs, match):
 def test_config_describe_and_errors_pickle():
     cfg = TrainConfig(model_dir="/m", train_data="/d", hooks=[print])
     assert cfg.describe()["hooks"] == 1 and cfg.describe()["train_data"] == "/d"
+    secret = TrainConfig(
+        model_dir="/m",
+        train_data="oss://ak:sk@bucket/d",
+        reader_options={"storage_options": {"key": "AK", "secret": "SK"}, "prefetch": 2},
+    )
+    text = str(secret.describe())
+    assert (
+        "SK" not in text
+        and "sk@" not in text
+        and "'key'" in text
+        and secret.describe()["reader_options"]["prefetch"] == 2
+    )
     for err in (ClusterUnavailableError("x"), ReadyTimeoutError("y"), PlacementError("z")):
         again = pickle.loads(pickle.dumps(err))
         assert type(again) is type(err) and str(again) == str(err)
