@@ -20,8 +20,9 @@ Example::
             features = kt.CTRFeatures(buckets=1 << 16)
             model = kt.DLRM(features.sizes, len(features.dense))
             trainer = kt.Trainer(model, features, kt.TrainConfig(checkpoint_dir="/ckpt"), ctx)
-            trainer.fit(data.read("/data/train", columns=features.columns, batch_size=1024))
-            print(trainer.evaluate(data.read("/data/eval", columns=features.columns)))
+            opts = features.read_options()  # columns, hashing in the reader, NaN for null floats
+            trainer.fit(data.read("/data/train", batch_size=1024, shuffle=True, **opts), epochs=2)
+            print(trainer.evaluate(data.read("/data/eval", **opts)))  # exact AUC over all ranks
 
     kt.run(main)
 """

@@ -47,3 +47,29 @@ def test_run_exits_retryable_on_peer_failure():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == RETRYABLE_EXIT_CODE
     assert "rank 1 gone; exiting with retryable code 143" in proc.stderr
+
+
+def test_rendezvous_timeout_when_a_peer_never_comes(clean_cluster_env):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+    }.items():
+        clean_cluster_env.setenv(k, v)
+    with pytest.raises(PeerFailedError, match=r"rendezvous at 127.0.0.1:\d+ as rank 0 of 2 failed within 2s"):
+        pg.init(timeout_s=2)
+    assert not dist.is_initialized()
+
+
+def test_refuses_a_tf_cluster(clean_cluster_env):
+    clean_cluster_env.setenv(
+        "TF_CONFIG", '{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}'
+    )
+    with pytest.raises(ConfigError, match="kubeai_train.torch needs a PyTorchJob/torchrun environment"):
+        pg.init()
