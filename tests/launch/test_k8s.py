@@ -486,6 +486,7 @@ def _kubeconfig(tmp_path, url, token="s3cr3t-token"):
     return path
 
 
+@pytest.mark.integration
 def test_submit_posts_the_manifest_through_the_kubernetes_client(tmp_path):
     from kubernetes import client
 
@@ -499,6 +500,7 @@ def test_submit_posts_the_manifest_through_the_kubernetes_client(tmp_path):
     assert created["metadata"]["uid"] == "1234"
 
 
+@pytest.mark.integration
 def test_cli_submit_with_a_kubeconfig(tmp_path, capsys):
     with _ApiServer() as api:
         kc = _kubeconfig(tmp_path, api.url)
@@ -527,6 +529,7 @@ def test_cli_submit_with_a_kubeconfig(tmp_path, capsys):
     assert "PyTorchJob default/ddp created" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_cli_submit_refused_is_one_line_without_credentials(tmp_path, capsys):
     with _ApiServer(status=409) as api:
         kc = _kubeconfig(tmp_path, api.url)
@@ -553,6 +556,7 @@ def test_cli_submit_refused_is_one_line_without_credentials(tmp_path, capsys):
     assert all("s3cr3t" not in line for line in err)
 
 
+@pytest.mark.integration
 def test_submit_unreachable_server(tmp_path):
     from kubernetes import client
 
@@ -562,6 +566,7 @@ def test_submit_unreachable_server(tmp_path):
         k8s.submit(k8s.render(tf(workers=1)), api_client=client.ApiClient(client.Configuration(host=url)))
 
 
+@pytest.mark.integration
 def test_submit_sh_validates_and_prints_or_refuses(tmp_path):
     import subprocess
 
@@ -593,6 +598,7 @@ def test_submit_sh_validates_and_prints_or_refuses(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("final", "code", "needle"),
     [
@@ -637,6 +643,7 @@ def test_cli_submit_and_wait(tmp_path, capsys, final, code, needle):
     assert gets[0]["path"] == "/apis/kubeflow.org/v1/namespaces/ml/tfjobs/ctr" and len(gets) >= 3
 
 
+@pytest.mark.integration
 def test_cli_wait_times_out(tmp_path, capsys):
     with _ApiServer(states=[[("Running", "")]]) as api:
         kc = _kubeconfig(tmp_path, api.url)
