@@ -393,7 +393,9 @@ class LocalJob:
                 return self._on_failure(decision)
             elif decision.action == "succeed" and decision.replica is not None:
                 return self._on_success(decision.replica)
-            self._wake.wait(0.02)
+            # a process's exit closes its output pipe, which wakes us at once; the timeout only
+            # bounds the case of a descendant keeping that pipe open
+            self._wake.wait(0.1)
             self._wake.clear()
 
     def _on_failure(self, decision: Decision) -> int:
