@@ -7,8 +7,10 @@ spec reads every partition under it, in partition order.
 How it reads: one TableTunnel download session per table / partition per job, splits are row
 ranges of it, and rows come through the Arrow tunnel (``?data&arrow``, never the per-record
 reader). By default (``reader="fast"``) the download request is made and signed by pyodps's
-own session / RestClient, and its body is decoded here: chunks and their CRC32C checksums are
-verified with hardware CRC32C in whole chunks, and the Arrow IPC stream is decoded by pyarrow.
+own session / RestClient, and its body is decoded here: scatter reads put every chunk's data at
+its final place in one Arrow buffer (no copy besides the kernel's), every chunk's CRC32C is
+verified with hardware CRC32C and the whole-stream CRC derived from the chunk CRCs, and each
+Arrow IPC message becomes a record batch that references that buffer.
 ``reader="pyodps"`` uses ``TableDownloadSession.open_arrow_reader`` unchanged instead, and
 ``reader="storage"`` the Storage API (``odps.apis.storage_api`` batch-read sessions, read by
 row offset with pyodps's ``ArrowReader``). The tunnel is the default because its bodies carry a
@@ -29,7 +31,7 @@ ODPS limits sessions): the session id of each partition is taken from, in order,
    the id to its DataLoader workers (pickled), so there is one session per rank.
 
 Faults: a reset or truncated body, HTTP 5xx and a CRC mismatch reopen the download at the exact
-row where the last complete batch ended (no row lost or duplicated), up to ``retries`` times;
+row where the last complete batch ended (no row lost or duplicated), up to ``reopens`` times;
 then :class:`~kubeai_train.data.types.ReadFailedError`. An expired session is replaced by a new
 one; if its row count differs, :class:`OdpsTableChangedError`. Missing table / partition:
 :class:`~kubeai_train.data.types.DatasetNotFoundError`; bad credentials or no permission:
@@ -295,6 +297,7 @@ class OdpsSource(Source):
         partition_columns: append the partition keys as string columns (default True).
         reopens: reopen attempts per failing range before ReadFailedError (through
             ``data.read`` the pipeline's own ``retries`` come on top).
+        backoff: first sleep between reopens in seconds (doubling, at most 2 s).
         timeout: seconds for connecting and for each socket read.
 
     Raises:
@@ -714,6 +717,13 @@ class OdpsSource(Source):
     def read(
         self, split: Split, columns: Sequence[str] | None = None, offset: int = 0
     ) -> Iterator[pa.RecordBatch]:
+        """Rows ``[split.start + offset, split.stop)`` of the split's partition, each exactly once.
+
+        Every batch yielded has passed its CRC checks. A reset / truncated body, an HTTP 5xx or a
+        CRC mismatch reopens the download at the first row not yet yielded (up to ``reopens``
+        times, then ReadFailedError naming table, partition and row); an expired session is
+        replaced (OdpsTableChangedError if the replacement's row count differs).
+        """
         schema = self.schema()
         spec = _parse_spec(str(split.info.get("partition", "")), self.url) if split.info else ()
         if not split.info and self._partition_keys:
