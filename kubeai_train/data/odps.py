@@ -204,79 +204,6 @@ class ChecksumMismatch(IOError):
     """A tunnel chunk's CRC32C does not match its data (corrupt or truncated body)."""
 
 
-class ArrowDeframer:
-    """Incremental decoder of the tunnel's chunk + CRC32C framing, verifying every checksum.
-
-    Feed it body bytes in blocks of any size; it returns the verified data bytes. Checksums are
-    computed over whole chunks with hardware CRC32C (the crc32c package), so verifying costs a small
-    fraction of the wire time.
-
-    Raises:
-        ChecksumMismatch: from :meth:`feed` on a bad chunk CRC, from :meth:`finish` on a bad or
-            missing final CRC (a body cut short ends up here).
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._chunk: int | None = None
-        self._total = 0
-        self.data_bytes = 0
-
-    def feed(self, block: bytes | memoryview) -> list[memoryview]:
-        """Add body bytes; return the data of every complete, verified chunk."""
-        self._buf += block
-        buf = self._buf
-        pos = 0
-        if self._chunk is None:
-            if len(buf) < 4:
-                return []
-            (self._chunk,) = _U32.unpack_from(buf, 0)
-            if self._chunk < 1:
-                raise ChecksumMismatch(f"invalid tunnel chunk size {self._chunk}")
-            pos = 4
-        size = self._chunk
-        step = size + 4
-        out: list[memoryview] = []
-        # The final chunk is always shorter than chunk_size + 4, so a complete span of that length
-        # is a full chunk.
-        while len(buf) - pos >= step:
-            chunk = bytes(buf[pos : pos + size])
-            (expect,) = _U32.unpack_from(buf, pos + size)
-            got = _crc32c.crc32c(chunk)
-            if got != expect:
-                raise ChecksumMismatch(
-                    f"tunnel chunk CRC32C mismatch at data byte {self.data_bytes}: "
-                    f"got {got:#010x}, expected {expect:#010x}"
-                )
-            self._total = _crc32c.crc32c(chunk, self._total)
-            self.data_bytes += size
-            out.append(memoryview(chunk))
-            pos += step
-        if pos:
-            del buf[:pos]
-        return out
-
-    def finish(self) -> list[memoryview]:
-        """Verify the final short chunk and its whole-stream CRC; return its data.
-
-        Call after the body ended (and after a last :meth:`feed`).
-        """
-        buf = self._buf
-        if self._chunk is None or len(buf) < 4:
-            raise ChecksumMismatch(f"tunnel body ended early after {self.data_bytes} data bytes")
-        last = bytes(buf[:-4])
-        (expect,) = _U32.unpack_from(buf, len(buf) - 4)
-        total = _crc32c.crc32c(last, self._total)
-        if total != expect:
-            raise ChecksumMismatch(
-                f"tunnel stream CRC32C mismatch after {self.data_bytes + len(last)} data bytes "
-                "(corrupt or truncated body)"
-            )
-        self.data_bytes += len(last)
-        buf.clear()
-        return [memoryview(last)] if last else []
-
-
 class OdpsSource(Source):
     """Rows of an ODPS table (or of its partitions) as Arrow record batches, split by row range.
 
@@ -1015,16 +942,7 @@ class _FastArrowDownload:
                 else:
                     yield from _zero_copy_batches(fp, int(length), schema)
                 return
-            body = _DeframedBody(resp, self._decompressor(encoding), self.BLOCK)
-            body.prepend(schema.serialize().to_pybytes())
-            reader = pa.ipc.open_stream(body)
-            while True:
-                try:
-                    batch = reader.read_next_batch()
-                except StopIteration:
-                    break
-                yield batch
-            body.check_end()
+            yield from _stream_batches(_body_blocks(resp, self._decompressor(encoding), self.BLOCK), schema)
         finally:
             resp.close()
 
@@ -1308,92 +1226,100 @@ def _zero_copy_batches(fp: Any, length: int, schema: pa.Schema) -> Iterator[pa.R
         raise ChecksumMismatch(f"tunnel Arrow stream incomplete: {off - parsed} bytes left undecoded")
 
 
-class _DeframedBody:
-    """A read-only file over a tunnel body: decompresses, verifies every CRC, hands out data."""
+def _body_blocks(resp: Any, decompressor: Any, block: int) -> Iterator[bytes]:
+    """The (decompressed) bytes of a streamed response body, about ``block`` at a time."""
+    raw = resp.raw
+    while True:
+        data = raw.read(block, decode_content=False)
+        if not data:
+            break
+        if decompressor is not None:
+            data = decompressor.decompress(data)
+        if data:
+            yield data
+    if decompressor is not None and hasattr(decompressor, "flush"):
+        tail = decompressor.flush()
+        if tail:
+            yield tail
 
-    def __init__(self, resp: Any, decompressor: Any, block: int) -> None:
-        # http.client's response reads straight from the socket buffer; urllib3 only wraps it
-        raw = resp.raw
-        self._fp = getattr(raw, "_fp", None) if decompressor is None else None
-        self._raw = raw
-        self._dec = decompressor
-        self._block = block
-        self._deframer = ArrowDeframer()
-        self._pending: list[memoryview] = []
-        self._avail = 0
-        self._eof = False
-        self.closed = False
-        self._scratch = bytearray(block)
 
-    def prepend(self, data: bytes) -> None:
-        self._pending.insert(0, memoryview(data))
-        self._avail += len(data)
+def _stream_batches(blocks: Iterator[bytes], schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """Decode a tunnel Arrow body of unknown length (compressed or chunked transfer encoding).
 
-    def readable(self) -> bool:
-        return True
+    Each chunk's CRC32C is verified where it was received, the whole-stream CRC derived from the
+    chunk CRCs, and the data copied once into Arrow memory that grows as needed (only the
+    undecoded tail moves); record batches reference that memory.
+    """
+    pending = bytearray()
+    size = 0
+    step = 0
+    tables: tuple[tuple[int, ...], ...] = ()
+    crc = _crc32c.crc32c
+    cap = 8 << 20
+    out = pa.allocate_buffer(cap)
+    dest = memoryview(out).cast("B")
+    cutter = _IpcCutter(out, dest, schema)
+    off = 0
+    total = 0
 
-    def _pull(self) -> None:
-        if self._fp is not None:
-            n = self._fp.readinto(self._scratch)
-            raw = memoryview(self._scratch)[:n] if n else b""
-        else:
-            raw = self._raw.read(self._block, decode_content=False)
-            if raw and self._dec is not None:
-                raw = self._dec.decompress(raw)
-        if not raw:
-            if self._dec is not None and hasattr(self._dec, "flush"):
-                tail = self._dec.flush()
-                if tail:
-                    self._take(self._deframer.feed(tail))
-            self._take(self._deframer.finish())
-            self._eof = True
+    def room(n: int) -> None:
+        nonlocal cap, out, dest, cutter, off
+        if off + n <= cap:
             return
-        self._take(self._deframer.feed(raw))
+        keep = off - cutter.parsed
+        cap = max(2 * cap, 2 * (keep + n))  # doubling: few reallocations, batches keep old ones
+        new = pa.allocate_buffer(cap)
+        view = memoryview(new).cast("B")
+        view[:keep] = dest[cutter.parsed : off]
+        ended = cutter.ended
+        out, dest, off = new, view, keep
+        cutter = _IpcCutter(out, dest, schema)
+        cutter.ended = ended
 
-    def _take(self, chunks: list[memoryview]) -> None:
-        for c in chunks:
-            self._pending.append(c)
-            self._avail += len(c)
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            while not self._eof:
-                self._pull()
-            n = self._avail
-        while self._avail < n and not self._eof:
-            self._pull()
-        n = min(n, self._avail)
-        if self._pending and len(self._pending[0]) >= n:
-            head = self._pending[0]
-            out = head[:n].tobytes()
-            if len(head) == n:
-                self._pending.pop(0)
-            else:
-                self._pending[0] = head[n:]
-            self._avail -= n
-            return out
-        parts = []
-        need = n
-        while need:
-            head = self._pending[0]
-            if len(head) <= need:
-                parts.append(head)
-                self._pending.pop(0)
-                need -= len(head)
-            else:
-                parts.append(head[:need])
-                self._pending[0] = head[need:]
-                need = 0
-        self._avail -= n
-        return b"".join(parts)
-
-    def check_end(self) -> None:
-        """Drain and verify the rest of the body (the final whole-stream CRC)."""
-        while not self._eof:
-            self._pull()
-
-    def close(self) -> None:
-        self.closed = True
+    for block in blocks:
+        pending += block
+        pos = 0
+        if not size:
+            if len(pending) < 4:
+                continue
+            (size,) = _U32.unpack_from(pending, 0)
+            if size < 1:
+                raise ChecksumMismatch(f"invalid tunnel chunk size {size}")
+            step = size + 4
+            tables = _crc_shift_tables(size)
+            pos = 4
+        t0, t1, t2, t3 = tables
+        pv = memoryview(pending)
+        try:
+            # the final chunk is shorter than size + 4, so a complete span of that length is full
+            while len(pending) - pos >= step:
+                with pv[pos : pos + size] as chunk:  # released at once: views pin the bytearray
+                    got = crc(chunk)
+                    if got != _U32.unpack_from(pending, pos + size)[0]:
+                        raise ChecksumMismatch(f"tunnel chunk CRC32C mismatch at data byte {off}")
+                    room(size)
+                    dest[off : off + size] = chunk
+                total = (
+                    t0[total & 255] ^ t1[(total >> 8) & 255] ^ t2[(total >> 16) & 255] ^ t3[total >> 24] ^ got
+                )
+                off += size
+                pos += step
+        finally:
+            pv.release()
+        del pending[:pos]
+        yield from cutter.cut(off)
+    if not size or not 4 <= len(pending) < step:
+        raise ChecksumMismatch(f"tunnel body ended early after {off} data bytes (truncated)")
+    n = len(pending) - 4
+    last = bytes(pending[:n])
+    total = crc(last, total)
+    if total != _U32.unpack_from(pending, n)[0]:
+        raise ChecksumMismatch(f"tunnel stream CRC32C mismatch after {off + n} data bytes")
+    room(n)
+    dest[off : off + n] = last
+    off += n
+    yield from cutter.cut(off)
+    cutter.check(off)
 
 
 def create_sessions(url: str, **options: Any) -> dict[str, str]:

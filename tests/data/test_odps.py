@@ -379,14 +379,25 @@ class _SockResponse:
         return self.fp.readinto(buf)
 
 
-@pytest.mark.parametrize("path", ["scatter", "blocks"])
+@pytest.mark.parametrize("path", ["scatter", "blocks", "stream"])
 @pytest.mark.parametrize("chunk", [64, 1000, 4096])
 def test_body_decoders_verify_every_crc(path, chunk):
-    from kubeai_train.data.odps import ChecksumMismatch, _raw_socket, _scatter_batches, _zero_copy_batches
+    from kubeai_train.data.odps import (
+        ChecksumMismatch,
+        _raw_socket,
+        _scatter_batches,
+        _stream_batches,
+        _zero_copy_batches,
+    )
 
     def decode(body: bytes, length: int | None = None) -> pa.Table:
-        resp = _SockResponse(body)
         schema = _rows(0, 0).schema
+        if path == "stream":  # unknown length (compressed / chunked): blocks of any size
+            sizes = np.random.default_rng(len(body)).integers(1, 3 * chunk, 10_000)
+            cuts = np.minimum(np.cumsum(sizes), len(body))
+            blocks = [body[a:b] for a, b in zip([0, *cuts[:-1]], cuts, strict=True) if b > a]
+            return pa.Table.from_batches(list(_stream_batches(iter(blocks), schema)), schema=schema)
+        resp = _SockResponse(body)
         if path == "scatter":
             assert _raw_socket(resp) is resp.sock
             batches = list(_scatter_batches(resp.sock, resp, length or len(body), schema))
@@ -418,3 +429,14 @@ def test_fallback_reader_without_socket_access(env, monkeypatch):
     env.inject("bad_crc", chunk=1)
     env.inject("truncate", after_bytes=4000)
     assert _all_ids(src) == list(range(TOTAL))
+
+
+@pytest.mark.parametrize("compression", ["zstd", "lz4"])
+def test_compressed_reads_recover_from_faults(env, compression):
+    src = OdpsSource("odps://proj/tables/events", split_rows=1000, compression=compression, backoff=0.01)
+    src.splits()
+    env.inject("bad_crc", chunk=2)
+    env.inject("truncate", after_bytes=3000)
+    env.inject("reset", after_bytes=100)
+    assert _all_ids(src) == list(range(TOTAL))
+    assert not env.pending_faults()
