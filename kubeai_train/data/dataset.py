@@ -200,6 +200,9 @@ class Dataset:
     If a read fails after all retries, iteration raises :class:`ReadFailedError` (or the
     source's ``CorruptFileError``) after delivering every batch read before the failure, and
     ``state_dict()`` still points at the first row not delivered.
+
+    One iteration at a time: iterating a Dataset twice concurrently would interleave their
+    positions in one state (make a second ``data.read`` for a second reader).
     """
 
     def __init__(
