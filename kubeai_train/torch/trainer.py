@@ -1,17 +1,17 @@
 """The DDP training loop: lockstep steps over uneven inputs, checkpoints, cross-rank metrics.
 
 Uneven inputs. Ranks rarely get the same number of batches (files and row groups differ in
-size). At the start of each step every rank all-reduces ``[has_batch, loss_sum, rows]`` of three
-floats, asynchronously: a rank with a batch does not wait for it (like Join's per-step
-all-reduce, it stays off the critical path); a rank that has run out of data but sees others still going runs a *shadow step*: a forward and
-backward pass over one dummy row with zero weight, so it joins DDP's gradient all-reduce with
-zero gradients and then applies the same averaged gradient as everyone else. The loop ends on
-every rank at the same step, when no rank has a batch left. This is what
-``torch.distributed.algorithms.Join`` does for DDP, plus one thing it does not: joined ranks keep
-stepping their optimizers, so model *and optimizer state* stay identical on all ranks (with Join,
-an early-finishing rank's Adam moments go stale and its model is only re-synced at the end), and
-rank 0's checkpoint is valid at every step. The all-reduce also carries the loss, so the logged
-loss is the job's, not rank 0's, at no extra collective.
+size). At the start of each step every rank all-reduces ``[has_batch, loss_sum, rows]`` (three
+floats) asynchronously: a rank holding a batch does not wait for it, so like Join's per-step
+all-reduce it stays off the critical path. A rank that has run out of data while others still
+have some runs a *shadow step*: forward and backward over one dummy row with zero weight, so it
+joins DDP's gradient all-reduce with zero gradients and then applies the same averaged gradient
+as everyone else. The loop ends on every rank at the same step, when no rank has a batch left.
+This is what ``torch.distributed.algorithms.Join`` does for DDP, plus what it does not: joined
+ranks keep stepping their optimizers, so model *and optimizer state* stay identical on all ranks
+(with Join, an early-finishing rank's Adam moments go stale and its model is re-synced only at
+the end), and rank 0's checkpoint is valid at every step. The all-reduce also carries the loss,
+so the logged loss is the job's, not rank 0's, at no extra collective.
 
 Every row is trained on exactly once per epoch: the loop never drops a rank's tail.
 """
