@@ -356,8 +356,10 @@ class _Trainer:
         features, position = self.iterator.get_next()
         self.audit = features[self.config.audit_column] if self.config.audit_column else None
         self._model_and_train_op(features)
-        with tf.control_dependencies([self.train_op]):
-            self.step_op = self.positions[self.rank].assign(position, read_value=False)
+        # the batch's position is written in the same session.run as its update, in parallel with
+        # it (a control dependency would add a PS round trip to every step); a run either
+        # completes both or fails, and a failed run on a lost PS is undone by the restore anyway
+        self.step_op = tf.group(self.train_op, self.positions[self.rank].assign(position, read_value=False))
         self.position_in = tf.compat.v1.placeholder(tf.string, [])
         self.set_position = self.positions[self.rank].assign(self.position_in, read_value=False)
         self.set_done = tf.group(*[v.assign(True, read_value=False) for v in self.job_done])
