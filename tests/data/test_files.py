@@ -407,3 +407,28 @@ def test_persistent_errors_raise_and_state_points_at_first_unread_row(wide_remot
     got += [b["id"] for b in ds2]
     whole = ids_of(list(data.read(wide_remote, shuffle=True, shuffle_buffer=7000, **kw)), "id")
     np.testing.assert_array_equal(np.concatenate(got), whole)
+
+
+@pytest.mark.parametrize("fmt", ["orc", "csv"])
+def test_orc_and_csv_row_ranges_are_exactly_once_and_resumable(tmp_path: Path, fmt: str) -> None:
+    for i, (lo, hi) in enumerate(((0, 250), (250, 333))):
+        t = table(lo, hi, lists=False)
+        p = tmp_path / f"p{i}.{fmt}"
+        if fmt == "orc":
+            paorc.write_table(t, p, stripe_size=1024, batch_size=64)
+        else:
+            pacsv.write_csv(t, p, pacsv.WriteOptions(delimiter=";"))
+    opts = {"columns": ["id", "c"], "batch_size": 40, "shuffle": True, "seed": 1, "shuffle_buffer": 90}
+    if fmt == "csv":
+        opts["csv_options"] = {"delimiter": ";"}
+    got = []
+    for rank in range(3):  # 333 rows over 3 readers cuts stripes / files into row ranges
+        got.append(ids_of(list(data.read(str(tmp_path), rank=rank, world_size=3, **opts)), "id"))
+    np.testing.assert_array_equal(np.sort(np.concatenate(got)), np.arange(333))
+    ds = data.read(str(tmp_path), rank=1, world_size=3, **opts)
+    it = iter(ds)
+    head = [next(it)["id"], next(it)["id"]]
+    it.close()  # type: ignore[attr-defined]
+    again = data.read(str(tmp_path), rank=1, world_size=3, **opts)
+    again.load_state_dict(ds.state_dict())
+    np.testing.assert_array_equal(np.concatenate(head + [b["id"] for b in again]), got[1])
