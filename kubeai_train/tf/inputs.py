@@ -108,8 +108,14 @@ def make_dataset(
         )
         if holder.state is not None:
             ds.load_state_dict(holder.state)
+        # kubeai_train.data already hands out "" for null strings and fill_null (NaN) for null
+        # floats, so its batches skip the cleaning pass (about 0.6 ms per 512-row Criteo batch)
+        trusted = read_fn is default_read_fn
         for batch in ds:
-            yield clean_batch(batch, kinds), json.dumps({"data": ds.state_dict()}).encode()
+            yield (
+                (batch if trusted else clean_batch(batch, kinds)),
+                json.dumps({"data": ds.state_dict()}).encode(),
+            )
 
     signature = (
         {name: tf.TensorSpec([None], _TF_DTYPES[kind]) for name, kind in kinds.items()},
