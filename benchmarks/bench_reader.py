@@ -17,6 +17,8 @@ imports, and for this reader the bound ``prefetch x batch bytes`` the growth is 
 against.
 
     python benchmarks/bench_reader.py --rows 1000000 --slow-rows 100000
+    # before / after: the data.read rows of another commit, in the same run
+    git archive OLD kubeai_train | tar -x -C /tmp/old && python benchmarks/bench_reader.py --baseline /tmp/old
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import time
 from pathlib import Path
 
 PATHS = ("raw", "reader", "reader_hash", "reader_shuffle", "torch_map", "tf_rows")
+READER_PATHS = ("reader", "reader_hash", "reader_shuffle")
+BASELINE = "@baseline"
 LABELS = {
     "raw": "raw pyarrow iter_batches+to_numpy",
     "reader": "data.read (prefetch 4)",
@@ -160,6 +164,9 @@ def child(path: str, data_dir: str, batch_size: int, rows_limit: int) -> dict:
 
 
 def run_child(path: str, args: argparse.Namespace) -> dict:
+    base_tree = None
+    if path.endswith(BASELINE):
+        path, base_tree = path[: -len(BASELINE)], args.baseline
     limit = args.slow_rows if path in ("torch_map", "tf_rows") else args.rows
     cmd = [
         sys.executable,
@@ -174,6 +181,8 @@ def run_child(path: str, args: argparse.Namespace) -> dict:
         str(limit),
     ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if base_tree:  # the reader of another checkout (before / after in one run)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [base_tree, env.get("PYTHONPATH")]))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if res.returncode != 0:
         raise SystemExit(f"{path} failed:\n{res.stderr[-3000:]}")
@@ -187,6 +196,11 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--data", default="/tmp/kubeai_bench_reader")
     p.add_argument("--repeat", type=int, default=2, help="runs per path; the best rate is reported")
+    p.add_argument(
+        "--baseline",
+        help="a directory holding another kubeai_train (e.g. `git archive OLD kubeai_train | tar -x -C DIR`): "
+        "its data.read rows are added, marked (baseline)",
+    )
     p.add_argument("--child")
     p.add_argument("--rows-limit", type=int)
     args = p.parse_args()
@@ -205,9 +219,14 @@ def main() -> int:
     for f in Path(args.data).glob("*.parquet"):  # warm the page cache for every path alike
         f.read_bytes()
 
+    paths = list(PATHS)
+    if args.baseline:
+        for p_ in READER_PATHS:
+            paths.insert(paths.index(p_) + 1, p_ + BASELINE)
+            LABELS[p_ + BASELINE] = LABELS[p_] + " (baseline)"
     results = {}
     for _ in range(args.repeat):
-        for path in PATHS:
+        for path in paths:
             r = run_child(path, args)
             best = results.get(path)
             if best is None or r["seconds"] / r["rows"] < best["seconds"] / best["rows"]:
@@ -218,15 +237,15 @@ def main() -> int:
         f"\n{args.rows} rows, {len(columns())} columns (label, I1..I13, C1..C26), batch_size {args.batch_size}, "
         f"best of {args.repeat}; row-at-a-time paths on {args.slow_rows} rows\n"
     )
-    hdr = f"| {'path':<34} | {'rows':>9} | {'rows/s':>10} | {'vs raw':>6} | {'peak RSS MiB':>12} | {'RSS growth MiB':>14} |"
+    hdr = f"| {'path':<45} | {'rows':>9} | {'rows/s':>10} | {'vs raw':>6} | {'peak RSS MiB':>12} | {'RSS growth MiB':>14} |"
     print(hdr)
     print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
-    for path in PATHS:
+    for path in paths:
         r = results[path]
         rate = r["rows"] / r["seconds"]
         growth = (r["rss_peak"] - r["rss_base"]) / mib
         print(
-            f"| {LABELS[path]:<34} | {r['rows']:>9} | {rate:>10,.0f} | {rate / raw_rate:>5.2f}x | "
+            f"| {LABELS[path]:<45} | {r['rows']:>9} | {rate:>10,.0f} | {rate / raw_rate:>5.2f}x | "
             f"{r['rss_peak'] / mib:>12.0f} | {growth:>14.0f} |"
         )
     rd = results["reader"]
@@ -238,6 +257,14 @@ def main() -> int:
         f"{(rd['rss_peak'] - rd['rss_base']) / mib:.0f} MiB vs raw pyarrow's "
         f"{(results['raw']['rss_peak'] - results['raw']['rss_base']) / mib:.0f} MiB"
     )
+
+    def rate(p_: str) -> float:
+        return results[p_]["rows"] / results[p_]["seconds"]
+
+    line = f"data.read + hash vs data.read: {rate('reader_hash') / rate('reader'):.2f}x"
+    if args.baseline:
+        line += f" (baseline {rate('reader_hash' + BASELINE) / rate('reader' + BASELINE):.2f}x)"
+    print(line)
     return 0
 
 

@@ -7,9 +7,12 @@ Per column, by Arrow type:
   Nulls become the column's ``fill_null`` value (default 0 / 0.0 / False).
 * strings / binary: with ``hash_buckets={"C1": n}`` an ``int64`` id in ``[0, n)`` equal to
   ``FNV-1a-64(utf-8 bytes) % n`` (a fixed, documented hash, so serving code can reproduce it);
-  the hash runs vectorised over the Arrow buffers of the batch's distinct values
-  (``dictionary_encode`` then numpy), never per row in Python. Null -> ``fill_null`` (default
-  0). Without hashing: a numpy object array of ``str`` (nulls -> ``""``), slow: hash them.
+  the hash runs vectorised over the Arrow offsets and data buffers (numpy, byte position by
+  byte position), never per row in Python; a dictionary-encoded column hashes its dictionary
+  once (remembered across the batches of a row group) and takes ids by index. The pipeline
+  hashes each source record batch once (:func:`prehash`), before re-batching and shuffling.
+  Null -> ``fill_null`` (default 0). Without hashing: a numpy object array of ``str``
+  (nulls -> ``""``), slow: hash them.
 * lists: two arrays, ``name`` (the flat values, converted as above, nulls inside -> fill) and
   ``name + ".offsets"`` (``int64``, ``batch rows + 1`` entries starting at 0; a null list is an
   empty one), ready for ``torch.nn.EmbeddingBag(..., include_last_offset=True)`` and
@@ -30,7 +33,16 @@ import pyarrow.compute as pc
 
 from kubeai_train.data.types import DataError
 
-__all__ = ["OFFSETS_SUFFIX", "ColumnPlan", "convert", "fnv1a64", "hash_ids", "plan_columns"]
+__all__ = [
+    "OFFSETS_SUFFIX",
+    "ColumnPlan",
+    "HashMemo",
+    "convert",
+    "fnv1a64",
+    "hash_ids",
+    "plan_columns",
+    "prehash",
+]
 
 OFFSETS_SUFFIX = ".offsets"
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
@@ -119,69 +131,148 @@ def plan_columns(
 
 
 def fnv1a64(arr: pa.Array) -> np.ndarray:
-    """FNV-1a 64-bit hash of every (non-null) string / binary value of ``arr``, vectorised.
+    """FNV-1a 64-bit hash of every string / binary value of ``arr``, vectorised.
 
-    Values are grouped by byte length; for each length ``L`` the group's bytes form a
-    ``(values, L)`` matrix and the FNV rounds run column by column over the whole group, so
-    the Python loop is over distinct lengths and byte positions, never over values.
+    Runs over the Arrow offsets and data buffers with no copy of the strings: when every
+    value has the same byte length ``L`` (fixed-width codes, hex ids) the data buffer is
+    viewed as a ``(values, L)`` matrix; otherwise values are ordered by length (longest
+    first) so that the values still active at byte position ``j`` are a prefix, and each
+    FNV round is one gather plus two in-place numpy operations on that prefix. The Python
+    loop is over byte positions, never over values. Null slots hash to whatever bytes
+    they span (callers overwrite them).
     """
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
-    if not pa.types.is_large_binary(arr.type):
+    typ = arr.type
+    if pa.types.is_large_binary(typ) or pa.types.is_large_string(typ):
+        odt: Any = np.int64
+    elif pa.types.is_binary(typ) or pa.types.is_string(typ):
+        odt = np.int32
+    else:  # e.g. string_view, fixed-size binary
         arr = arr.cast(pa.large_binary())
+        odt = np.int64
     n = len(arr)
     h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
     if n == 0:
         return h
     bufs = arr.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    size = np.dtype(odt).itemsize
+    offsets = np.frombuffer(bufs[1], dtype=odt, count=n + 1, offset=arr.offset * size)
     data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, np.uint8)
-    starts = offsets[:-1]
-    lengths = offsets[1:] - starts
-    distinct = np.unique(lengths)
+    lengths = np.diff(offsets)
+    longest = int(lengths.max())
+    if longest == 0:
+        return h
     with np.errstate(over="ignore"):
-        for length in distinct.tolist():
-            if length == 0:
-                continue
-            sel = None if len(distinct) == 1 else np.flatnonzero(lengths == length)
-            st = starts if sel is None else starts[sel]
-            mat = data[st[:, None] + np.arange(length)].astype(np.uint64)
-            hh = np.full(len(st), _FNV_OFFSET, dtype=np.uint64)
-            for j in range(length):
-                hh ^= mat[:, j]
-                hh *= _FNV_PRIME
-            if sel is None:
-                h = hh
-            else:
-                h[sel] = hh
+        if int(lengths.min()) == longest:
+            mat = data[int(offsets[0]) : int(offsets[-1])].reshape(n, longest)
+            for j in range(longest):
+                h ^= mat[:, j]
+                h *= _FNV_PRIME
+            return h
+        order = np.argsort(-lengths, kind="stable")
+        starts = offsets[:-1][order].astype(np.int64)
+        # active[j]: how many values are longer than j bytes (a prefix of `order`)
+        active = np.searchsorted(-lengths[order], -np.arange(longest), side="left")
+        hs = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+        for j in range(longest):
+            k = int(active[j])
+            v = hs[:k]
+            v ^= data[starts[:k] + j]
+            v *= _FNV_PRIME
+        h[order] = hs
     return h
 
 
-def hash_ids(arr: pa.Array | pa.ChunkedArray, buckets: int, fill: int = 0) -> np.ndarray:
+class HashMemo:
+    """Remembers the ids of the last dictionary hashed per column.
+
+    Dictionary-encoded sources (Parquet dictionary pages) hand every batch of a row group
+    the same dictionary; comparing it with the previous one (a buffer comparison) is much
+    cheaper than hashing it again.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, int], tuple[pa.Array, np.ndarray]] = {}
+
+    def dictionary_ids(self, key: str, dictionary: pa.Array, buckets: int) -> np.ndarray:
+        hit = self._last.get((key, buckets))
+        if hit is not None and len(hit[0]) == len(dictionary) and hit[0].equals(dictionary):
+            return hit[1]
+        ids = (fnv1a64(dictionary) % np.uint64(buckets)).astype(np.int64)
+        self._last[(key, buckets)] = (dictionary, ids)
+        return ids
+
+
+def hash_ids(
+    arr: pa.Array | pa.ChunkedArray,
+    buckets: int,
+    fill: int = 0,
+    memo: HashMemo | None = None,
+    key: str = "",
+) -> np.ndarray:
     """``int64`` ids ``fnv1a64(value) % buckets`` for a string array; nulls -> ``fill``.
 
-    Distinct values are hashed once per call (``dictionary_encode`` in Arrow compute).
+    Plain string arrays are hashed value by value (vectorised; cheaper than finding the
+    distinct values first). Dictionary arrays hash their dictionary once (remembered in
+    ``memo`` under ``key`` across batches) and take the ids by index.
     """
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
-    enc = arr if pa.types.is_dictionary(arr.type) else pc.dictionary_encode(arr)
-    codes = (fnv1a64(enc.dictionary) % np.uint64(buckets)).astype(np.int64)
-    indices = enc.indices
-    if indices.null_count:
-        out = (
-            codes[indices.fill_null(0).to_numpy(zero_copy_only=False)]
-            if len(codes)
-            else np.zeros(len(arr), np.int64)
+    n = len(arr)
+    if pa.types.is_dictionary(arr.type):
+        d = arr.dictionary
+        if len(d) == 0:
+            return np.full(n, fill, dtype=np.int64)
+        codes = (
+            memo.dictionary_ids(key, d, buckets)
+            if memo is not None
+            else (fnv1a64(d) % np.uint64(buckets)).astype(np.int64)
         )
-        out[indices.is_null().to_numpy(zero_copy_only=False)] = fill
-        return out
-    if len(codes) == 0:
-        return np.zeros(len(arr), np.int64)
-    return codes[indices.to_numpy(zero_copy_only=False)]
+        indices = arr.indices
+        if indices.null_count:
+            out = codes[indices.fill_null(0).to_numpy(zero_copy_only=False)]
+            out[indices.is_null().to_numpy(zero_copy_only=False)] = fill
+            return out
+        return codes[indices.to_numpy(zero_copy_only=False)]
+    out = (fnv1a64(arr) % np.uint64(buckets)).astype(np.int64)
+    if arr.null_count:
+        out[arr.is_null().to_numpy(zero_copy_only=False)] = fill
+    return out
+
+
+def prehash(
+    batch: pa.RecordBatch, plans: Sequence[ColumnPlan], memo: HashMemo | None = None
+) -> pa.RecordBatch:
+    """``batch`` with every hashed string column (and list of strings) replaced by its
+    ``int64`` ids (lists keep their row layout, null lists become empty ones).
+
+    Run once per source record batch, before batches are cut and shuffled: the hash then
+    runs on large batches, and the rows carried through re-batching and shuffling are 8-byte
+    ids instead of strings. :func:`convert` passes such columns through.
+    """
+    if not any(p.kind in ("hash", "list_hash") for p in plans):
+        return batch
+    cols = list(batch.columns)
+    for i, plan in enumerate(plans):
+        arr = cols[i]
+        if plan.kind == "hash" and not pa.types.is_integer(arr.type):
+            cols[i] = pa.array(hash_ids(arr, plan.buckets or 1, plan.fill, memo, plan.name))
+        elif plan.kind == "list_hash" and not pa.types.is_integer(arr.type.value_type):
+            if pa.types.is_fixed_size_list(arr.type):
+                arr = arr.cast(pa.large_list(arr.type.value_type))
+            lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+            offsets = np.zeros(len(arr) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=offsets[1:])
+            ids = hash_ids(pc.list_flatten(arr), plan.buckets or 1, plan.fill, memo, plan.name)
+            cols[i] = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(ids))
+    return pa.RecordBatch.from_arrays(cols, names=batch.schema.names)
 
 
 def _leaf(arr: pa.Array, plan: ColumnPlan, kind: str) -> np.ndarray:
     if kind == "hash":
+        if pa.types.is_integer(arr.type):  # already hashed by prehash()
+            return arr.to_numpy(zero_copy_only=False)
         return hash_ids(arr, plan.buckets or 1, plan.fill)
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()

@@ -38,7 +38,7 @@ import pyarrow as pa
 from kubeai_train import cluster
 from kubeai_train.data._retry import RetryPolicy
 from kubeai_train.data.assignment import StaticAssignment, share_bounds, slice_rows
-from kubeai_train.data.convert import ColumnPlan, convert, plan_columns
+from kubeai_train.data.convert import ColumnPlan, HashMemo, convert, plan_columns, prehash
 from kubeai_train.data.registry import open_source
 from kubeai_train.data.types import (
     Assignment,
@@ -487,8 +487,12 @@ class Dataset:
             yield from shuffled.to_batches()
 
     def _read_range(self, splits: Sequence[Split], lo: int, hi: int) -> Iterator[pa.RecordBatch]:
+        """Source record batches of stream rows [lo, hi), string columns already hashed."""
+        hashing = any(p.kind in ("hash", "list_hash") for p in self.plans)
+        memo = HashMemo() if hashing else None
         for split in slice_rows(splits, lo, hi):
-            yield from self._read_split(split)
+            for rb in self._read_split(split):
+                yield prehash(rb, self.plans, memo) if hashing else rb
 
     def _read_split(self, split: Split) -> Iterator[pa.RecordBatch]:
         """All rows of ``split``, retrying transient errors from the first row not received."""

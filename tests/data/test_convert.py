@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kubeai_train.data import DataError
-from kubeai_train.data.convert import convert, fnv1a64, hash_ids, plan_columns
+from kubeai_train.data.convert import HashMemo, convert, fnv1a64, hash_ids, plan_columns, prehash
 
 
 def fnv_reference(b: bytes) -> int:
@@ -99,3 +99,40 @@ def test_unsupported_and_bad_options():
         plan_columns(rb.schema, ["i"], hash_buckets={"i": 0})
     with pytest.raises(DataError, match="'zz', which does not exist"):
         plan_columns(rb.schema, ["i"], fill_null={"zz": 0})
+
+
+def test_prehash_matches_convert_and_memo_follows_dictionaries():
+    rb = pa.record_batch(
+        {
+            "s": pa.array(["a", None, "bb", "ccc", ""]),
+            "t": pa.array([["x", None], None, [], ["yy"], ["x"]], pa.list_(pa.string())),
+            "i": pa.array([1, 2, 3, 4, 5]),
+        }
+    ).slice(1)
+    plans = plan_columns(rb.schema, ["s", "t", "i"], hash_buckets={"s": 1000, "t": 7}, fill_null={"s": -1})
+    want = convert(rb, plans)
+    pre = prehash(rb, plans, HashMemo())
+    assert pre.schema.field("s").type == pa.int64()
+    got = convert(pre, plans)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert got["s"].tolist() == [
+        -1,
+        fnv_reference(b"bb") % 1000,
+        fnv_reference(b"ccc") % 1000,
+        fnv_reference(b"") % 1000,
+    ]
+    # dictionary batches: the memo must notice when the dictionary changes between batches
+    memo = HashMemo()
+    for vals in (["p", "q", None, "p"], ["p", "q", "q"], ["zz", "p"]):
+        arr = pa.array(vals).dictionary_encode()
+        got_ids = hash_ids(arr, 101, fill=5, memo=memo, key="c")
+        assert got_ids.tolist() == [5 if v is None else fnv_reference(v.encode()) % 101 for v in vals]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(max_size=12), min_size=1, max_size=30), st.integers(0, 3), st.booleans())
+def test_fnv1a64_any_lengths_offsets_and_widths(values, start, large):
+    arr = pa.array([b"pad"] * start + values, pa.large_binary() if large else pa.binary()).slice(start)
+    assert fnv1a64(arr).tolist() == [fnv_reference(v) for v in values]
