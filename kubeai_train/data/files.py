@@ -541,8 +541,13 @@ class FileSource(Source):
         try:
             with self._open(f) as fh:
                 if f.format == "parquet":
-                    # the footer parsed at open time: no second footer read per split
-                    pf = pq.ParquetFile(fh, metadata=self._meta.get(f.path))
+                    # the footer parsed at open time: no second footer read per split. Remote
+                    # files pre-buffer: the selected column chunks of a row group are fetched
+                    # up front as a few coalesced ranges (adjacent chunks merged, gaps of
+                    # unselected columns above 8 KiB skipped) instead of one request per page
+                    # read through the Python file layer; same bytes, far fewer round trips
+                    remote = not isinstance(fh, pa.NativeFile)
+                    pf = pq.ParquetFile(fh, metadata=self._meta.get(f.path), pre_buffer=remote)
                     self._meta.setdefault(f.path, pf.metadata)
                     for unit in units:
                         yield from (

@@ -15,7 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 
 from kubeai_train import data
 from kubeai_train.data import registry
@@ -326,6 +326,7 @@ class CountingFS(MemoryFileSystem):
         return super()._strip_protocol(path.removeprefix("countmem://"))
 
     bytes_read = 0
+    read_calls = 0
     fail_reads = 0  # the next N read() calls raise ConnectionError
     lock = threading.Lock()
 
@@ -333,6 +334,9 @@ class CountingFS(MemoryFileSystem):
         f = super()._open(path, mode, **kw)
         if "r" not in mode:
             return f
+        # MemoryFileSystem hands out the one stored file object for every read open; a fresh
+        # one per open keeps positions apart and the counting wrapper from stacking up
+        f = MemoryFile(None, path, f.getvalue())
         orig = f.read
         cls = type(self)
 
@@ -344,6 +348,7 @@ class CountingFS(MemoryFileSystem):
             out = orig(*a)
             with cls.lock:
                 cls.bytes_read += len(out)
+                cls.read_calls += 1
             return out
 
         f.read = read
@@ -362,6 +367,7 @@ def wide_remote() -> str:
         "/wide/a.parquet", _parquet_bytes(pa.table(cols), row_group_size=5000, compression="none")
     )
     CountingFS.bytes_read = 0
+    CountingFS.read_calls = 0
     CountingFS.fail_reads = 0
     return "countmem://wide/"
 
@@ -376,6 +382,20 @@ def test_projection_fetches_only_selected_column_chunks(wide_remote: str) -> Non
     list(ds)
     every = CountingFS.bytes_read
     assert one < every / 10, f"reading 1 of 20 columns fetched {one} of {every} bytes"
+
+
+def test_remote_row_groups_are_fetched_in_coalesced_ranges(wide_remote: str) -> None:
+    cols = ["x0", "x1", "x2", "x3", "x4"]  # adjacent column chunks: one range per row group
+    ds = data.read(wide_remote, columns=cols, batch_size=4096, rank=0, world_size=1, prefetch=0)
+    CountingFS.bytes_read = CountingFS.read_calls = 0
+    assert len(ids_of(list(ds), "x4")) == 20000
+    md = pq.ParquetFile(CountingFS().open("/wide/a.parquet")).metadata
+    chunks = [md.row_group(g).column(1 + i) for g in range(md.num_row_groups) for i in range(5)]
+    assert (
+        CountingFS.bytes_read <= sum(c.total_compressed_size for c in chunks) + 64 * 1024
+    )  # + one footer read
+    # one range per row group (+ one footer read), not one request per column chunk (21)
+    assert CountingFS.read_calls <= md.num_row_groups + 1, CountingFS.read_calls
 
 
 def test_transient_errors_are_retried(wide_remote: str) -> None:
