@@ -93,14 +93,20 @@ def test_plugged_source_and_assignment() -> None:
 def test_prefetch_is_bounded_and_stops_with_the_consumer() -> None:
     src = ArraySource(n=100_000, split=1000, chunk=10)
     ds = data.read(src, batch_size=10, prefetch=2, rank=0, world_size=1)
+    before = set(threading.enumerate())
     it = iter(ds)
     next(it)
-    time.sleep(0.3)
-    # one batch consumed, <= 2 queued, one being built, one record batch in flight
-    assert src.rows_read <= (1 + 2 + 1) * 10 + 10, src.rows_read
-    it.close()  # type: ignore[attr-defined]
+    # the producer fills the queue and blocks: wait for it (however loaded the machine), then
+    # check it stays blocked. One batch consumed, 2 queued, one waiting to be put, and at most
+    # one record batch read for the next
+    deadline = time.monotonic() + 30
+    while src.rows_read < (1 + 2 + 1) * 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
     time.sleep(0.2)
-    assert not [t for t in threading.enumerate() if t.name == "kubeai-data-prefetch"]
+    assert (1 + 2 + 1) * 10 <= src.rows_read <= (1 + 2 + 1) * 10 + 10, src.rows_read
+    it.close()  # type: ignore[attr-defined]
+    # close() joins the producer: no sleep needed, and threads of other tests do not count
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "kubeai-data-prefetch"]
     assert ds.state_dict()["rows"] == 10
 
 

@@ -327,7 +327,11 @@ class CountingFS(MemoryFileSystem):
 
     bytes_read = 0
     read_calls = 0
-    fail_reads = 0  # the next N read() calls raise ConnectionError
+    # faults are placed by read count, not by time: after `reads_before_fault` more successful
+    # reads, the next `fail_reads` read() calls raise ConnectionError. (Setting a fault "now"
+    # from the consumer races the prefetch thread, which may already have read everything.)
+    reads_before_fault = 0
+    fail_reads = 0
     lock = threading.Lock()
 
     def _open(self, path, mode="rb", **kw):  # type: ignore[no-untyped-def]
@@ -342,13 +346,14 @@ class CountingFS(MemoryFileSystem):
 
         def read(*a):  # type: ignore[no-untyped-def]
             with cls.lock:
-                if cls.fail_reads > 0:
+                if cls.fail_reads > 0 and cls.reads_before_fault <= 0:
                     cls.fail_reads -= 1
                     raise ConnectionError("connection reset by peer (injected)")
             out = orig(*a)
             with cls.lock:
                 cls.bytes_read += len(out)
                 cls.read_calls += 1
+                cls.reads_before_fault -= 1
             return out
 
         f.read = read
@@ -369,6 +374,7 @@ def wide_remote() -> str:
     CountingFS.bytes_read = 0
     CountingFS.read_calls = 0
     CountingFS.fail_reads = 0
+    CountingFS.reads_before_fault = 0
     return "countmem://wide/"
 
 
@@ -398,34 +404,47 @@ def test_remote_row_groups_are_fetched_in_coalesced_ranges(wide_remote: str) -> 
     assert CountingFS.read_calls <= md.num_row_groups + 1, CountingFS.read_calls
 
 
-def test_transient_errors_are_retried(wide_remote: str) -> None:
-    ds = data.read(wide_remote, columns=["id"], batch_size=3000, rank=0, world_size=1, backoff=0.01)
-    it = iter(ds)
-    first = next(it)
-    CountingFS.fail_reads = 2
-    rest = list(it)
-    np.testing.assert_array_equal(ids_of([first, *rest], "id"), np.arange(20000))
-    assert CountingFS.fail_reads == 0
+def _reads_of_a_clean_pass(url: str, **kw: object) -> int:
+    CountingFS.read_calls = 0
+    list(data.read(url, **kw))  # type: ignore[arg-type]
+    return CountingFS.read_calls
 
 
-def test_persistent_errors_raise_and_state_points_at_first_unread_row(wide_remote: str) -> None:
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_transient_errors_are_retried(wide_remote: str, prefetch: int) -> None:
+    kw = {"columns": ["id"], "batch_size": 3000, "rank": 0, "world_size": 1, "backoff": 0.01}
+    reads = _reads_of_a_clean_pass(wide_remote, **kw)
+    # two resets in the middle of the pass, whatever the prefetch thread's timing
+    CountingFS.reads_before_fault, CountingFS.fail_reads = reads // 2, 2
+    got = list(data.read(wide_remote, prefetch=prefetch, **kw))
+    np.testing.assert_array_equal(ids_of(got, "id"), np.arange(20000))
+    assert CountingFS.fail_reads == 0, "the injected faults were not hit"
+
+
+@pytest.mark.parametrize("prefetch", [0, 4])
+def test_persistent_errors_raise_and_state_points_at_first_unread_row(
+    wide_remote: str, prefetch: int
+) -> None:
     kw = {"columns": ["id"], "batch_size": 3000, "rank": 0, "world_size": 1, "backoff": 0.01, "retries": 2}
-    ds = data.read(wide_remote, shuffle=True, shuffle_buffer=7000, **kw)
-    it = iter(ds)
-    got = [next(it)["id"], next(it)["id"]]
-    CountingFS.fail_reads = 10**6  # the store is down
+    kw.update(shuffle=True, shuffle_buffer=7000)
+    whole = ids_of(list(data.read(wide_remote, **kw)), "id")
+    reads = _reads_of_a_clean_pass(wide_remote, **kw)
+    # the store goes down for good half-way through the pass
+    CountingFS.reads_before_fault, CountingFS.fail_reads = reads // 2, 10**6
+    ds = data.read(wide_remote, prefetch=prefetch, **kw)
+    got: list[np.ndarray] = []
     with pytest.raises(data.ReadFailedError) as ei:
-        for b in it:
+        for b in ds:
             got.append(b["id"])
+    assert got, "the fault came before the first batch"
     assert "wide/a.parquet" in str(ei.value) and "failed 3 times" in str(ei.value)
     assert isinstance(ei.value, OSError)
     state = json.loads(json.dumps(ds.state_dict()))
     assert state["rows"] == sum(len(g) for g in got)
     CountingFS.fail_reads = 0  # the store is back: a new process resumes from the state
-    ds2 = data.read(wide_remote, shuffle=True, shuffle_buffer=7000, **kw)
+    ds2 = data.read(wide_remote, prefetch=prefetch, **kw)
     ds2.load_state_dict(state)
     got += [b["id"] for b in ds2]
-    whole = ids_of(list(data.read(wide_remote, shuffle=True, shuffle_buffer=7000, **kw)), "id")
     np.testing.assert_array_equal(np.concatenate(got), whole)
 
 
