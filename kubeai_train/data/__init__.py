@@ -9,6 +9,7 @@ Sources plug in by URL scheme (:func:`register_source`); fsspec storage options 
 come from :func:`register_storage_options` providers.
 """
 
+from kubeai_train.data.adapters import state_from_tf
 from kubeai_train.data.dataset import Dataset, ReadOptions, read
 from kubeai_train.data.registry import (
     open_source,
@@ -36,6 +37,7 @@ __all__ = [
     "Dataset",
     "ReadOptions",
     "read",
+    "state_from_tf",
     "Assignment",
     "ColumnNotFoundError",
     "CorruptFileError",

@@ -14,9 +14,16 @@ per-worker dataset with an explicit share, e.g. in a ``dataset_fn(input_context)
 ``data.read(..., rank=input_context.input_pipeline_id,
 world_size=input_context.num_input_pipelines).to_tf()``; never rely on ``cluster.current()``
 inside the chief, which would give every worker the chief's share. Throughput is then bound by
-the chief's CPU; prefer between-graph mode for input-heavy jobs. State: the Dataset's
-``state_dict()`` counts rows handed to tf.data; a ``.prefetch(n)`` you add on top counts up
-to ``n`` batches as delivered before the model sees them.
+the chief's CPU; prefer between-graph mode for input-heavy jobs.
+
+State with tf.data: the Dataset's ``state_dict()`` counts rows handed to tf.data, so a
+``.prefetch(n)`` (or any buffering stage) on top counts up to ``n`` batches as delivered
+before the model sees them. For exact checkpoints use ``to_tf(with_state=True)``: elements
+become ``(batch, state)`` where ``state`` is a scalar ``tf.string``, the JSON ``state_dict()``
+right after that batch. It travels with its batch through ``.prefetch`` / ``.map`` /
+``tf.function`` / graph mode, so the state of the last batch the model consumed is the exact
+resume point: ``ds.load_state_dict(data.state_from_tf(state))`` in the restarted process.
+Strip it where a model wants features only: ``.map(lambda batch, state: batch)``.
 
 ``to_torch``: an ``IterableDataset`` of ready batches (use ``DataLoader(ds, batch_size=None)``).
 With DataLoader workers, worker ``w`` of ``n`` reads part ``w`` of the rank's share (every row
@@ -29,6 +36,7 @@ turns "the trainer consumed this many batches of this epoch" into each worker's 
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -40,11 +48,13 @@ from kubeai_train.data.types import ReaderId, StateError
 if TYPE_CHECKING:
     from kubeai_train.data.dataset import Dataset
 
-__all__ = ["to_tf", "to_torch", "worker_positions"]
+__all__ = ["state_from_tf", "to_tf", "to_torch", "worker_positions"]
 
 
-def to_tf(ds: Dataset) -> Any:
-    """``tf.data.Dataset`` of ``dict[str, tf.Tensor]`` batches read by ``ds`` (see module doc)."""
+def to_tf(ds: Dataset, with_state: bool = False) -> Any:
+    """``tf.data.Dataset`` of ``dict[str, tf.Tensor]`` batches read by ``ds`` (see module doc);
+    with ``with_state``, of ``(batch, state)`` pairs (``state``: the JSON position after the
+    batch, a scalar ``tf.string``; decode it with :func:`state_from_tf`)."""
     import tensorflow as tf
 
     shape = (ds.options.batch_size,) if ds.options.drop_last else (None,)
@@ -59,10 +69,44 @@ def to_tf(ds: Dataset) -> Any:
         )
         sig[name] = tf.TensorSpec(shape=dims, dtype=tf_dtype, name=None)
 
-    def gen() -> Iterator[dict[str, np.ndarray]]:
-        yield from ds
+    if not with_state:
 
-    return tf.data.Dataset.from_generator(gen, output_signature=sig)
+        def gen() -> Iterator[dict[str, np.ndarray]]:
+            yield from ds
+
+        return tf.data.Dataset.from_generator(gen, output_signature=sig)
+
+    def gen_with_state() -> Iterator[tuple[dict[str, np.ndarray], bytes]]:
+        for batch in ds:  # the dataset's position is advanced before each yield
+            yield batch, json.dumps(ds.state_dict()).encode()
+
+    return tf.data.Dataset.from_generator(
+        gen_with_state, output_signature=(sig, tf.TensorSpec(shape=(), dtype=tf.string))
+    )
+
+
+def state_from_tf(value: Any) -> dict[str, Any]:
+    """The ``state_dict()`` carried by a ``to_tf(with_state=True)`` element: accepts the
+    ``tf.string`` tensor (eager), or the ``bytes`` / ``str`` a session run or ``.numpy()`` gave.
+
+    Raises:
+        StateError: ``value`` is not such a state.
+    """
+    if hasattr(value, "numpy"):
+        value = value.numpy()
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value.item()
+    if isinstance(value, (bytes, np.bytes_)):
+        value = bytes(value).decode()
+    try:
+        state = json.loads(value) if isinstance(value, str) else None
+    except ValueError as e:
+        raise StateError(f"not a to_tf(with_state=True) state: {str(value)[:100]!r}") from e
+    if not isinstance(state, dict):
+        raise StateError(
+            f"not a to_tf(with_state=True) state: {str(value)[:100]!r}; pass the second element of a batch"
+        )
+    return state
 
 
 def worker_positions(

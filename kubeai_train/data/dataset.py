@@ -552,11 +552,17 @@ class Dataset:
         ds._rows = 0
         return ds
 
-    def to_tf(self) -> Any:
-        """A ``tf.data.Dataset`` of this rank's batches (see ``kubeai_train.data.adapters``)."""
+    def to_tf(self, with_state: bool = False) -> Any:
+        """A ``tf.data.Dataset`` of this rank's batches (see ``kubeai_train.data.adapters``).
+
+        Args:
+            with_state: make elements ``(batch, state)``, ``state`` being the JSON position
+                after the batch (a scalar ``tf.string``), exact however much tf.data buffers
+                ahead; resume with ``load_state_dict(data.state_from_tf(state))``.
+        """
         from kubeai_train.data.adapters import to_tf
 
-        return to_tf(self)
+        return to_tf(self, with_state=with_state)
 
     def to_torch(self) -> Any:
         """A ``torch.utils.data.IterableDataset`` splitting this rank's share across workers."""
