@@ -99,6 +99,8 @@ class RunResult:
     ready_seconds: float = 0.0
     ready_at: float = 0.0
     train_seconds: float = 0.0
+    first_step_seconds: float = 0.0
+    first_step_examples: int = 0
 
 
 def run(
@@ -559,6 +561,10 @@ class _Trainer:
                 step += 1
                 result.examples += int(rows)
                 ex_log += int(rows)
+                if step == 1 and not result.first_step_seconds:
+                    # the first step also opens the reader: kept apart for steady-state rates
+                    result.first_step_seconds = time.perf_counter() - t_loop
+                    result.first_step_examples = int(rows)
                 boundary = step % cfg.log_steps == 0 or (
                     self.is_chief and step % cfg.save_checkpoint_steps == 0
                 )
