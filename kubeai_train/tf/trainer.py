@@ -717,6 +717,19 @@ class _Trainer:
             "eval": result.metrics,
             "framework": "tf",
             "mode": "between_graph",
+            "params": {
+                **self.model.params(),
+                **self.config.params,
+                "batch_size": self.config.batch_size,
+                "num_epochs": self.config.num_epochs,
+                "sync": self.config.sync,
+            },
+            "signature": {
+                "name": _export.SIGNATURE,
+                "inputs": dict(self.model.raw_features()),
+                "outputs": {"probability": "float32", "logits": "float32"},
+            },
+            "dataset": {"uri": _redact_uri(self.config.train_data)},
             "lineage": {
                 "train_data": _redact_uri(self.config.train_data),
                 "eval_data": _redact_uri(self.config.eval_data),

@@ -127,6 +127,11 @@ def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
     lineage = mv.metadata["lineage"]
     assert lineage["train_data"] == train and lineage["checkpoint"] == dist["checkpoint"]
     assert lineage["params"]["model"] == "DeepFM" and lineage["cluster"] == {"chief": 1, "worker": 2, "ps": 2}
+    assert mv.metadata["dataset"]["uri"] == train and mv.metadata["params"]["model"] == "DeepFM"
+    assert (
+        mv.metadata["signature"]["inputs"]["C1"] == "string"
+        and mv.metadata["signature"]["inputs"]["I1"] == "float32"
+    )
 
     # embeddings sharded over both PS, as the placement report and the graph devices say
     placement = json.loads((dist_dir / "placement.json").read_text())
