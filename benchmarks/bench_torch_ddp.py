@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from kubeai_train import data
 from kubeai_train import torch as kt
-from kubeai_train.torch.trainer import TransformedBatches
+from kubeai_train.torch.trainer import _NO_BUFFER_SYNC, TransformedBatches
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -131,7 +131,7 @@ def job(args: argparse.Namespace) -> None:
 
         # 1. wrapper vs hand-written loop, alternating passes
         hand_model = model()
-        hand = DDP(hand_model, forward_sync_buffers=False)
+        hand = DDP(hand_model, **_NO_BUFFER_SYNC)
         sparse_p, dense_p = kt.split_parameters(hand_model)
         hand_opts: list[torch.optim.Optimizer] = [
             torch.optim.SparseAdam(sparse_p, lr=1e-2),

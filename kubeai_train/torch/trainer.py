@@ -18,6 +18,7 @@ Every row is trained on exactly once per epoch: the loop never drops a rank's ta
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -45,6 +46,13 @@ from kubeai_train.torch.types import ConfigError, TrainConfig
 __all__ = ["FitResult", "Trainer", "TransformedBatches"]
 
 log = logging.getLogger(__name__)
+
+# torch 2.13 renamed DDP's broadcast_buffers to forward_sync_buffers (the old name warns)
+_NO_BUFFER_SYNC: dict[str, Any] = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 class TorchSource(Protocol):
@@ -151,7 +159,7 @@ class Trainer:
         # DDP broadcasts rank 0's parameters now, so every replica starts identical.
         with guard("wrapping the model in DDP (initial parameter broadcast)"):
             # The model's buffers are constants (row offsets, pair indices): no per-step buffer sync.
-            self.ddp = DDP(self.module, forward_sync_buffers=False)
+            self.ddp = DDP(self.module, **_NO_BUFFER_SYNC)
         self.optimizer = optimizer or SplitOptimizer(
             self.module, dense_lr=self.config.dense_lr, sparse_lr=self.config.sparse_lr
         )
