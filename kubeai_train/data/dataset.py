@@ -18,8 +18,14 @@ integers whatever the dataset size.
 
 Batches are exactly ``batch_size`` rows across split, file and window boundaries; the last
 batch of an epoch is short unless ``drop_last``. A background thread reads and converts ahead
-into a queue of ``prefetch`` batches, so peak memory is about ``prefetch x batch bytes`` plus
-one source record batch (plus one shuffle window when shuffling).
+into a queue of ``prefetch`` batches. Peak memory does not grow with the dataset: it is about
+``(prefetch + 3) x batch bytes`` (the queue, one batch waiting to be put, one being built, the
+one the caller holds) plus a constant of the source's (for Parquet files: one source record
+batch and a 1 MiB stream buffer per selected column; remote files pre-buffer the selected
+column chunks of one row group), plus, when shuffling, one window of ``shuffle_buffer`` rows
+(its rows are taken a batch at a time, never copied whole; string columns that are hashed are
+hashed before the window, so a window holds 8-byte ids). Measured by
+``tests/data/test_dataset.py::test_peak_memory_does_not_grow_with_dataset_size``.
 """
 
 from __future__ import annotations
@@ -468,23 +474,46 @@ class Dataset:
             return
         w = self.options.window
         first = start // w
+        step = self.options.batch_size
         for win in range(first, -(-total // w)):
             lo, hi = win * w, min(total, (win + 1) * w)
-            pieces = list(self._read_range(splits, lo, hi))
-            table = pa.Table.from_batches(pieces) if pieces else None
-            if table is None or table.num_rows != hi - lo:
-                raise DataError(
-                    f"{self.source.url}: window rows [{lo}, {hi}) of epoch {epoch} returned "
-                    f"{0 if table is None else table.num_rows} rows; the source changed while reading"
-                )
+            window = self._window(splits, lo, hi, epoch)
             r = self.reader
             rng = np.random.default_rng(
                 [self.options.seed, epoch, r.rank, r.world_size, r.worker, r.num_workers, win]
             )
             perm = rng.permutation(hi - lo)
             skip = start - lo if win == first else 0
-            shuffled = table.take(pa.array(perm[skip:])).combine_chunks()
-            yield from shuffled.to_batches()
+            # the permuted rows are taken a batch at a time: the window is held once, never
+            # next to a permuted copy of itself
+            for a in range(skip, hi - lo, step):
+                yield window.take(pa.array(perm[a : a + step]))
+            del window  # released before the next window is read
+
+    def _window(self, splits: Sequence[Split], lo: int, hi: int, epoch: int) -> pa.RecordBatch:
+        """Stream rows [lo, hi) as one record batch, assembled column by column so that the
+        source batches' memory is released as the window's grows (peak: one window plus one
+        column of it, not two windows)."""
+        pieces = list(self._read_range(splits, lo, hi))
+        got = sum(p.num_rows for p in pieces)
+        if got != hi - lo:
+            raise DataError(
+                f"{self.source.url}: window rows [{lo}, {hi}) of epoch {epoch} returned "
+                f"{got} rows; the source changed while reading"
+            )
+        names = pieces[0].schema.names
+        columns: list[list[pa.Array] | None] = [[p.column(i) for p in pieces] for i in range(len(names))]
+        del pieces
+        arrays = []
+        for i in range(len(names)):
+            parts = columns[i] or []
+            columns[i] = None
+            try:
+                arrays.append(parts[0] if len(parts) == 1 else pa.concat_arrays(parts))
+            except pa.ArrowInvalid:  # e.g. dictionary arrays with different dictionaries
+                arrays.append(pa.concat_arrays([a.dictionary_decode() for a in parts]))
+            del parts
+        return pa.RecordBatch.from_arrays(arrays, names=names)
 
     def _read_range(self, splits: Sequence[Split], lo: int, hi: int) -> Iterator[pa.RecordBatch]:
         """Source record batches of stream rows [lo, hi), string columns already hashed."""

@@ -162,3 +162,99 @@ def test_reader_with_no_rows_and_endless_epochs_iterates_nothing() -> None:
     assert ds.num_rows == 0 and list(ds) == []
     with pytest.raises(ValueError, match="at least one column"):
         data.read(ArraySource(), columns=[], rank=0, world_size=1)
+
+
+# -- memory: bounded by prefetch x batch bytes, not by dataset size --------------------------------
+
+_MEMORY_CHILD = r"""
+import gc, json, sys
+import pyarrow as pa
+from kubeai_train import data
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+url, kw = sys.argv[1], json.loads(sys.argv[2])
+# imports, thread pools and the allocator warmed on a few batches; then the peak is reset
+warm = iter(data.read(url, rank=0, world_size=1, **kw))
+for _ in range(3):
+    next(warm)
+warm.close()
+del warm
+gc.collect()
+with open("/proc/self/clear_refs", "w") as fh:
+    fh.write("5")  # resets VmHWM to the current RSS
+base = status("VmRSS")
+ds = data.read(url, rank=0, world_size=1, **kw)
+rows = batch_bytes = 0
+for i, b in enumerate(ds):
+    rows += len(b["id"])
+    if i == 1:
+        batch_bytes = sum(a.nbytes for a in b.values())
+print(json.dumps({"rows": rows, "growth": status("VmHWM") - base, "batch_bytes": batch_bytes,
+                  "arrow_peak": pa.default_memory_pool().max_memory(), "prefetch": ds.options.prefetch,
+                  "window": ds.options.window}))
+"""
+
+
+def _memory_of_a_read(url: str, **kw: object) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, url, json.dumps(kw)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.integration
+def test_peak_memory_does_not_grow_with_dataset_size(tmp_path) -> None:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    rows_per_file, mib = 100_000, 1 << 20
+    rng = np.random.default_rng(0)
+    proto = pa.table(
+        {
+            "id": np.arange(rows_per_file),
+            **{f"x{i}": rng.random(rows_per_file, dtype=np.float32) for i in range(8)},
+            "c": pc.cast(pa.array(rng.zipf(1.3, rows_per_file) % 100_000), pa.string()),
+        }
+    )
+    for name, files in (("small", 2), ("big", 20)):  # 200k and 2M rows
+        (tmp_path / name).mkdir()
+        for f in range(files):
+            t = proto.set_column(0, "id", pa.array(np.arange(f * rows_per_file, (f + 1) * rows_per_file)))
+            pq.write_table(t, tmp_path / name / f"part-{f:02d}.parquet", row_group_size=65_536)
+    kw = {"batch_size": 4096, "hash_buckets": {"c": 1000}}
+    small = _memory_of_a_read(str(tmp_path / "small"), **kw)
+    big = _memory_of_a_read(str(tmp_path / "big"), **kw)
+    shuffled = _memory_of_a_read(str(tmp_path / "big"), shuffle=True, **kw)
+    assert (small["rows"], big["rows"], shuffled["rows"]) == (200_000, 2_000_000, 2_000_000)
+    data_bytes = big["rows"] * big["batch_bytes"] // 4096  # what holding the dataset would cost
+    batches = (big["prefetch"] + 3) * big["batch_bytes"]  # queue + one being put, built, consumed
+    window = big["window"] * big["batch_bytes"] // 4096
+    print(
+        f"\nRSS growth MiB: 200k rows {small['growth'] / mib:.1f}, 2M rows {big['growth'] / mib:.1f}, "
+        f"2M shuffled {shuffled['growth'] / mib:.1f}; Arrow peak MiB {small['arrow_peak'] / mib:.1f}, "
+        f"{big['arrow_peak'] / mib:.1f}, {shuffled['arrow_peak'] / mib:.1f}; (prefetch + 3) x batch "
+        f"{batches / mib:.1f} MiB, window {window / mib:.1f} MiB, dataset {data_bytes / mib:.0f} MiB"
+    )
+    # 10x the rows, the same memory: Arrow's own peak (exact) and the process's RSS (allocator noise)
+    assert big["arrow_peak"] <= small["arrow_peak"] + 2 * mib
+    # + the Parquet reader's 1 MiB stream buffer per selected column and a few source batches
+    assert big["arrow_peak"] <= batches + proto.num_columns * mib + 2 * mib
+    assert big["growth"] <= small["growth"] + 16 * mib
+    assert big["growth"] <= 40 * mib + batches < data_bytes / 2
+    # shuffling costs one window (+ one of its columns while it is assembled)
+    assert shuffled["arrow_peak"] <= big["arrow_peak"] + 1.5 * window
+    assert shuffled["growth"] <= big["growth"] + 1.5 * window + 16 * mib
