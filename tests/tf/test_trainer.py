@@ -213,6 +213,45 @@ def test_worker_killed_mid_run_rejoins_and_the_job_finishes(ctr_small, tmp_path)
     assert trained["global_step"] == sum(math.ceil(len(r) / 256) for r in audit.values())
 
 
+def test_chief_killed_restarts_on_the_live_model_and_the_job_finishes(ctr_small, tmp_path):
+    root, _ = ctr_small
+    model_dir = tmp_path / "m"
+    res = launch(
+        JOB,
+        [
+            "--train-data",
+            str(root / "train"),
+            "--eval-data",
+            str(root / "eval"),
+            "--model-repo",
+            str(tmp_path / "repo"),
+            "--model-dir",
+            str(model_dir),
+            "--hash-buckets",
+            "1000",
+            "--batch-size",
+            "256",
+            "--log-steps",
+            "10",
+            "--checkpoint-steps",
+            "20",
+            "--audit-column",
+            "row_id",
+        ],
+        env={"KT_DIE": "chief:0:20", "KT_STEP_SLEEP": "0.2"},
+        launcher_args=("--restart-policy", "ExitCode"),
+        timeout=240,
+    )
+    assert res.returncode == 0, tail(res.output)
+    assert "chief:0 exited with code 137; restarting" in res.output
+    # the PS still hold the model, fresher than any checkpoint: the new chief keeps it
+    assert re.search(
+        r'\[chief 0\] ready in [\d.]+ s \(live\); position \{"data": \{[^}]*"rows": 5120', res.output
+    ), tail(res.output)
+    allrows = np.concatenate(list(_audit(model_dir).values()))
+    assert sorted(allrows.tolist()) == list(range(40_000))
+
+
 def test_ps_killed_job_restores_checkpoint_and_loss_continues(ctr_small, tmp_path):
     root, _ = ctr_small
     model_dir = tmp_path / "m"
