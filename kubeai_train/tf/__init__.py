@@ -12,6 +12,13 @@ a SavedModel taking raw features and publishes it to the model repository.
 Importing this package imports TensorFlow.
 """
 
+import os
+
+# TensorFlow's C++ INFO/WARNING lines (rendezvous cancellations at every PS shutdown, ...) drown
+# the training log; errors still show. Takes effect when TensorFlow is not imported yet; set
+# TF_CPP_MIN_LOG_LEVEL=0 yourself to see everything.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from kubeai_train.tf.features import CtrFeatures, partitioner
 from kubeai_train.tf.models import DeepFM
 from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
