@@ -1,7 +1,7 @@
 """DeepFM CTR model trained in TF2 coordinator mode (ParameterServerStrategy), end to end.
 
-Every process of the job runs this same script; ``kubeai_train.tf.coordinator.run`` does the
-role's part (PS and workers serve; the chief schedules steps onto the workers, checkpoints,
+Every process of the job runs this same script; ``kubeai_train.tf.run(..., mode="coordinator")``
+does the role's part (PS and workers serve; the chief schedules steps onto the workers, checkpoints,
 exports a SavedModel taking raw Criteo features and publishes it with its eval AUC / log loss).
 
     python -m kubeai_train.testing.ctr --rows 200000 --eval-rows 50000 --out /tmp/ctr
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo],
         fixed_shards=args.fixed_shards,
     )
     policy = ktf.GreedyBytesPlacement() if args.placement == "greedy_bytes" else ktf.RoundRobinPlacement()
-    result = coordinator.run(model, config, options=options, placement=policy)
+    result = ktf.run(model, config, mode="coordinator", options=options, placement=policy)
     if result.version is not None:
         print(
             json.dumps(

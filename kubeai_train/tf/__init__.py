@@ -9,6 +9,9 @@ the PS, start-up and shutdown never hang, the chief checkpoints (every reader's 
 included), a lost PS makes the job exit with a retryable code and restore, and the chief exports
 a SavedModel taking raw features and publishes it to the model repository.
 
+``run(model, config, mode="coordinator", options=...)`` runs the TF2 coordinator mode instead
+(ParameterServerStrategy + ClusterCoordinator, a ``tf.Module`` model): see :mod:`.coordinator`.
+
 Importing this package imports TensorFlow.
 """
 
@@ -19,10 +22,12 @@ import os
 # TF_CPP_MIN_LOG_LEVEL=0 yourself to see everything.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from kubeai_train.tf import coordinator
+from kubeai_train.tf.entry import MODES, run
 from kubeai_train.tf.features import CtrFeatures, partitioner
 from kubeai_train.tf.models import DeepFM
 from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
-from kubeai_train.tf.trainer import RunResult, run
+from kubeai_train.tf.trainer import RunResult
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,
     ClusterUnavailableError,
@@ -38,6 +43,7 @@ from kubeai_train.tf.types import (
 )
 
 __all__ = [
+    "MODES",
     "RETRYABLE_EXIT_CODE",
     "ClusterUnavailableError",
     "CtrFeatures",
@@ -54,6 +60,7 @@ __all__ = [
     "TrainConfig",
     "TrainError",
     "VariableInfo",
+    "coordinator",
     "partitioner",
     "run",
 ]
