@@ -429,7 +429,7 @@ class _Trainer:
     def train(self) -> RunResult:
         t_start = time.perf_counter()
         result = RunResult(role=self.job, rank=0)
-        marker = _read_json(os.path.join(self.model_dir, TRAINED_MARKER))
+        marker = _export.read_marker(os.path.join(self.model_dir, TRAINED_MARKER))
         if marker:
             log.info(
                 "%s %s exists (global step %s): going to export",
@@ -438,7 +438,7 @@ class _Trainer:
                 marker["global_step"],
             )
             result.checkpoint, result.global_step = marker["checkpoint"], marker["global_step"]
-            result.placement = _read_json(os.path.join(self.model_dir, PLACEMENT_REPORT))
+            result.placement = _export.read_marker(os.path.join(self.model_dir, PLACEMENT_REPORT))
             return self._finish(result, t_start)
         try:
             if self.distributed:
@@ -447,7 +447,7 @@ class _Trainer:
             self._functions()
             state = self._restore()
             if self.placement is not None:
-                _write_json(os.path.join(self.model_dir, PLACEMENT_REPORT), self.placement)
+                _export.write_marker(os.path.join(self.model_dir, PLACEMENT_REPORT), self.placement)
                 result.placement = self.placement
             if self.opts.input == "workers":
                 self._train_native(result, state)
@@ -461,7 +461,7 @@ class _Trainer:
             raise ClusterUnavailableError(
                 f"lost the cluster's state: {type(e).__name__}: {' '.join(str(e).split())[:240]}"
             ) from e
-        _write_json(
+        _export.write_marker(
             os.path.join(self.model_dir, TRAINED_MARKER),
             {
                 "checkpoint": result.checkpoint,
@@ -682,53 +682,36 @@ class _Trainer:
                 result.metrics["rows"],
             )
         if cfg.model_repo:
-            published = _read_json(os.path.join(self.model_dir, PUBLISHED_MARKER))
+            published = _export.read_marker(os.path.join(self.model_dir, PUBLISHED_MARKER))
             if published and published.get("checkpoint") == result.checkpoint:
                 result.version, result.model_uri = published["version"], published["uri"]
             else:
                 mv = _export.publish(cfg.model_repo, cfg.model_name, export_dir, self._metadata(result))
                 result.version, result.model_uri = int(mv.version), str(mv.uri)
-                _write_json(
+                _export.write_marker(
                     os.path.join(self.model_dir, PUBLISHED_MARKER),
                     {"version": result.version, "uri": result.model_uri, "checkpoint": result.checkpoint},
                 )
         result.seconds = time.perf_counter() - t_start
         if self.distributed:
-            _write_json(os.path.join(self.model_dir, DONE_MARKER), {"time": time.time()})
+            _export.write_marker(os.path.join(self.model_dir, DONE_MARKER), {"time": time.time()})
         return result
 
     def _metadata(self, result: RunResult) -> dict[str, Any]:
-        placement = None
-        if result.placement:
-            placement = {
-                "policy": result.placement.get("policy"),
-                "applied": result.placement.get("applied"),
-                "bytes_per_ps": [p["bytes"] for p in result.placement.get("ps", [])],
-            }
-        return {
-            "metrics": {k: v for k, v in result.metrics.items() if k in ("auc", "logloss")},
-            "eval": result.metrics,
-            "framework": "tf",
-            "mode": MODE,
-            "lineage": {
-                "train_data": self.config.train_data,
-                "native_data": self.opts.native_data if self.opts.input == "workers" else None,
-                "eval_data": self.config.eval_data,
-                "checkpoint": result.checkpoint,
-                "global_step": result.global_step,
-                "model_dir": self.model_dir,
-                "params": {
-                    **self.model.params(),
-                    **self.config.params,
-                    "batch_size": self.config.batch_size,
-                    "num_epochs": self.config.num_epochs,
-                    "seed": self.config.seed,
-                    "input": self.opts.input,
-                },
-                "cluster": {role: len(addrs) for role, addrs in self.info.cluster.items()},
-                "placement": placement,
-            },
-        }
+        native = self.opts.native_data if self.opts.input == "workers" else None
+        return _export.model_metadata(
+            mode=MODE,
+            model=self.model,
+            config=self.config,
+            metrics=result.metrics,
+            checkpoint=result.checkpoint,
+            global_step=result.global_step,
+            placement=result.placement,
+            model_dir=self.model_dir,
+            cluster_spec=self.info.cluster,
+            params={"input": self.opts.input},
+            lineage={"native_data": _export.redact_uri(native)},
+        )
 
 
 def _is_cluster_loss(e: Exception) -> bool:
@@ -742,18 +725,3 @@ def _is_cluster_loss(e: Exception) -> bool:
         and "/job:ps" in text
         and ("unknown device" in text.lower() or "remote_handle" in text)
     )
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            return json.load(f)
-    except (tf.errors.NotFoundError, FileNotFoundError):
-        return None
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -5,6 +5,10 @@ for inference on placeholders named after the raw columns (the same feature tran
 training, so serving needs no preprocessing code), the checkpoint is restored into it, and the
 SavedModel is written to a temporary directory and renamed into place. Evaluation runs the same
 graph over the eval data, so the reported metrics are those of exactly what was exported.
+
+Shared by both modes (between-graph ``trainer`` and ``coordinator``): :func:`model_metadata`
+(what a published version records) and the JSON markers in ``model_dir`` (:func:`read_marker`,
+:func:`write_marker`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +29,17 @@ from kubeai_train.tf import metrics
 from kubeai_train.tf.inputs import ReadFn, clean_batch, reader_options
 from kubeai_train.tf.types import Model, TrainError
 
-__all__ = ["SIGNATURE", "Predictor", "evaluate", "export_saved_model", "publish"]
+__all__ = [
+    "SIGNATURE",
+    "Predictor",
+    "evaluate",
+    "export_saved_model",
+    "model_metadata",
+    "publish",
+    "read_marker",
+    "redact_uri",
+    "write_marker",
+]
 
 log = logging.getLogger("kubeai_train.tf")
 
@@ -153,3 +168,99 @@ def publish(repo_uri: str, name: str, export_dir: str, metadata: Mapping[str, An
     mv = ModelRepository(repo_uri).publish(name, export_dir, metadata=json.loads(json.dumps(dict(metadata))))
     log.info("published %s version %s at %s", mv.name, mv.version, mv.uri)
     return mv
+
+
+def model_metadata(
+    *,
+    mode: str,
+    model: Any,
+    config: Any,
+    metrics: Mapping[str, float],
+    checkpoint: str | None,
+    global_step: int,
+    placement: Mapping[str, Any] | None,
+    model_dir: str,
+    cluster_spec: Mapping[str, Sequence[str]],
+    params: Mapping[str, Any] | None = None,
+    lineage: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The metadata a published version records, the same shape for both modes.
+
+    Args:
+        mode: ``"between_graph"`` or ``"coordinator"``.
+        model: the user's model (``raw_features()`` and ``params()``).
+        config: the job's ``TrainConfig``.
+        metrics: the chief's eval metrics (``auc``, ``logloss``, ...).
+        checkpoint: the checkpoint the export was restored from.
+        global_step: the global step of that checkpoint.
+        placement: the placement report (or None).
+        model_dir: the job's model directory.
+        cluster_spec: role -> task addresses (only the counts are recorded).
+        params: the mode's own hyper-parameters (added to the recorded params).
+        lineage: the mode's own lineage entries.
+
+    Returns:
+        A JSON-able dict: metrics, eval, framework, mode, params, signature, dataset, lineage.
+        Data URIs never carry credentials.
+    """
+    summary = None
+    if placement:
+        summary = {
+            "policy": placement.get("policy"),
+            "bytes_per_ps": [p["bytes"] for p in placement.get("ps", [])],
+        }
+        if "applied" in placement:
+            summary["applied"] = placement["applied"]
+    common = {
+        **model.params(),
+        **config.params,
+        "batch_size": config.batch_size,
+        "num_epochs": config.num_epochs,
+        **(params or {}),
+    }
+    return {
+        "metrics": {k: v for k, v in metrics.items() if k in ("auc", "logloss")},
+        "eval": dict(metrics),
+        "framework": "tf",
+        "mode": mode,
+        "params": common,
+        "signature": {
+            "name": SIGNATURE,
+            "inputs": dict(model.raw_features()),
+            "outputs": {"probability": "float32", "logits": "float32"},
+        },
+        "dataset": {"uri": redact_uri(config.train_data)},
+        "lineage": {
+            "train_data": redact_uri(config.train_data),
+            "eval_data": redact_uri(config.eval_data),
+            "checkpoint": checkpoint,
+            "global_step": global_step,
+            "model_dir": model_dir,
+            "params": {**common, "seed": config.seed},
+            "cluster": {role: len(addrs) for role, addrs in cluster_spec.items()},
+            "placement": summary,
+            **(lineage or {}),
+        },
+    }
+
+
+def redact_uri(uri: str | None) -> str | None:
+    """A data URI without any ``user:password@`` part (metadata must never carry secrets)."""
+    return None if uri is None else re.sub(r"//[^/@]*@", "//***@", uri)
+
+
+def read_marker(path: str) -> Any:
+    """The JSON object in ``path`` (any path TensorFlow can read), or None if there is none."""
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f)
+    except (tf.errors.NotFoundError, FileNotFoundError):
+        return None
+
+
+def write_marker(path: str, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file renamed into place)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
+    tf.io.gfile.rename(tmp, path, overwrite=True)

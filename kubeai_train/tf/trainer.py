@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -414,7 +413,7 @@ class _Trainer:
             "start" if position is None else json.dumps(position)[:200],
         )
         if self.is_chief and self.placement is not None:
-            _write_json(os.path.join(self.model_dir, PLACEMENT_REPORT), self.placement)
+            _export.write_marker(os.path.join(self.model_dir, PLACEMENT_REPORT), self.placement)
             result.placement = self.placement
         if position and position.get("done"):
             log.info("%s this rank's data was already done", self.tag)
@@ -480,7 +479,7 @@ class _Trainer:
         t_start = time.perf_counter()
         result = RunResult(role=self.job, rank=self.rank)
         if self.is_chief:
-            marker = _read_json(os.path.join(self.model_dir, TRAINED_MARKER))
+            marker = _export.read_marker(os.path.join(self.model_dir, TRAINED_MARKER))
             if marker:
                 log.info(
                     "%s %s exists: training finished before (global step %s); going to export",
@@ -489,7 +488,7 @@ class _Trainer:
                     marker.get("global_step"),
                 )
                 result.checkpoint, result.global_step = marker["checkpoint"], marker["global_step"]
-                result.placement = _read_json(os.path.join(self.model_dir, PLACEMENT_REPORT))
+                result.placement = _export.read_marker(os.path.join(self.model_dir, PLACEMENT_REPORT))
                 return self._finish(result, t_start)
         self._build()
         with self.graph.as_default():
@@ -628,7 +627,7 @@ class _Trainer:
         gstep = int(sess.run(self.global_step))
         result.global_step = gstep
         result.checkpoint = self._save(sess, gstep)
-        _write_json(
+        _export.write_marker(
             os.path.join(self.model_dir, TRAINED_MARKER),
             {"checkpoint": result.checkpoint, "global_step": gstep, "time": time.time()},
         )
@@ -692,67 +691,32 @@ class _Trainer:
             predictor.close()
         result.seconds = time.perf_counter() - t_start
         if cfg.model_repo:
-            published = _read_json(os.path.join(self.model_dir, PUBLISHED_MARKER))
+            published = _export.read_marker(os.path.join(self.model_dir, PUBLISHED_MARKER))
             if published and published.get("checkpoint") == result.checkpoint:
                 result.version, result.model_uri = published["version"], published["uri"]
                 log.info("%s already published as version %s", self.tag, result.version)
             else:
                 mv = _export.publish(cfg.model_repo, cfg.model_name, export_dir, self._metadata(result))
                 result.version, result.model_uri = int(mv.version), str(mv.uri)
-                _write_json(
+                _export.write_marker(
                     os.path.join(self.model_dir, PUBLISHED_MARKER),
                     {"version": result.version, "uri": result.model_uri, "checkpoint": result.checkpoint},
                 )
         return result
 
     def _metadata(self, result: RunResult) -> dict[str, Any]:
-        placement = None
-        if result.placement:
-            placement = {
-                "policy": result.placement.get("policy"),
-                "bytes_per_ps": [p["bytes"] for p in result.placement.get("ps", [])],
-            }
-        return {
-            "metrics": {k: v for k, v in result.metrics.items() if k in ("auc", "logloss")},
-            "eval": result.metrics,
-            "framework": "tf",
-            "mode": "between_graph",
-            "params": {
-                **self.model.params(),
-                **self.config.params,
-                "batch_size": self.config.batch_size,
-                "num_epochs": self.config.num_epochs,
-                "sync": self.config.sync,
-            },
-            "signature": {
-                "name": _export.SIGNATURE,
-                "inputs": dict(self.model.raw_features()),
-                "outputs": {"probability": "float32", "logits": "float32"},
-            },
-            "dataset": {"uri": _redact_uri(self.config.train_data)},
-            "lineage": {
-                "train_data": _redact_uri(self.config.train_data),
-                "eval_data": _redact_uri(self.config.eval_data),
-                "checkpoint": result.checkpoint,
-                "global_step": result.global_step,
-                "model_dir": self.model_dir,
-                "params": {
-                    **self.model.params(),
-                    **self.config.params,
-                    "batch_size": self.config.batch_size,
-                    "num_epochs": self.config.num_epochs,
-                    "sync": self.config.sync,
-                    "seed": self.config.seed,
-                },
-                "cluster": {role: len(addrs) for role, addrs in self.info.cluster.items()},
-                "placement": placement,
-            },
-        }
-
-
-def _redact_uri(uri: str | None) -> str | None:
-    """A data URI without any ``user:password@`` part (lineage must never carry secrets)."""
-    return None if uri is None else re.sub(r"//[^/@]*@", "//***@", uri)
+        return _export.model_metadata(
+            mode="between_graph",
+            model=self.model,
+            config=self.config,
+            metrics=result.metrics,
+            checkpoint=result.checkpoint,
+            global_step=result.global_step,
+            placement=result.placement,
+            model_dir=self.model_dir,
+            cluster_spec=self.info.cluster,
+            params={"sync": self.config.sync},
+        )
 
 
 def _tf_dtype(kind: str) -> Any:
@@ -763,18 +727,3 @@ def _summary(values: Mapping[str, float]) -> Any:
     return tf.compat.v1.Summary(
         value=[tf.compat.v1.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]
     )
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=str)
-    os.replace(tmp, path)
