@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from kubeai_train.tf import coordinator
 from kubeai_train.tf.entry import MODES, run
 from kubeai_train.tf.features import CtrFeatures, partitioner
-from kubeai_train.tf.models import DeepFM
+from kubeai_train.tf.models import DeepFM, DeepFMParams
 from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
 from kubeai_train.tf.trainer import RunResult
 from kubeai_train.tf.types import (
@@ -48,6 +48,7 @@ __all__ = [
     "ClusterUnavailableError",
     "CtrFeatures",
     "DeepFM",
+    "DeepFMParams",
     "GreedyBytesPlacement",
     "Model",
     "PlacementError",

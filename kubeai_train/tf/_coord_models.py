@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from kubeai_train.tf._coord_types import ModuleModel
 from kubeai_train.tf.features import CtrFeatures
-from kubeai_train.tf.types import TrainError
+from kubeai_train.tf.models import DeepFMParams
 
 __all__ = ["DeepFMModule", "DeepFMModuleModel"]
 
@@ -78,32 +78,33 @@ class DeepFMModule(tf.Module):
 
 
 class DeepFMModuleModel(ModuleModel):
-    """DeepFM for :func:`kubeai_train.tf.coordinator.run` (hyper-parameters as ``ktf.DeepFM``'s).
+    """DeepFM for :func:`kubeai_train.tf.coordinator.run` (the same :class:`DeepFMParams` as ``ktf.DeepFM``).
 
     Args:
         features: the feature transforms (default: the Criteo columns, 10k buckets per column).
         embedding_dim: FM / deep embedding width.
         hidden: MLP layer widths.
         learning_rate: Adagrad learning rate.
+        label: the label column (0/1).
+
+    Raises:
+        TrainError: hyper-parameters out of range (see :class:`DeepFMParams`).
     """
 
     def __init__(
         self,
         features: CtrFeatures | None = None,
-        embedding_dim: int = 8,
-        hidden: Sequence[int] = (64, 32),
-        learning_rate: float = 0.05,
-        label: str = "label",
+        embedding_dim: int = DeepFMParams.embedding_dim,
+        hidden: Sequence[int] = DeepFMParams.hidden,
+        learning_rate: float = DeepFMParams.learning_rate,
+        label: str = DeepFMParams.label,
     ) -> None:
-        if embedding_dim < 1:
-            raise TrainError(f"embedding_dim must be >= 1, got {embedding_dim}")
-        if learning_rate <= 0:
-            raise TrainError(f"learning_rate must be > 0, got {learning_rate}")
-        self.features = features or CtrFeatures()
-        self.embedding_dim = embedding_dim
-        self.hidden = tuple(hidden)
-        self._lr = learning_rate
-        self.label = label
+        self.hparams = DeepFMParams.of(features, embedding_dim, hidden, learning_rate, label)
+        self.features = self.hparams.features
+        self.embedding_dim = self.hparams.embedding_dim
+        self.hidden = self.hparams.hidden
+        self._lr = self.hparams.learning_rate
+        self.label = self.hparams.label
 
     def raw_features(self) -> dict[str, str]:
         return self.features.raw_features()
@@ -115,12 +116,4 @@ class DeepFMModuleModel(ModuleModel):
         return self._lr
 
     def params(self) -> dict[str, Any]:
-        return {
-            "model": "DeepFM",
-            "embedding_dim": self.embedding_dim,
-            "hidden": list(self.hidden),
-            "learning_rate": self._lr,
-            "hash_buckets": self.features.hash_buckets,
-            "categorical": list(self.features.categorical),
-            "dense": list(self.features.dense),
-        }
+        return self.hparams.params()

@@ -2,11 +2,15 @@
 
 They double as the reference for writing one: raw features in, ``CtrFeatures.transform`` in the
 graph, embedding tables created with ``partitioner(num_ps)`` so they shard over the PS.
+
+:class:`DeepFMParams` holds DeepFM's hyper-parameters and their validation once, for this
+between-graph ``DeepFM`` and the coordinator mode's ``DeepFMModuleModel`` alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import tensorflow as tf
@@ -14,7 +18,60 @@ import tensorflow as tf
 from kubeai_train.tf.features import CtrFeatures, partitioner
 from kubeai_train.tf.types import Model, TrainError
 
-__all__ = ["DeepFM"]
+__all__ = ["DeepFM", "DeepFMParams"]
+
+
+@dataclass(frozen=True)
+class DeepFMParams:
+    """DeepFM's hyper-parameters, validated once, shared by both modes' DeepFM models.
+
+    Args:
+        features: the feature transforms (default: the Criteo columns, 10k buckets per column).
+        embedding_dim: FM / deep embedding width (>= 1).
+        hidden: MLP layer widths.
+        learning_rate: Adagrad learning rate (> 0).
+        label: the label column (0/1).
+
+    Raises:
+        TrainError: an embedding_dim or learning_rate out of range.
+    """
+
+    features: CtrFeatures = field(default_factory=CtrFeatures)
+    embedding_dim: int = 8
+    hidden: tuple[int, ...] = (64, 32)
+    learning_rate: float = 0.05
+    label: str = "label"
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 1:
+            raise TrainError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        if self.learning_rate <= 0:
+            raise TrainError(f"learning_rate must be > 0, got {self.learning_rate}")
+        object.__setattr__(self, "hidden", tuple(self.hidden))
+
+    @classmethod
+    def of(
+        cls,
+        features: CtrFeatures | None,
+        embedding_dim: int,
+        hidden: Sequence[int],
+        learning_rate: float,
+        label: str,
+    ) -> DeepFMParams:
+        """The parameters of a model constructor's arguments (``features=None``: the default)."""
+        return cls(features or CtrFeatures(), embedding_dim, tuple(hidden), learning_rate, label)
+
+    def params(self) -> dict[str, Any]:
+        """The hyper-parameters recorded in the published lineage."""
+        return {
+            "model": "DeepFM",
+            "embedding_dim": self.embedding_dim,
+            "hidden": list(self.hidden),
+            "learning_rate": self.learning_rate,
+            "hash_buckets": self.features.hash_buckets,
+            "categorical": list(self.features.categorical),
+            "dense": list(self.features.dense),
+        }
 
 
 class DeepFM(Model):
@@ -26,39 +83,32 @@ class DeepFM(Model):
         embedding_dim: FM / deep embedding width.
         hidden: MLP layer widths.
         learning_rate: Adagrad learning rate.
+        label: the label column (0/1).
+
+    Raises:
+        TrainError: hyper-parameters out of range (see :class:`DeepFMParams`).
     """
 
     def __init__(
         self,
         features: CtrFeatures | None = None,
-        embedding_dim: int = 8,
-        hidden: Sequence[int] = (64, 32),
-        learning_rate: float = 0.05,
-        label: str = "label",
+        embedding_dim: int = DeepFMParams.embedding_dim,
+        hidden: Sequence[int] = DeepFMParams.hidden,
+        learning_rate: float = DeepFMParams.learning_rate,
+        label: str = DeepFMParams.label,
     ) -> None:
-        if embedding_dim < 1:
-            raise TrainError(f"embedding_dim must be >= 1, got {embedding_dim}")
-        if learning_rate <= 0:
-            raise TrainError(f"learning_rate must be > 0, got {learning_rate}")
-        self.features = features or CtrFeatures()
-        self.embedding_dim = embedding_dim
-        self.hidden = tuple(hidden)
-        self.learning_rate = learning_rate
-        self.label = label
+        self.hparams = DeepFMParams.of(features, embedding_dim, hidden, learning_rate, label)
+        self.features = self.hparams.features
+        self.embedding_dim = self.hparams.embedding_dim
+        self.hidden = self.hparams.hidden
+        self.learning_rate = self.hparams.learning_rate
+        self.label = self.hparams.label
 
     def raw_features(self) -> dict[str, str]:
         return self.features.raw_features()
 
     def params(self) -> dict[str, Any]:
-        return {
-            "model": "DeepFM",
-            "embedding_dim": self.embedding_dim,
-            "hidden": list(self.hidden),
-            "learning_rate": self.learning_rate,
-            "hash_buckets": self.features.hash_buckets,
-            "categorical": list(self.features.categorical),
-            "dense": list(self.features.dense),
-        }
+        return self.hparams.params()
 
     def optimizer(self) -> Any:
         return tf.compat.v1.train.AdagradOptimizer(self.learning_rate, initial_accumulator_value=0.1)
