@@ -22,33 +22,13 @@ import tempfile
 from collections.abc import Callable, Sequence
 
 from kubeai_train import tf as ktf
+from kubeai_train.tf import cli
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--train-data", required=True, help="training data URI (kubeai_train.data)")
-    p.add_argument("--eval-data", required=True, help="eval data URI")
-    p.add_argument("--model-repo", required=True, help="model repository URI to publish to")
-    p.add_argument("--model-name", default="ctr")
-    p.add_argument(
-        "--model-dir",
-        default=None,
-        help="checkpoints + summaries (shared by all processes; "
-        "default: a directory named after the job under the temp dir)",
-    )
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--learning-rate", type=float, default=0.2)
-    p.add_argument("--embedding-dim", type=int, default=8)
-    p.add_argument("--hash-buckets", type=int, default=10000, help="embedding rows per categorical column")
-    p.add_argument("--checkpoint-steps", type=int, default=500)
-    p.add_argument("--log-steps", type=int, default=100)
+    cli.add_common_args(p)
     p.add_argument("--sync", action="store_true", help="synchronous updates (needs --max-steps)")
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--placement", choices=("round_robin", "greedy_bytes"), default="round_robin")
-    p.add_argument("--no-shuffle", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--result-json", default=None, help="the chief writes its RunResult here")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a worker waits for the chief")
     p.add_argument("--audit-column", default=None, help="record this int64 column of every applied batch")
     return p.parse_args(argv)
@@ -82,7 +62,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo],
         audit_column=args.audit_column,
         ready_timeout=args.ready_timeout,
     )
-    policy = ktf.GreedyBytesPlacement() if args.placement == "greedy_bytes" else ktf.RoundRobinPlacement()
+    policy = cli.placement_from_args(args)
     result = ktf.run(model, config, placement=policy)
     if result.version is not None:
         print(
