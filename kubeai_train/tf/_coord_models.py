@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from kubeai_train.tf._coord_types import ModuleModel
 from kubeai_train.tf.features import CtrFeatures
-from kubeai_train.tf.models import DeepFMParams
+from kubeai_train.tf.models import DeepFMBase
 
 __all__ = ["DeepFMModule", "DeepFMModuleModel"]
 
@@ -77,43 +77,15 @@ class DeepFMModule(tf.Module):
         return logit + tf.squeeze(self.out(h), axis=1)
 
 
-class DeepFMModuleModel(ModuleModel):
-    """DeepFM for :func:`kubeai_train.tf.coordinator.run` (the same :class:`DeepFMParams` as ``ktf.DeepFM``).
+class DeepFMModuleModel(DeepFMBase, ModuleModel):
+    """DeepFM for :func:`kubeai_train.tf.coordinator.run`, with ``ktf.DeepFM``'s constructor.
 
-    Args:
-        features: the feature transforms (default: the Criteo columns, 10k buckets per column).
-        embedding_dim: FM / deep embedding width.
-        hidden: MLP layer widths.
-        learning_rate: Adagrad learning rate.
-        label: the label column (0/1).
-
-    Raises:
-        TrainError: hyper-parameters out of range (see :class:`DeepFMParams`).
+    Constructor arguments: see :class:`~kubeai_train.tf.models.DeepFMBase` (``features``,
+    ``embedding_dim``, ``hidden``, ``learning_rate``, ``label``; one ``DeepFMParams`` for both).
     """
-
-    def __init__(
-        self,
-        features: CtrFeatures | None = None,
-        embedding_dim: int = DeepFMParams.embedding_dim,
-        hidden: Sequence[int] = DeepFMParams.hidden,
-        learning_rate: float = DeepFMParams.learning_rate,
-        label: str = DeepFMParams.label,
-    ) -> None:
-        self.hparams = DeepFMParams.of(features, embedding_dim, hidden, learning_rate, label)
-        self.features = self.hparams.features
-        self.embedding_dim = self.hparams.embedding_dim
-        self.hidden = self.hparams.hidden
-        self._lr = self.hparams.learning_rate
-        self.label = self.hparams.label
-
-    def raw_features(self) -> dict[str, str]:
-        return self.features.raw_features()
 
     def build(self) -> DeepFMModule:
         return DeepFMModule(self.features, self.embedding_dim, self.hidden)
 
     def learning_rate(self) -> float:
-        return self._lr
-
-    def params(self) -> dict[str, Any]:
-        return self.hparams.params()
+        return self.hparams.learning_rate

@@ -18,7 +18,7 @@ import tensorflow as tf
 from kubeai_train.tf.features import CtrFeatures, partitioner
 from kubeai_train.tf.types import Model, TrainError
 
-__all__ = ["DeepFM", "DeepFMParams"]
+__all__ = ["DeepFM", "DeepFMBase", "DeepFMParams"]
 
 
 @dataclass(frozen=True)
@@ -74,9 +74,8 @@ class DeepFMParams:
         }
 
 
-class DeepFM(Model):
-    """DeepFM (Guo et al. 2017): first-order weights + FM pairwise term + an MLP over the
-    field embeddings and the dense features, summed into one logit.
+class DeepFMBase:
+    """Constructor, ``raw_features`` and ``params`` of both modes' DeepFM models (one DeepFMParams).
 
     Args:
         features: the feature transforms (default: the Criteo columns, 10k buckets per column).
@@ -101,7 +100,6 @@ class DeepFM(Model):
         self.features = self.hparams.features
         self.embedding_dim = self.hparams.embedding_dim
         self.hidden = self.hparams.hidden
-        self.learning_rate = self.hparams.learning_rate
         self.label = self.hparams.label
 
     def raw_features(self) -> dict[str, str]:
@@ -109,6 +107,20 @@ class DeepFM(Model):
 
     def params(self) -> dict[str, Any]:
         return self.hparams.params()
+
+
+class DeepFM(DeepFMBase, Model):
+    """DeepFM (Guo et al. 2017): first-order weights + FM pairwise term + an MLP over the
+    field embeddings and the dense features, summed into one logit.
+
+    Constructor arguments: see :class:`DeepFMBase` (``features``, ``embedding_dim``, ``hidden``,
+    ``learning_rate``, ``label``).
+    """
+
+    @property
+    def learning_rate(self) -> float:
+        """The Adagrad learning rate."""
+        return self.hparams.learning_rate
 
     def optimizer(self) -> Any:
         return tf.compat.v1.train.AdagradOptimizer(self.learning_rate, initial_accumulator_value=0.1)
