@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 
 from kubeai_train import tf as ktf
@@ -50,33 +49,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo], None]] = ()) -> int:
     """Run this process's role; ``hooks`` see a StepInfo every ``--log-steps`` steps (chief)."""
     args = parse(argv)
-    model = coordinator.DeepFMModuleModel(
-        features=ktf.CtrFeatures(hash_buckets=args.hash_buckets),
-        embedding_dim=args.embedding_dim,
-        learning_rate=args.learning_rate,
-    )
+    model = cli.deepfm_from_args(coordinator.DeepFMModuleModel, args)
     if args.write_native:
         kinds = {**model.raw_features(), model.label: "int64"}
         paths = coordinator.write_native(args.train_data, args.write_native, kinds, fmt=args.native_format)
         print(json.dumps({"native_files": paths}))
         return 0
-    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"tf_coord_ctr-{args.model_name}")
-    config = ktf.TrainConfig(
-        model_dir=model_dir,
-        train_data=args.train_data,
-        eval_data=args.eval_data,
-        batch_size=args.batch_size,
-        num_epochs=args.epochs,
-        shuffle=not args.no_shuffle,
-        seed=args.seed,
-        save_checkpoint_steps=args.checkpoint_steps,
-        log_steps=args.log_steps,
-        max_steps=args.max_steps,
-        model_repo=args.model_repo,
-        model_name=args.model_name,
-        params={"example": "tf_coord_ctr"},
-        hooks=hooks,
-    )
+    config = cli.config_from_args(args, name="tf_coord_ctr", hooks=hooks)
     options = coordinator.CoordinatorOptions(
         input=args.input,
         native_data=args.native_data,
@@ -86,20 +65,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo],
     )
     policy = cli.placement_from_args(args)
     result = ktf.run(model, config, mode="coordinator", options=options, placement=policy)
-    if result.version is not None:
-        print(
-            json.dumps(
-                {
-                    "model": args.model_name,
-                    "version": result.version,
-                    "uri": result.model_uri,
-                    "metrics": {k: result.metrics[k] for k in ("auc", "logloss")},
-                }
-            )
-        )
-    if args.result_json and result.role in ("chief", "local"):
-        with open(args.result_json, "w") as f:
-            json.dump(result.__dict__, f, default=str)
+    cli.report_result(args, result)
     sys.stdout.flush()
     return 0
 

@@ -15,10 +15,8 @@ Without a launcher (no TF_CONFIG) it trains in one process: the single-process b
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 
 from kubeai_train import tf as ktf
@@ -37,47 +35,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo], None]] = ()) -> int:
     """Run this process's role; ``hooks`` see a StepInfo every ``--log-steps`` steps."""
     args = parse(argv)
-    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"tf_ps_ctr-{args.model_name}")
-    model = ktf.DeepFM(
-        features=ktf.CtrFeatures(hash_buckets=args.hash_buckets),
-        embedding_dim=args.embedding_dim,
-        learning_rate=args.learning_rate,
-    )
-    config = ktf.TrainConfig(
-        model_dir=model_dir,
-        train_data=args.train_data,
-        eval_data=args.eval_data,
-        batch_size=args.batch_size,
-        num_epochs=args.epochs,
-        shuffle=not args.no_shuffle,
-        seed=args.seed,
-        save_checkpoint_steps=args.checkpoint_steps,
-        log_steps=args.log_steps,
-        sync=args.sync,
-        max_steps=args.max_steps,
-        model_repo=args.model_repo,
-        model_name=args.model_name,
-        params={"example": "tf_ps_ctr"},
+    model = cli.deepfm_from_args(ktf.DeepFM, args)
+    config = cli.config_from_args(
+        args,
+        name="tf_ps_ctr",
         hooks=hooks,
+        sync=args.sync,
         audit_column=args.audit_column,
         ready_timeout=args.ready_timeout,
     )
     policy = cli.placement_from_args(args)
     result = ktf.run(model, config, placement=policy)
-    if result.version is not None:
-        print(
-            json.dumps(
-                {
-                    "model": args.model_name,
-                    "version": result.version,
-                    "uri": result.model_uri,
-                    "metrics": {k: result.metrics[k] for k in ("auc", "logloss")},
-                }
-            )
-        )
-    if args.result_json and result.role in ("chief", "local"):
-        with open(args.result_json, "w") as f:
-            json.dump({k: v for k, v in result.__dict__.items() if k != "placement"}, f, default=str)
+    cli.report_result(args, result, drop=("placement",))
     sys.stdout.flush()
     return 0
 

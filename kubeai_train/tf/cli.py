@@ -8,17 +8,35 @@ own flags (``--sync`` for between-graph, ``--input`` for the coordinator, ...)::
     kubeai_train.tf.cli.add_common_args(p)
     p.add_argument("--sync", action="store_true")
     args = p.parse_args()
-    policy = kubeai_train.tf.cli.placement_from_args(args)
+    model = kubeai_train.tf.cli.deepfm_from_args(kubeai_train.tf.DeepFM, args)
+    config = kubeai_train.tf.cli.config_from_args(args, name="my_job", sync=args.sync)
+    result = kubeai_train.tf.run(model, config, placement=kubeai_train.tf.cli.placement_from_args(args))
+    kubeai_train.tf.cli.report_result(args, result)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import tempfile
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, TypeVar
 
+from kubeai_train.tf.features import CtrFeatures
 from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
-from kubeai_train.tf.types import PlacementPolicy
+from kubeai_train.tf.types import PlacementPolicy, StepInfo, TrainConfig
 
-__all__ = ["PLACEMENTS", "add_common_args", "placement_from_args"]
+__all__ = [
+    "PLACEMENTS",
+    "add_common_args",
+    "config_from_args",
+    "deepfm_from_args",
+    "placement_from_args",
+    "report_result",
+]
+
+M = TypeVar("M")
 
 #: ``--placement`` choices.
 PLACEMENTS = ("round_robin", "greedy_bytes")
@@ -68,3 +86,75 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def placement_from_args(args: argparse.Namespace) -> PlacementPolicy:
     """The placement policy ``--placement`` names."""
     return GreedyBytesPlacement() if args.placement == "greedy_bytes" else RoundRobinPlacement()
+
+
+def deepfm_from_args(cls: Callable[..., M], args: argparse.Namespace) -> M:
+    """``cls`` (``DeepFM`` or ``coordinator.DeepFMModuleModel``) sized by ``--hash-buckets``,
+    ``--embedding-dim`` and ``--learning-rate``."""
+    return cls(
+        features=CtrFeatures(hash_buckets=args.hash_buckets),
+        embedding_dim=args.embedding_dim,
+        learning_rate=args.learning_rate,
+    )
+
+
+def config_from_args(
+    args: argparse.Namespace,
+    *,
+    name: str,
+    hooks: Sequence[Callable[[StepInfo], None]] = (),
+    **extra: Any,
+) -> TrainConfig:
+    """The TrainConfig the common arguments describe.
+
+    Args:
+        args: parsed arguments (see :func:`add_common_args`).
+        name: the script's name: recorded as ``params["example"]``; the default ``--model-dir``
+            is ``<temp dir>/<name>-<model name>``.
+        hooks: step callbacks (``TrainConfig.hooks``).
+        **extra: the mode's own ``TrainConfig`` fields (``sync=``, ``ready_timeout=``, ...).
+
+    Returns:
+        The configuration (validated by ``TrainConfig``).
+    """
+    return TrainConfig(
+        model_dir=args.model_dir or os.path.join(tempfile.gettempdir(), f"{name}-{args.model_name}"),
+        train_data=args.train_data,
+        eval_data=args.eval_data,
+        batch_size=args.batch_size,
+        num_epochs=args.epochs,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        save_checkpoint_steps=args.checkpoint_steps,
+        log_steps=args.log_steps,
+        max_steps=args.max_steps,
+        model_repo=args.model_repo,
+        model_name=args.model_name,
+        params={"example": name},
+        hooks=hooks,
+        **extra,
+    )
+
+
+def report_result(args: argparse.Namespace, result: Any, *, drop: Collection[str] = ()) -> None:
+    """Print the published version as one JSON line, and (chief / local) write ``--result-json``.
+
+    Args:
+        args: parsed arguments (``--model-name``, ``--result-json``).
+        result: this process's ``RunResult``.
+        drop: RunResult fields left out of the ``--result-json`` file.
+    """
+    if result.version is not None:
+        print(
+            json.dumps(
+                {
+                    "model": args.model_name,
+                    "version": result.version,
+                    "uri": result.model_uri,
+                    "metrics": {k: result.metrics[k] for k in ("auc", "logloss")},
+                }
+            )
+        )
+    if args.result_json and result.role in ("chief", "local"):
+        with open(args.result_json, "w") as f:
+            json.dump({k: v for k, v in result.__dict__.items() if k not in drop}, f, default=str)

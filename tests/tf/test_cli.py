@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
-from kubeai_train.tf import GreedyBytesPlacement, RoundRobinPlacement, cli
+from kubeai_train.tf import DeepFM, GreedyBytesPlacement, RoundRobinPlacement, RunResult, cli
+from kubeai_train.tf import coordinator as coord
 
 REQUIRED = ["--train-data", "/d/train", "--eval-data", "/d/eval", "--model-repo", "/repo"]
 
@@ -40,3 +42,42 @@ def test_bad_placement_and_missing_data_are_rejected(capsys):
     with pytest.raises(SystemExit):
         _parser().parse_args(["--eval-data", "/d/eval", "--model-repo", "/repo"])
     assert "--train-data" in capsys.readouterr().err
+
+
+def test_model_config_and_report_from_the_common_args(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    args = _parser().parse_args(
+        [
+            *REQUIRED,
+            "--max-steps",
+            "5",
+            "--hash-buckets",
+            "300",
+            "--embedding-dim",
+            "4",
+            "--no-shuffle",
+            "--result-json",
+            str(out),
+        ]
+    )
+    for cls in (DeepFM, coord.DeepFMModuleModel):
+        model = cli.deepfm_from_args(cls, args)
+        assert isinstance(model, cls) and model.hparams.embedding_dim == 4
+        assert model.features.hash_buckets == 300 and model.hparams.learning_rate == 0.2
+    cfg = cli.config_from_args(args, name="job", sync=True)
+    assert cfg.model_dir.endswith("job-ctr") and cfg.params == {"example": "job"}
+    assert cfg.sync and not cfg.shuffle and cfg.batch_size == 512 and cfg.train_data == "/d/train"
+    res = RunResult(
+        role="chief", rank=0, version=3, model_uri="file:///repo/ctr/3", placement={"policy": "x"}
+    )
+    res.metrics = {"auc": 0.75, "logloss": 0.5, "rows": 9}
+    cli.report_result(args, res, drop=("placement",))
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == {
+        "model": "ctr",
+        "version": 3,
+        "uri": "file:///repo/ctr/3",
+        "metrics": {"auc": 0.75, "logloss": 0.5},
+    }
+    written = json.loads(out.read_text())
+    assert written["version"] == 3 and "placement" not in written and written["role"] == "chief"
