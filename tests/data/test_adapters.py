@@ -160,13 +160,16 @@ def test_to_tf_with_state_is_exact_under_prefetch(small: str) -> None:
     kw = {"batch_size": 32, "rank": 0, "world_size": 1, "shuffle": True, "seed": 2, "columns": ["id"]}
     whole = np.concatenate([b["id"] for b in data.read(small, **kw)])
     ds = data.read(small, **kw)
-    consumed, last = [], None
+    consumed, positions, last = [], [], None
     for batch, state in ds.to_tf(with_state=True).prefetch(8).take(5):
         consumed.append(batch["id"].numpy())
+        positions.append(data.state_from_tf(state)["rows"])
         last = state
-    # tf.data read ahead of the model: the dataset's own counter is past the consumed rows...
-    assert ds.state_dict()["rows"] > 5 * 32
-    # ...while the state carried by the last consumed batch is exactly the resume point
+    # each batch carries its own position, however far tf.data read ahead (the dataset's own
+    # counter is at least there, and usually past it: how far depends on timing)
+    assert positions == [32, 64, 96, 128, 160]
+    assert ds.state_dict()["rows"] >= 5 * 32
+    # the state carried by the last consumed batch is exactly the resume point
     resumed = data.read(small, **kw)
     resumed.load_state_dict(data.state_from_tf(last))
     assert resumed.state_dict()["rows"] == 5 * 32
