@@ -81,8 +81,8 @@ log = logging.getLogger("kubeai_train.tf")
 
 MODE = "coordinator"
 DONE_MARKER = "_COORD_DONE.json"
-TRAINED_MARKER = "_TRAINED.json"
-PUBLISHED_MARKER = "_PUBLISHED.json"
+TRAINED_MARKER = _export.TRAINED_MARKER
+PUBLISHED_MARKER = _export.PUBLISHED_MARKER
 PLACEMENT_REPORT = "placement.json"
 EVAL_SAMPLE = "eval_sample.npz"
 CKPT_DIR = "ckpt"
@@ -682,16 +682,14 @@ class _Trainer:
                 result.metrics["rows"],
             )
         if cfg.model_repo:
-            published = _export.read_marker(os.path.join(self.model_dir, PUBLISHED_MARKER))
-            if published and published.get("checkpoint") == result.checkpoint:
-                result.version, result.model_uri = published["version"], published["uri"]
-            else:
-                mv = _export.publish(cfg.model_repo, cfg.model_name, export_dir, self._metadata(result))
-                result.version, result.model_uri = int(mv.version), str(mv.uri)
-                _export.write_marker(
-                    os.path.join(self.model_dir, PUBLISHED_MARKER),
-                    {"version": result.version, "uri": result.model_uri, "checkpoint": result.checkpoint},
-                )
+            result.version, result.model_uri = _export.publish_once(
+                self.model_dir,
+                cfg.model_repo,
+                cfg.model_name,
+                export_dir,
+                result.checkpoint,
+                lambda: self._metadata(result),
+            )
         result.seconds = time.perf_counter() - t_start
         if self.distributed:
             _export.write_marker(os.path.join(self.model_dir, DONE_MARKER), {"time": time.time()})

@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,12 +30,15 @@ from kubeai_train.tf.inputs import ReadFn, clean_batch, reader_options
 from kubeai_train.tf.types import Model, TrainError
 
 __all__ = [
+    "PUBLISHED_MARKER",
     "SIGNATURE",
+    "TRAINED_MARKER",
     "Predictor",
     "evaluate",
     "export_saved_model",
     "model_metadata",
     "publish",
+    "publish_once",
     "read_marker",
     "redact_uri",
     "write_marker",
@@ -44,6 +47,11 @@ __all__ = [
 log = logging.getLogger("kubeai_train.tf")
 
 SIGNATURE = "serving_default"
+#: in ``model_dir``: the final checkpoint and global step, written once training is done.
+TRAINED_MARKER = "_TRAINED.json"
+#: in ``model_dir``: the version that checkpoint was published as (a restarted chief does not
+#: publish it again).
+PUBLISHED_MARKER = "_PUBLISHED.json"
 _DTYPES = {"string": tf.string, "float32": tf.float32}
 
 
@@ -168,6 +176,38 @@ def publish(repo_uri: str, name: str, export_dir: str, metadata: Mapping[str, An
     mv = ModelRepository(repo_uri).publish(name, export_dir, metadata=json.loads(json.dumps(dict(metadata))))
     log.info("published %s version %s at %s", mv.name, mv.version, mv.uri)
     return mv
+
+
+def publish_once(
+    model_dir: str,
+    repo_uri: str,
+    name: str,
+    export_dir: str,
+    checkpoint: str | None,
+    metadata: Callable[[], Mapping[str, Any]],
+) -> tuple[int, str]:
+    """Publish ``export_dir`` unless ``checkpoint`` was published already (PUBLISHED_MARKER).
+
+    Args:
+        model_dir: the job's model directory (holds the marker).
+        repo_uri: the model repository.
+        name: the model name.
+        export_dir: the SavedModel to publish.
+        checkpoint: the checkpoint it was exported from.
+        metadata: builds the version's metadata (called only when publishing).
+
+    Returns:
+        (version, uri) of the published version, new or the one the marker names.
+    """
+    marker = os.path.join(model_dir, PUBLISHED_MARKER)
+    published = read_marker(marker)
+    if published and published.get("checkpoint") == checkpoint:
+        log.info("%s already published as version %s", checkpoint, published["version"])
+        return int(published["version"]), str(published["uri"])
+    mv = publish(repo_uri, name, export_dir, metadata())
+    version, uri = int(mv.version), str(mv.uri)
+    write_marker(marker, {"version": version, "uri": uri, "checkpoint": checkpoint})
+    return version, uri
 
 
 def model_metadata(

@@ -61,8 +61,8 @@ __all__ = ["RunResult", "run"]
 
 log = logging.getLogger("kubeai_train.tf")
 
-TRAINED_MARKER = "_TRAINED.json"
-PUBLISHED_MARKER = "_PUBLISHED.json"
+TRAINED_MARKER = _export.TRAINED_MARKER
+PUBLISHED_MARKER = _export.PUBLISHED_MARKER
 PLACEMENT_REPORT = "placement.json"
 EVAL_SAMPLE = "eval_sample.npz"
 STATE_SCOPE = "kubeai"
@@ -691,17 +691,14 @@ class _Trainer:
             predictor.close()
         result.seconds = time.perf_counter() - t_start
         if cfg.model_repo:
-            published = _export.read_marker(os.path.join(self.model_dir, PUBLISHED_MARKER))
-            if published and published.get("checkpoint") == result.checkpoint:
-                result.version, result.model_uri = published["version"], published["uri"]
-                log.info("%s already published as version %s", self.tag, result.version)
-            else:
-                mv = _export.publish(cfg.model_repo, cfg.model_name, export_dir, self._metadata(result))
-                result.version, result.model_uri = int(mv.version), str(mv.uri)
-                _export.write_marker(
-                    os.path.join(self.model_dir, PUBLISHED_MARKER),
-                    {"version": result.version, "uri": result.model_uri, "checkpoint": result.checkpoint},
-                )
+            result.version, result.model_uri = _export.publish_once(
+                self.model_dir,
+                cfg.model_repo,
+                cfg.model_name,
+                export_dir,
+                result.checkpoint,
+                lambda: self._metadata(result),
+            )
         return result
 
     def _metadata(self, result: RunResult) -> dict[str, Any]:
