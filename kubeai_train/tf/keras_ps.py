@@ -21,7 +21,6 @@ model as a SavedModel to ``<model_dir>/export``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -34,6 +33,7 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 import tensorflow as tf
 
 from kubeai_train import cluster
+from kubeai_train.tf import export as _export
 from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
 from kubeai_train.tf._coord_types import CoordinatorOptions
 from kubeai_train.tf.coordinator import DONE_MARKER, _cluster_spec, _serve, _setup_logging
@@ -152,8 +152,7 @@ def fit(
         report.update(verify(applier))
         report["mode"] = "keras_fit"
         result.placement = report
-        with tf.io.gfile.GFile(os.path.join(config.model_dir, "placement.json"), "w") as f:
-            f.write(json.dumps(report, indent=1, default=str))
+        _export.write_marker(os.path.join(config.model_dir, "placement.json"), report)
         creator = keras.utils.experimental.DatasetCreator(dataset_fn)
         history = model.fit(creator, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
                             callbacks=callbacks, **config.fit_kwargs)  # fmt: skip
@@ -171,8 +170,9 @@ def fit(
         export_dir,
     )
     if info.framework == "tf":
-        with tf.io.gfile.GFile(os.path.join(config.model_dir, DONE_MARKER), "w") as f:
-            f.write(json.dumps({"time": time.time(), "cluster": _cluster_spec(info)}))
+        _export.write_marker(
+            os.path.join(config.model_dir, DONE_MARKER), {"time": time.time(), "cluster": _cluster_spec(info)}
+        )
     return result
 
 
