@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import hashlib
+import io
 import os
 import shutil
 import threading
@@ -40,6 +41,31 @@ def info_mtime(info: dict[str, Any]) -> float | None:
             except ValueError:
                 continue
     return None
+
+
+def _protocols(fs: AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+class _PutOnClose(io.BytesIO):
+    """A binary writer that stores its whole content with one ``pipe_file`` when closed."""
+
+    def __init__(self, fs: AbstractFileSystem, path: str) -> None:
+        super().__init__()
+        self._fs, self._path = fs, path
+
+    def close(self) -> None:
+        if not self.closed:
+            data = self.getvalue()
+            super().close()
+            self._fs.pipe_file(self._path, data)
+
+    def __exit__(self, exc_type: Any, *rest: Any) -> None:
+        if exc_type is not None:  # a failed copy stores nothing
+            super().close()
+            return
+        self.close()
 
 
 class Store:
@@ -107,6 +133,11 @@ class Store:
     def _open_write(self, path: str) -> Any:
         if self.local:
             return open(path, "wb")
+        if "memory" in _protocols(self.fs):
+            # fsspec's memory filesystem puts a file in its store when it is opened for writing, so
+            # a concurrent reader can hold a view of the buffer the writer is growing (BufferError
+            # in the writer). Object stores show an upload only when it completes; do the same.
+            return _PutOnClose(self.fs, path)
         return self.fs.open(path, "wb")
 
     def listdir(self, path: str) -> dict[str, dict[str, Any]]:
