@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator
 import crc32c as _crc32c
 import pyarrow as pa
 
+from kubeai_train._protowire import varint as _varint
+
 __all__ = [
     "ARROW_EOS",
     "ENCODINGS",
@@ -110,18 +112,6 @@ _I32 = struct.Struct("<i")
 _I64 = struct.Struct("<q")
 _F32 = struct.Struct("<f")
 _F64 = struct.Struct("<d")
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        bits = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(bits | 0x80)
-        else:
-            out.append(bits)
-            return bytes(out)
 
 
 def _tag(field: int, wire_type: int) -> bytes:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from kubeai_train._protowire import varint as _varint
 from kubeai_train.tf.inputs import ReadFn, clean_batch, reader_options
 from kubeai_train.tf.types import TrainError
 
@@ -260,19 +261,6 @@ def write_native(
     with tf.io.gfile.GFile(os.path.join(out_dir, COUNTS_FILE), "w") as f:
         f.write(json.dumps(counts, sort_keys=True))
     return paths
-
-
-def _varint(n: int) -> bytes:
-    n &= (1 << 64) - 1  # negative int64 as protobuf does: ten bytes of two's complement
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def _len_field(tag: int, payload: bytes) -> bytes:

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from kubeai_train._protowire import varint as _varint
+
 __all__ = ["ScalarWriter"]
 
 
@@ -35,18 +37,6 @@ def _crc32c(data: bytes) -> int:
 def _masked_crc(data: bytes) -> int:
     crc = _crc32c(data)
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def _field(num: int, wire: int, payload: bytes) -> bytes:
