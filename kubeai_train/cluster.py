@@ -118,8 +118,10 @@ def parse_tf_config(raw: str) -> ClusterInfo:
     try:
         cfg = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ClusterError(f"TF_CONFIG is not valid JSON ({e.msg} at char {e.pos}): set it to "
-                           '{"cluster": {...}, "task": {"type": ..., "index": ...}}') from None
+        raise ClusterError(
+            f"TF_CONFIG is not valid JSON ({e.msg} at char {e.pos}): set it to "
+            '{"cluster": {...}, "task": {"type": ..., "index": ...}}'
+        ) from None
     if not isinstance(cfg, dict):
         raise ClusterError(f"TF_CONFIG must be a JSON object, got {type(cfg).__name__}")
     cluster_raw = cfg.get("cluster")
@@ -146,15 +148,21 @@ def parse_tf_config(raw: str) -> ClusterInfo:
             try:
                 items = sorted((int(k), v) for k, v in addrs.items())
             except ValueError:
-                raise ClusterError(f"TF_CONFIG cluster.{name} keys must be task indices, got {list(addrs)}") from None
+                raise ClusterError(
+                    f"TF_CONFIG cluster.{name} keys must be task indices, got {list(addrs)}"
+                ) from None
             addrs = [v for _, v in items]
         if not isinstance(addrs, list) or not all(isinstance(a, str) and a for a in addrs):
-            raise ClusterError(f"TF_CONFIG cluster.{name} must be a list of 'host:port' strings, got {addrs!r}")
+            raise ClusterError(
+                f"TF_CONFIG cluster.{name} must be a list of 'host:port' strings, got {addrs!r}"
+            )
         cluster[name] = tuple(addrs)
     if not sparse and role not in cluster:
         raise ClusterError(f"TF_CONFIG task.type {role!r} is not in cluster roles {sorted(cluster)}")
     if not sparse and index >= len(cluster[role]):
-        raise ClusterError(f"TF_CONFIG task.index {index} is out of range: cluster.{role} has {len(cluster[role])} tasks")
+        raise ClusterError(
+            f"TF_CONFIG task.index {index} is out of range: cluster.{role} has {len(cluster[role])} tasks"
+        )
     if len(cluster.get("chief", ())) + len(cluster.get("master", ())) > 1:
         raise ClusterError("TF_CONFIG cluster has more than one chief/master task; a TF job has at most one")
 
@@ -168,8 +176,9 @@ def parse_tf_config(raw: str) -> ClusterInfo:
             world = max(world, rank + 1)  # the sparse shape does not tell the worker count
     else:
         rank, world = 0, 1
-    return ClusterInfo(framework="tf", role=role, index=index, rank=rank, world_size=world,
-                       cluster=cluster, sparse=sparse)
+    return ClusterInfo(
+        framework="tf", role=role, index=index, rank=rank, world_size=world, cluster=cluster, sparse=sparse
+    )
 
 
 def _torch_from_env(env: Mapping[str, str]) -> ClusterInfo:
@@ -177,8 +186,10 @@ def _torch_from_env(env: Mapping[str, str]) -> ClusterInfo:
     world = _int_var(env, "WORLD_SIZE", minimum=1)
     if rank is None or world is None:
         missing = [n for n, v in (("RANK", rank), ("WORLD_SIZE", world)) if v is None]
-        raise ClusterError(f"{' and '.join(missing)} must be set alongside MASTER_ADDR/MASTER_PORT "
-                           "(a PyTorchJob or torchrun sets all four)")
+        raise ClusterError(
+            f"{' and '.join(missing)} must be set alongside MASTER_ADDR/MASTER_PORT "
+            "(a PyTorchJob or torchrun sets all four)"
+        )
     if rank >= world:
         raise ClusterError(f"RANK must be < WORLD_SIZE, got RANK={rank} WORLD_SIZE={world}")
     addr = env.get("MASTER_ADDR") or None
@@ -205,10 +216,20 @@ def _torch_from_env(env: Mapping[str, str]) -> ClusterInfo:
         num_nodes = _int_var({"PET_NNODES": num_nodes_raw}, "PET_NNODES", minimum=1) or num_nodes
     role = "master" if node_rank == 0 else "worker"
     index = 0 if role == "master" else node_rank - 1
-    return ClusterInfo(framework="torch", role=role, index=index, rank=rank, world_size=world,
-                       cluster={"master": (f"{addr}:{port}",)}, local_rank=local_rank,
-                       local_world_size=local_world, node_rank=node_rank, num_nodes=num_nodes,
-                       master_addr=addr, master_port=port)
+    return ClusterInfo(
+        framework="torch",
+        role=role,
+        index=index,
+        rank=rank,
+        world_size=world,
+        cluster={"master": (f"{addr}:{port}",)},
+        local_rank=local_rank,
+        local_world_size=local_world,
+        node_rank=node_rank,
+        num_nodes=num_nodes,
+        master_addr=addr,
+        master_port=port,
+    )
 
 
 def from_env(env: Mapping[str, str] | None = None) -> ClusterInfo:

@@ -42,7 +42,9 @@ def test_tf_chief_ps_evaluator_and_no_chief():
 
 
 def test_dynamic_worker_sparse_shape():
-    raw = '{"cluster":{"worker":{"3":"w3:2222"},"ps":["p0:2222","p1:2222"]},"task":{"type":"worker","index":3}}'
+    raw = (
+        '{"cluster":{"worker":{"3":"w3:2222"},"ps":["p0:2222","p1:2222"]},"task":{"type":"worker","index":3}}'
+    )
     info = from_env({"TF_CONFIG": raw})
     assert info.sparse and info.address == "w3:2222" and info.rank == 3
 
@@ -68,16 +70,31 @@ def test_bad_tf_config_names_the_variable(raw, needle):
 
 
 def test_pytorchjob_variables():
-    env = {"MASTER_ADDR": "job-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "2",
-           "PET_NODE_RANK": "2", "PET_NNODES": "3", "PYTHONUNBUFFERED": "1"}
+    env = {
+        "MASTER_ADDR": "job-master-0",
+        "MASTER_PORT": "23456",
+        "WORLD_SIZE": "3",
+        "RANK": "2",
+        "PET_NODE_RANK": "2",
+        "PET_NNODES": "3",
+        "PYTHONUNBUFFERED": "1",
+    }
     info = from_env(env)
     assert (info.framework, info.role, info.index, info.rank, info.world_size) == ("torch", "worker", 1, 2, 3)
     assert (info.master_addr, info.master_port, info.num_nodes) == ("job-master-0", 23456, 3)
 
 
 def test_torchrun_variables():
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "4", "RANK": "3",
-           "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1", "PET_NODE_RANK": "1"}
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+        "WORLD_SIZE": "4",
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+        "PET_NODE_RANK": "1",
+    }
     info = from_env(env)
     assert (info.rank, info.local_rank, info.node_rank, info.num_nodes) == (3, 1, 1, 2)
     assert info.role == "worker" and not info.is_chief
@@ -87,8 +104,14 @@ def test_torchrun_variables():
     "env, needle",
     [
         ({"MASTER_ADDR": "m", "MASTER_PORT": "1", "RANK": "0"}, "WORLD_SIZE"),
-        ({"MASTER_ADDR": "m", "MASTER_PORT": "1", "RANK": "2", "WORLD_SIZE": "2"}, "RANK must be < WORLD_SIZE"),
-        ({"MASTER_ADDR": "m", "MASTER_PORT": "x", "RANK": "0", "WORLD_SIZE": "1"}, "MASTER_PORT must be an integer"),
+        (
+            {"MASTER_ADDR": "m", "MASTER_PORT": "1", "RANK": "2", "WORLD_SIZE": "2"},
+            "RANK must be < WORLD_SIZE",
+        ),
+        (
+            {"MASTER_ADDR": "m", "MASTER_PORT": "x", "RANK": "0", "WORLD_SIZE": "1"},
+            "MASTER_PORT must be an integer",
+        ),
         ({"RANK": "0", "WORLD_SIZE": "1"}, "MASTER_ADDR and MASTER_PORT"),
         ({"MASTER_ADDR": "m", "MASTER_PORT": "1", "RANK": "0", "WORLD_SIZE": "0"}, "WORLD_SIZE must be >= 1"),
     ],
