@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from kubeai_train.tf import metrics
 from kubeai_train.tf.inputs import ReadFn, clean_batch, reader_options
+from kubeai_train.tf.model_dir import ModelDir
 from kubeai_train.tf.types import Model, TrainError
 
 __all__ = [
@@ -179,7 +180,7 @@ def publish(repo_uri: str, name: str, export_dir: str, metadata: Mapping[str, An
 
 
 def publish_once(
-    model_dir: str,
+    model_dir: str | ModelDir,
     repo_uri: str,
     name: str,
     export_dir: str,
@@ -189,24 +190,24 @@ def publish_once(
     """Publish ``export_dir`` unless ``checkpoint`` was published already (PUBLISHED_MARKER).
 
     Args:
-        model_dir: the job's model directory (holds the marker).
+        model_dir: the job's model directory (holds the marker; a path, URL or ModelDir).
         repo_uri: the model repository.
         name: the model name.
-        export_dir: the SavedModel to publish.
+        export_dir: the SavedModel to publish (a local directory or any URL the repository reads).
         checkpoint: the checkpoint it was exported from.
         metadata: builds the version's metadata (called only when publishing).
 
     Returns:
         (version, uri) of the published version, new or the one the marker names.
     """
-    marker = os.path.join(model_dir, PUBLISHED_MARKER)
-    published = read_marker(marker)
+    d = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
+    published = d.read_json(PUBLISHED_MARKER)
     if published and published.get("checkpoint") == checkpoint:
-        log.info("%s already published as version %s", checkpoint, published["version"])
+        log.info("%s already published as version %s", redact_uri(checkpoint), published["version"])
         return int(published["version"]), str(published["uri"])
     mv = publish(repo_uri, name, export_dir, metadata())
     version, uri = int(mv.version), str(mv.uri)
-    write_marker(marker, {"version": version, "uri": uri, "checkpoint": checkpoint})
+    d.write_json(PUBLISHED_MARKER, {"version": version, "uri": uri, "checkpoint": checkpoint})
     return version, uri
 
 
@@ -290,17 +291,13 @@ def redact_uri(uri: str | None) -> str | None:
 
 
 def read_marker(path: str) -> Any:
-    """The JSON object in ``path`` (any path TensorFlow can read), or None if there is none."""
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            return json.load(f)
-    except (tf.errors.NotFoundError, FileNotFoundError):
-        return None
+    """The JSON object in ``path`` (a path TensorFlow reads or any fsspec URL), or None if there is none."""
+    folder, _, name = path.rstrip("/").rpartition("/")
+    return ModelDir(folder or ".").read_json(name)
 
 
 def write_marker(path: str, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (a temporary file renamed into place)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    """Write ``obj`` as JSON to ``path`` atomically (a temporary file renamed into place; one PUT
+    on object stores)."""
+    folder, _, name = path.rstrip("/").rpartition("/")
+    ModelDir(folder or ".").write_json(name, obj)

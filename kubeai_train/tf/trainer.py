@@ -25,6 +25,7 @@ uninitialised variables, restores the last checkpoint (model and every reader po
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -37,8 +38,10 @@ import numpy as np
 import tensorflow as tf
 
 from kubeai_train import cluster
+from kubeai_train.tf import checkpoints as _checkpoints
 from kubeai_train.tf import export as _export
 from kubeai_train.tf.inputs import ReadFn, default_read_fn, make_dataset
+from kubeai_train.tf.model_dir import ModelDir, is_local, upload_tree
 from kubeai_train.tf.placement import (
     PlanStrategy,
     RoundRobinPlacement,
@@ -258,10 +261,15 @@ class _Trainer:
         if config.audit_column:
             self.kinds[config.audit_column] = "int64"
         self.model_dir = config.model_dir
+        self.dir = ModelDir(
+            config.model_dir, storage_options=config.storage_options, staging_dir=config.staging_dir
+        )
+        self.ckpts = _checkpoints.for_model_dir(self.dir, part_bytes=config.checkpoint_part_bytes)
         self.placement: dict[str, Any] | None = None
         self.server: Any = None
+        self.writer: Any = None
         if self.is_chief:
-            os.makedirs(self.model_dir, exist_ok=True)
+            self.dir.makedirs()
 
     # ----------------------------------------------------------------------------- graph
     def _state_variables(self) -> None:
@@ -369,9 +377,8 @@ class _Trainer:
         self.local_init = tf.group(
             tf.compat.v1.local_variables_initializer(), tf.compat.v1.tables_initializer()
         )
-        self.saver = tf.compat.v1.train.Saver(
-            sharded=self.distributed, max_to_keep=3, save_relative_paths=True
-        )
+        if self.is_chief:  # only the chief saves and restores
+            self.ckpts.build(sharded=self.distributed)
         if self.sync_opt is not None:
             self.sync_hook = self.sync_opt.make_session_run_hook(self.is_chief, num_tokens=-1)
             self.sync_hook.begin()
@@ -413,7 +420,7 @@ class _Trainer:
             "start" if position is None else json.dumps(position)[:200],
         )
         if self.is_chief and self.placement is not None:
-            _export.write_marker(os.path.join(self.model_dir, PLACEMENT_REPORT), self.placement)
+            self.dir.write_json(PLACEMENT_REPORT, self.placement)
             result.placement = self.placement
         if position and position.get("done"):
             log.info("%s this rank's data was already done", self.tag)
@@ -447,10 +454,9 @@ class _Trainer:
         missing = self._uninitialized(sess, deadline, "initialising the model")
         if self.distributed and not missing:
             return "live"  # a chief restart with the PS still holding the model: keep the fresher state
-        ckpt = tf.train.latest_checkpoint(self.model_dir)
+        ckpt = self.ckpts.restore_latest(sess)
         if ckpt:
-            self.saver.restore(sess, ckpt)
-            log.info("%s restored %s", self.tag, ckpt)
+            log.info("%s restored %s", self.tag, self.dir.display + ckpt[len(self.dir.url) :])
             return "restored"
         sess.run(self.init_op)
         return "initialised"
@@ -479,7 +485,7 @@ class _Trainer:
         t_start = time.perf_counter()
         result = RunResult(role=self.job, rank=self.rank)
         if self.is_chief:
-            marker = _export.read_marker(os.path.join(self.model_dir, TRAINED_MARKER))
+            marker = self.dir.read_json(TRAINED_MARKER)
             if marker:
                 log.info(
                     "%s %s exists: training finished before (global step %s); going to export",
@@ -488,7 +494,7 @@ class _Trainer:
                     marker.get("global_step"),
                 )
                 result.checkpoint, result.global_step = marker["checkpoint"], marker["global_step"]
-                result.placement = _export.read_marker(os.path.join(self.model_dir, PLACEMENT_REPORT))
+                result.placement = self.dir.read_json(PLACEMENT_REPORT)
                 return self._finish(result, t_start)
         self._build()
         with self.graph.as_default():
@@ -535,7 +541,7 @@ class _Trainer:
         writer = None
         if self.is_chief:
             with tf.Graph().as_default():  # the v1 writer refuses eager mode; it adds no ops
-                writer = tf.compat.v1.summary.FileWriter(self.model_dir)
+                writer = self.writer = tf.compat.v1.summary.FileWriter(self.dir.writable())
         # the global step is a read from a PS: fetch it every step only when max_steps needs it
         step_gstep = cfg.max_steps is not None
         fetches = [self.step_op, self.loss, self.global_step if step_gstep else self.step_op, self.batch_rows]
@@ -598,6 +604,8 @@ class _Trainer:
         finally:
             if writer is not None:
                 writer.close()
+                self.writer = None
+                self.dir.sync()
             if audit:
                 self._write_audit(audit, chunk)
         result.train_seconds += time.perf_counter() - t_loop
@@ -609,16 +617,22 @@ class _Trainer:
 
     def _write_audit(self, values: list[np.ndarray], chunk: int) -> None:
         # one file per chunk of applied batches, so a killed process keeps what it logged
-        folder = os.path.join(self.model_dir, "audit")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"rank{self.rank}-pid{os.getpid()}-{chunk:06d}.npy")
-        np.save(path, np.concatenate(values))
+        buf = io.BytesIO()
+        np.save(buf, np.concatenate(values))
+        self.dir.write_bytes(f"audit/rank{self.rank}-pid{os.getpid()}-{chunk:06d}.npy", buf.getvalue())
 
     def _save(self, sess: Any, gstep: int) -> str:
-        path = self.saver.save(
-            sess, os.path.join(self.model_dir, "model.ckpt"), global_step=int(gstep), write_meta_graph=False
+        t0 = time.perf_counter()
+        path = self.ckpts.save(sess, int(gstep))
+        log.info(
+            "%s checkpoint %s (%.2f s)",
+            self.tag,
+            self.dir.display + path[len(self.dir.url) :],
+            time.perf_counter() - t0,
         )
-        log.info("%s checkpoint %s", self.tag, path)
+        if self.writer is not None and not self.dir.native:
+            self.writer.flush()
+            self.dir.sync()  # summaries reach an fsspec-only model_dir with each checkpoint
         return path
 
     def _chief_end(self, sess: Any, result: RunResult) -> None:
@@ -627,9 +641,8 @@ class _Trainer:
         gstep = int(sess.run(self.global_step))
         result.global_step = gstep
         result.checkpoint = self._save(sess, gstep)
-        _export.write_marker(
-            os.path.join(self.model_dir, TRAINED_MARKER),
-            {"checkpoint": result.checkpoint, "global_step": gstep, "time": time.time()},
+        self.dir.write_json(
+            TRAINED_MARKER, {"checkpoint": result.checkpoint, "global_step": gstep, "time": time.time()}
         )
         if self.distributed:
             sess.run(self.set_done)
@@ -661,24 +674,31 @@ class _Trainer:
     # ----------------------------------------------------------------------------- export
     def _finish(self, result: RunResult, t_start: float) -> RunResult:
         cfg = self.config
-        export_dir = cfg.export_dir or os.path.join(self.model_dir, "export")
+        export_dir = cfg.export_dir or self.dir.join("export")
         if result.checkpoint is None:
-            raise TrainError(f"no checkpoint to export in {self.model_dir}")
-        predictor = _export.Predictor(self.model, result.checkpoint, self.num_ps)
+            raise TrainError(f"no checkpoint to export in {self.dir.display}")
+        predictor = _export.Predictor(self.model, self.ckpts.local_copy(result.checkpoint), self.num_ps)
+        # the SavedModel is written on local disk, then copied when export_dir is elsewhere
+        local_export = export_dir if is_local(export_dir) else os.path.join(self.dir.staging, "export")
         try:
-            predictor.export(export_dir)
+            predictor.export(local_export)
+            if local_export != export_dir:
+                upload_tree(local_export, export_dir, cfg.storage_options)
             result.export_dir = export_dir
-            log.info("%s exported SavedModel to %s", self.tag, export_dir)
+            log.info("%s exported SavedModel to %s", self.tag, _export.redact_uri(export_dir))
             if cfg.eval_data:
                 result.metrics, sample = _export.evaluate(
                     predictor, self.read, cfg.eval_data, keep=cfg.eval_predictions, options=cfg.reader_options
                 )
-                np.savez(os.path.join(self.model_dir, EVAL_SAMPLE), **sample)  # type: ignore[arg-type]
+                buf = io.BytesIO()
+                np.savez(buf, **sample)  # type: ignore[arg-type]
+                self.dir.write_bytes(EVAL_SAMPLE, buf.getvalue())
                 with tf.Graph().as_default():
-                    writer = tf.compat.v1.summary.FileWriter(os.path.join(self.model_dir, "eval"))
+                    writer = tf.compat.v1.summary.FileWriter(self.dir.writable("eval"))
                     values = {f"eval/{k}": result.metrics[k] for k in ("auc", "logloss")}
                     writer.add_summary(_summary(values), result.global_step)
                     writer.close()
+                self.dir.sync("eval")
                 log.info(
                     "%s eval on %s: auc %.4f logloss %.4f (%d rows)",
                     self.tag,
@@ -692,10 +712,10 @@ class _Trainer:
         result.seconds = time.perf_counter() - t_start
         if cfg.model_repo:
             result.version, result.model_uri = _export.publish_once(
-                self.model_dir,
+                self.dir,
                 cfg.model_repo,
                 cfg.model_name,
-                export_dir,
+                local_export,
                 result.checkpoint,
                 lambda: self._metadata(result),
             )

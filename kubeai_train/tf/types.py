@@ -175,8 +175,17 @@ class TrainConfig:
     """How to train; every role of a job gets the same config.
 
     Attributes:
-        model_dir: checkpoints, summaries, the placement report (any path TensorFlow writes;
-            with several processes it must be shared by them, as on a TFJob volume).
+        model_dir: checkpoints, summaries, markers, the placement report. A path TensorFlow
+            writes (local, gs://; shared by the chief and the PS, as on a TFJob volume: each PS
+            writes its own checkpoint shard) or any fsspec URL (oss://bucket/dir: the chief
+            writes checkpoints part by part through local staging, see
+            :mod:`kubeai_train.tf.checkpoints`).
+        storage_options: fsspec options for an fsspec-only model_dir / export_dir (default: from
+            the environment, e.g. ``OSS_ENDPOINT`` and the ``OSS_ACCESS_KEY_*`` variables).
+        staging_dir: local scratch space for files bound for an fsspec-only model_dir (default:
+            a directory under ``tempfile.gettempdir()``). Needs room for one checkpoint part.
+        checkpoint_part_bytes: with an fsspec-only model_dir, the most bytes of variables the
+            chief reads into memory and staging per checkpoint part (default 256 MiB).
         train_data: the training data URI (anything ``kubeai_train.data.read`` opens).
         eval_data: the eval data URI; the chief measures AUC and log loss there after training.
         batch_size: rows per step per worker.
@@ -231,13 +240,22 @@ class TrainConfig:
     hooks: Sequence[Callable[[StepInfo], None]] = ()
     audit_column: str | None = None
     container: str = ""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    staging_dir: str | None = None
+    checkpoint_part_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if not self.model_dir:
             raise TrainError("model_dir must be set: checkpoints and the export go there")
         if not self.train_data:
             raise TrainError("train_data must be set to a data URI, e.g. /data/ctr/train")
-        for name in ("batch_size", "num_epochs", "save_checkpoint_steps", "log_steps"):
+        for name in (
+            "batch_size",
+            "num_epochs",
+            "save_checkpoint_steps",
+            "log_steps",
+            "checkpoint_part_bytes",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TrainError(f"{name} must be an integer >= 1, got {value!r}")
@@ -263,6 +281,7 @@ class TrainConfig:
             k: (sorted(v) if isinstance(v, Mapping) else "***") if _SECRET.search(k) else v
             for k, v in self.reader_options.items()
         }
+        out["storage_options"] = sorted(self.storage_options)  # keys only: values carry credentials
         for k in ("train_data", "eval_data", "model_repo", "model_dir", "export_dir"):
             if isinstance(out.get(k), str):
                 out[k] = re.sub(r"//[^/@]*@", "//***@", out[k])

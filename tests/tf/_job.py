@@ -7,8 +7,9 @@ job (a marker file in the model dir), triggered from a step hook. Environment:
 * ``KT_KILL_PS=<index>:<step>``: the chief kills PS ``index`` at its ``step``-th local step.
 * ``KT_STEP_SLEEP=<seconds>``: sleep in every hook call (slows training so faults land mid-run).
 
-Every hook call appends a JSON line (role, rank, pid, steps, loss) to ``<model_dir>/steps.jsonl``;
-PS processes write ``<model_dir>/ps-<index>.pid``.
+Every hook call appends a JSON line (role, rank, pid, steps, loss) to ``<state>/steps.jsonl``;
+PS processes write ``<state>/ps-<index>.pid``. ``<state>`` is ``KT_STATE_DIR`` if set (needed when
+``--model-dir`` is a URL), else the model dir.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _example():
 
 def main() -> int:
     argv = sys.argv[1:]
-    model_dir = Path(argv[argv.index("--model-dir") + 1])
+    model_dir = Path(os.environ.get("KT_STATE_DIR") or argv[argv.index("--model-dir") + 1])
     model_dir.mkdir(parents=True, exist_ok=True)
     info = cluster.current()
     role = "chief" if info.role == "master" else info.role

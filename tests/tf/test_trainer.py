@@ -298,6 +298,97 @@ def test_ps_killed_job_restores_checkpoint_and_loss_continues(ctr_small, tmp_pat
     assert json.loads((model_dir / "_PUBLISHED.json").read_text())["version"] == 1
 
 
+def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(ctr_small, tmp_path, monkeypatch):
+    """model_dir and the repository on oss:// (the local OSS server): TensorFlow cannot write
+    there, so the chief checkpoints part by part through staging; a PS is killed and the job
+    restores from the object store and finishes."""
+    import fsspec
+
+    from kubeai_train.testing.oss_server import OSSServer
+
+    root, _ = ctr_small
+    state = tmp_path / "state"
+    with OSSServer(tmp_path / "oss", buckets=["jobs"]) as server:
+        env = server.env()
+        for k, v in env.items():  # the launcher's environment, as on a laptop with OSS credentials
+            monkeypatch.setenv(k, v)
+        res = launch(
+            JOB,
+            [
+                "--train-data",
+                str(root / "train"),
+                "--eval-data",
+                str(root / "eval"),
+                "--model-repo",
+                "oss://jobs/repo",
+                "--model-dir",
+                "oss://jobs/ctr",
+                "--hash-buckets",
+                "1000",
+                "--batch-size",
+                "256",
+                "--log-steps",
+                "10",
+                "--checkpoint-steps",
+                "20",
+            ],
+            env={"KT_STATE_DIR": str(state), "KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.2"},
+            launcher_args=(
+                "--restart-policy",
+                "ExitCode",
+                "--secret-env",
+                "OSS_ACCESS_KEY_SECRET=oss/secret",
+            ),
+            timeout=240,
+        )
+        assert res.returncode == 0, tail(res.output)
+        assert env["OSS_ACCESS_KEY_SECRET"] not in res.output
+        assert "ps:1 exited with code 137; restarting" in res.output
+        assert "chief:0 exited with code 138; restarting" in res.output
+        restored = re.search(r"\[chief 0\] restored oss://jobs/ctr/model\.ckpt-(\d+)", res.output)
+        assert restored, tail(res.output)
+        ckpt_step = int(restored.group(1))
+        steps = [json.loads(ln) for ln in (state / "steps.jsonl").read_text().splitlines()]
+        chief = [s for s in steps if s["role"] == "chief"]
+        pids = list(dict.fromkeys(s["pid"] for s in chief))
+        assert len(pids) == 2
+        after = [s for s in chief if s["pid"] == pids[1]]
+        assert after[0]["global_step"] > ckpt_step >= 20
+        assert after[0]["loss"] < chief[0]["loss"]
+
+        fs = fsspec.filesystem("oss")
+        names = {p.rsplit("/", 1)[-1] for p in fs.ls("jobs/ctr", detail=False)}
+        assert {
+            "checkpoint",
+            "_TRAINED.json",
+            "_PUBLISHED.json",
+            "placement.json",
+            "eval_sample.npz",
+        } <= names
+        assert any(n.startswith("events.out.tfevents.") for n in names)
+        assert fs.exists("jobs/ctr/export/saved_model.pb")
+        # the final checkpoint is a standard TF checkpoint: one data file per PS, tables whole
+        trained = json.loads(fs.cat_file("jobs/ctr/_TRAINED.json"))
+        final = trained["checkpoint"].rsplit("/", 1)[-1]
+        files = sorted(n for n in names if n.startswith(final + "."))
+        assert files == [f"{final}.data-00000-of-00002", f"{final}.data-00001-of-00002", f"{final}.index"]
+        local = tmp_path / "final"
+        local.mkdir()
+        for n in files:
+            fs.get_file(f"jobs/ctr/{n}", str(local / n))
+        shapes = dict(tf_list_variables(str(local / final)))
+        assert shapes["deepfm/emb_v"][0] == shapes["deepfm/emb_w"][0] > 1000
+        assert "kubeai/data_state_0" in shapes and "global_step" in shapes
+        mv = ModelRepository("oss://jobs/repo").get("ctr")
+        assert mv.version == 1 and mv.metadata["lineage"]["checkpoint"] == trained["checkpoint"]
+
+
+def tf_list_variables(prefix: str) -> list[tuple[str, list[int]]]:
+    import tensorflow as tf
+
+    return tf.train.list_variables(prefix)
+
+
 def test_twenty_startups_back_to_back_never_hang(tmp_path):
     """20 complete jobs in a row on one launched cluster (chief, 2 PS, 2 workers), each a full
     start-up and shutdown in its own PS resource container (see _rounds.py)."""
