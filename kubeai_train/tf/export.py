@@ -274,9 +274,9 @@ def model_metadata(
         "lineage": {
             "train_data": redact_uri(config.train_data),
             "eval_data": redact_uri(config.eval_data),
-            "checkpoint": checkpoint,
+            "checkpoint": redact_uri(checkpoint),
             "global_step": global_step,
-            "model_dir": model_dir,
+            "model_dir": redact_uri(model_dir),
             "params": {**common, "seed": config.seed},
             "cluster": {role: len(addrs) for role, addrs in cluster_spec.items()},
             "placement": summary,

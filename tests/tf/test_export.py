@@ -23,10 +23,10 @@ def _meta(mode, model, **kw):
         model=model,
         config=cfg,
         metrics={"auc": 0.7, "logloss": 0.5, "rows": 10},
-        checkpoint="/m/ckpt-3",
+        checkpoint="oss://user:s3cret@bucket/m/ckpt-3",
         global_step=3,
         placement={"policy": "round_robin", "ps": [{"bytes": 8}, {"bytes": 4}], "applied": True},
-        model_dir="/m",
+        model_dir="oss://user:s3cret@bucket/m",
         cluster_spec=SPEC,
         **kw,
     )
