@@ -22,11 +22,19 @@ restores the last checkpoint (model, optimizer, step and every reader's position
 on. After training the chief restores the final checkpoint into a local copy of the model,
 exports a SavedModel whose serving signature takes the raw features, evaluates exactly that
 (AUC, log loss) and publishes it to the model repository, like the between-graph mode.
+
+``model_dir`` is a path TensorFlow writes (local, a shared volume, gs://: each PS writes its own
+checkpoint shard there, through ``tf.train.CheckpointManager``) or any fsspec URL (oss://...:
+the chief reads every variable and writes the checkpoint into its local staging, then uploads
+it; see ``_coord_checkpoints`` for the commit order and the chief's memory cost). Markers, the
+placement report, the eval sample, the export and the done marker go through the same
+:class:`~kubeai_train.tf.model_dir.ModelDir`, so every role needs the store's credentials.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import json
 import logging
 import math
@@ -42,6 +50,7 @@ import tensorflow as tf
 
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
+from kubeai_train.tf._coord_checkpoints import chief_io_device, object_checkpoints
 from kubeai_train.tf._coord_input import (
     ChiefReader,
     list_native,
@@ -55,6 +64,7 @@ from kubeai_train.tf._coord_optim import Adagrad
 from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
 from kubeai_train.tf._coord_types import CoordinatorOptions, ModuleModel
 from kubeai_train.tf.inputs import ReadFn, default_read_fn
+from kubeai_train.tf.model_dir import ModelDir, is_local, upload_tree
 from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
 from kubeai_train.tf.trainer import RunResult
 from kubeai_train.tf.types import (
@@ -85,7 +95,6 @@ TRAINED_MARKER = _export.TRAINED_MARKER
 PUBLISHED_MARKER = _export.PUBLISHED_MARKER
 PLACEMENT_REPORT = "placement.json"
 EVAL_SAMPLE = "eval_sample.npz"
-CKPT_DIR = "ckpt"
 
 # Errors from schedule / join / fetch that mean "the cluster lost state": restart and restore.
 _RETRYABLE = (
@@ -134,6 +143,12 @@ def run(
             "sync / backup_workers are between-graph options; the coordinator mode trains "
             "asynchronously (each step on whichever worker is free): drop them or use kubeai_train.tf.run"
         )
+    # every role opens the model directory first: a scheme nobody can write fails here, in one
+    # line, before any server starts or the chief connects
+    model_dir = ModelDir(
+        config.model_dir, storage_options=config.storage_options, staging_dir=config.staging_dir
+    )
+    check_export_dir(config.export_dir, config.storage_options)
     info = cluster.current()
     policy = placement or RoundRobinPlacement()
     read = read_fn or default_read_fn
@@ -148,9 +163,9 @@ def run(
         json.dumps(config.describe(), default=str, sort_keys=True),
     )
     if info.framework != "tf":
-        return _Trainer(model, config, opts, info, policy, read).train()
+        return _Trainer(model, config, opts, info, policy, read, model_dir).train()
     if info.role in ("ps", "worker"):
-        return _serve(info, config, opts)
+        return _serve(info, model_dir, opts)
     if info.role == "evaluator":
         raise TrainError(
             "the evaluator role is not used in coordinator mode: the chief evaluates after training; "
@@ -165,7 +180,7 @@ def run(
     # surfaces as an error the chief can act on (TensorFlow's recommendation for the coordinator).
     os.environ["GRPC_FAIL_FAST"] = "use_caller"
     try:
-        return _Trainer(model, config, opts, info, policy, read).train()
+        return _Trainer(model, config, opts, info, policy, read, model_dir).train()
     except ClusterUnavailableError as e:
         log.error(
             "[chief %d] %s; exiting with %d so the job restarts and restores its checkpoint",
@@ -181,6 +196,20 @@ def run(
         raise
 
 
+def check_export_dir(url: str | None, storage_options: Mapping[str, Any]) -> None:
+    """Fail now, not after training, when ``url`` (an export_dir) is in a place nobody can write.
+
+    Raises:
+        TrainError: naming export_dir and its scheme.
+    """
+    if not url or is_local(url):
+        return
+    try:
+        ModelDir(url, storage_options=storage_options)
+    except TrainError as e:
+        raise TrainError(f"export_dir: {e}") from e
+
+
 def _setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -192,8 +221,12 @@ def _cluster_spec(info: cluster.ClusterInfo) -> dict[str, list[str]]:
     return {("chief" if k == "master" else k): v for k, v in info.cluster_spec().items() if k != "evaluator"}
 
 
-def _serve(info: cluster.ClusterInfo, config: TrainConfig, opts: CoordinatorOptions) -> RunResult:
-    """A ps / worker task: serve until the chief's done marker appears."""
+def _serve(info: cluster.ClusterInfo, model_dir: ModelDir, opts: CoordinatorOptions) -> RunResult:
+    """A ps / worker task: serve until the chief's done marker appears in ``model_dir``.
+
+    A failed check of the marker (an object store that does not answer for a moment) is logged
+    and retried: the server keeps serving, the chief's state is not lost over a read error.
+    """
     t0 = time.perf_counter()
     server = tf.distribute.Server(
         tf.train.ClusterSpec(_cluster_spec(info)),
@@ -203,8 +236,22 @@ def _serve(info: cluster.ClusterInfo, config: TrainConfig, opts: CoordinatorOpti
         start=True,
     )
     log.info("[%s %d] serving at %s (pid %d)", info.role, info.index, info.address, os.getpid())
-    marker = os.path.join(config.model_dir, DONE_MARKER)
-    while not tf.io.gfile.exists(marker):
+    last_warning = 0.0
+    while True:
+        try:
+            if model_dir.exists(DONE_MARKER):
+                break
+        except Exception as e:  # any client error of any fsspec implementation: retried
+            if time.monotonic() - last_warning > 60:
+                last_warning = time.monotonic()
+                log.warning(
+                    "[%s %d] cannot check %s/%s (%s); still serving, retrying",
+                    info.role,
+                    info.index,
+                    model_dir.display,
+                    DONE_MARKER,
+                    type(e).__name__,
+                )
         time.sleep(opts.done_poll)
     log.info("[%s %d] job done after %.1f s; stopping", info.role, info.index, time.perf_counter() - t0)
     del server
@@ -279,6 +326,7 @@ class _Trainer:
         info: cluster.ClusterInfo,
         policy: PlacementPolicy,
         read: ReadFn,
+        model_dir: ModelDir,
     ) -> None:
         self.model, self.config, self.opts, self.info, self.policy, self.read = (
             model,
@@ -296,10 +344,13 @@ class _Trainer:
         self.raw = dict(model.raw_features())
         self.kinds = {**self.raw, model.label: "int64"}
         self.model_dir = config.model_dir
+        self.dir = model_dir
+        # without a tf.train.Checkpoint until _build: enough to export a finished job's checkpoint
+        self.ckpts = object_checkpoints(self.dir)
         self.strategy: Any = None
         self.coordinator: Any = None
         self.placement: dict[str, Any] | None = None
-        tf.io.gfile.makedirs(self.model_dir)
+        self.dir.makedirs()
 
     # ----------------------------------------------------------------------------- set-up
     def _partitioner(self) -> Any:
@@ -382,8 +433,15 @@ class _Trainer:
         self.ckpt = tf.train.Checkpoint(
             model=self.module, optimizer=self.optimizer, step=self.step, data=self.data_state
         )
-        self.manager = tf.train.CheckpointManager(
-            self.ckpt, os.path.join(self.model_dir, CKPT_DIR), max_to_keep=3
+        # with an fsspec-only model_dir the chief does all checkpoint I/O (io_device): the files
+        # land in its local staging, to be uploaded; a shared TF-native directory keeps
+        # TensorFlow's default, each PS writing its own shard
+        self.ckpts = object_checkpoints(
+            self.dir,
+            self.ckpt,
+            io_device=chief_io_device(self.info.index) if self.distributed else None,
+            max_to_keep=3,
+            is_lost=_is_cluster_loss if self.distributed else None,
         )
 
     def _step_body(self, batch: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -429,7 +487,7 @@ class _Trainer:
     def train(self) -> RunResult:
         t_start = time.perf_counter()
         result = RunResult(role=self.job, rank=0)
-        marker = _export.read_marker(os.path.join(self.model_dir, TRAINED_MARKER))
+        marker = self.dir.read_json(TRAINED_MARKER)
         if marker:
             log.info(
                 "%s %s exists (global step %s): going to export",
@@ -438,7 +496,7 @@ class _Trainer:
                 marker["global_step"],
             )
             result.checkpoint, result.global_step = marker["checkpoint"], marker["global_step"]
-            result.placement = _export.read_marker(os.path.join(self.model_dir, PLACEMENT_REPORT))
+            result.placement = self.dir.read_json(PLACEMENT_REPORT)
             return self._finish(result, t_start)
         try:
             if self.distributed:
@@ -447,7 +505,7 @@ class _Trainer:
             self._functions()
             state = self._restore()
             if self.placement is not None:
-                _export.write_marker(os.path.join(self.model_dir, PLACEMENT_REPORT), self.placement)
+                self.dir.write_json(PLACEMENT_REPORT, self.placement)
                 result.placement = self.placement
             if self.opts.input == "workers":
                 self._train_native(result, state)
@@ -461,8 +519,8 @@ class _Trainer:
             raise ClusterUnavailableError(
                 f"lost the cluster's state: {type(e).__name__}: {' '.join(str(e).split())[:240]}"
             ) from e
-        _export.write_marker(
-            os.path.join(self.model_dir, TRAINED_MARKER),
+        self.dir.write_json(
+            TRAINED_MARKER,
             {
                 "checkpoint": result.checkpoint,
                 "global_step": result.global_step,
@@ -480,19 +538,21 @@ class _Trainer:
         )
         return self._finish(result, t_start)
 
+    def _shown(self, url: str) -> str:
+        return self.dir.display + url[len(self.dir.url) :] if url.startswith(self.dir.url) else url
+
     def _restore(self) -> dict[str, Any] | None:
-        latest = self.manager.latest_checkpoint
+        latest = self.ckpts.restore_latest()
         if not latest:
             return None
-        self.ckpt.restore(latest).assert_existing_objects_matched()
         raw = self.data_state.numpy().decode()
-        log.info("%s restored %s (global step %d)", self.tag, latest, int(self.step.numpy()))
+        log.info("%s restored %s (global step %d)", self.tag, self._shown(latest), int(self.step.numpy()))
         return json.loads(raw) if raw else None
 
     def _save(self, gstep: int) -> str:
-        path = self.manager.save(checkpoint_number=gstep)
-        log.info("%s checkpoint %s", self.tag, path)
-        return str(path)
+        path = self.ckpts.save(gstep)
+        log.info("%s checkpoint %s", self.tag, self._shown(path))
+        return path
 
     def _save_with_state(self, state: Mapping[str, Any]) -> None:
         self._join()
@@ -641,24 +701,33 @@ class _Trainer:
     # ----------------------------------------------------------------------------- export
     def _finish(self, result: RunResult, t_start: float) -> RunResult:
         cfg = self.config
-        export_dir = cfg.export_dir or os.path.join(self.model_dir, "export")
+        export_dir = cfg.export_dir or self.dir.join("export")
         if result.checkpoint is None:
-            raise TrainError(f"no checkpoint to export in {self.model_dir}")
+            raise TrainError(f"no checkpoint to export in {self.dir.display}")
         local = self.model.build()
-        status = tf.train.Checkpoint(model=local).restore(result.checkpoint)
+        status = tf.train.Checkpoint(model=local).restore(self.ckpts.local_copy(result.checkpoint))
         status.expect_partial()
         try:
             status.assert_existing_objects_matched()
         except AssertionError as e:
-            raise TrainError(f"checkpoint {result.checkpoint!r} does not hold this model: {e}") from e
+            raise TrainError(
+                f"checkpoint {self._shown(result.checkpoint)!r} does not hold this model: {e}"
+            ) from e
         serving = _Serving(local, self.raw)
-        tmp = f"{export_dir.rstrip('/')}.tmp-{os.getpid()}"
+        # the SavedModel is written on local disk (renamed into place), then copied when
+        # export_dir is elsewhere (gs://, oss://, ...)
+        local_export = (
+            _local_path(export_dir) if is_local(export_dir) else os.path.join(self.dir.staging, "export")
+        )
+        tmp = f"{local_export.rstrip('/')}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tf.saved_model.save(serving, tmp, signatures={_export.SIGNATURE: serving.serve})
-        shutil.rmtree(export_dir, ignore_errors=True)
-        os.replace(tmp, export_dir)
+        shutil.rmtree(local_export, ignore_errors=True)
+        os.replace(tmp, local_export)
+        if not is_local(export_dir):
+            upload_tree(local_export, export_dir, cfg.storage_options)
         result.export_dir = export_dir
-        log.info("%s exported SavedModel to %s", self.tag, export_dir)
+        log.info("%s exported SavedModel to %s", self.tag, _export.redact_uri(export_dir))
         if cfg.eval_data:
             predictor = _Predictor(self.model, serving)
             result.metrics, sample = _export.evaluate(
@@ -672,7 +741,9 @@ class _Trainer:
                 # predicted again as one batch, so a consumer feeding exactly these rows as one
                 # batch gets bit-identical results (a different batch size may change the last ulp)
                 sample["__prediction__"] = predictor.predict(sample)
-            np.savez(os.path.join(self.model_dir, EVAL_SAMPLE), **sample)  # type: ignore[arg-type]
+            buf = io.BytesIO()
+            np.savez(buf, **sample)  # type: ignore[arg-type]
+            self.dir.write_bytes(EVAL_SAMPLE, buf.getvalue())
             log.info(
                 "%s eval on %s: auc %.4f logloss %.4f (%d rows)",
                 self.tag,
@@ -683,16 +754,16 @@ class _Trainer:
             )
         if cfg.model_repo:
             result.version, result.model_uri = _export.publish_once(
-                self.model_dir,
+                self.dir,
                 cfg.model_repo,
                 cfg.model_name,
-                export_dir,
+                local_export,
                 result.checkpoint,
                 lambda: self._metadata(result),
             )
         result.seconds = time.perf_counter() - t_start
         if self.distributed:
-            _export.write_marker(os.path.join(self.model_dir, DONE_MARKER), {"time": time.time()})
+            self.dir.write_json(DONE_MARKER, {"time": time.time()})
         return result
 
     def _metadata(self, result: RunResult) -> dict[str, Any]:
@@ -712,7 +783,12 @@ class _Trainer:
         )
 
 
-def _is_cluster_loss(e: Exception) -> bool:
+def _local_path(url: str) -> str:
+    """A local path or ``file://`` URL as a path ``os`` functions take."""
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def _is_cluster_loss(e: BaseException) -> bool:
     """An error meaning a task (a PS) went away or came back empty: restart and restore."""
     if isinstance(e, _RETRYABLE):
         return True

@@ -17,6 +17,13 @@ workers shard them with ``tf.distribute.coordinator.experimental_get_current_wor
 ``steps_per_epoch`` (required: the datasets must repeat) and ``BackupAndRestore`` in
 ``<model_dir>/backup`` (a restarted chief resumes at the last epoch boundary). Then it saves the
 model as a SavedModel to ``<model_dir>/export``.
+
+``model_dir`` may be any fsspec URL (oss://...): the placement report, the export (saved in local
+staging, then uploaded) and the done marker go through :class:`~kubeai_train.tf.model_dir.ModelDir`.
+Keras' own callbacks write through TensorFlow's file system only, so there is no
+``BackupAndRestore`` in such a model_dir (a restarted chief starts again at epoch 0; a warning
+says so), and a user's ``ModelCheckpoint`` / ``BackupAndRestore`` / ``TensorBoard`` whose path
+TensorFlow cannot write is rejected in one line before anything starts.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +40,13 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 import tensorflow as tf
 
 from kubeai_train import cluster
-from kubeai_train.tf import export as _export
 from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
 from kubeai_train.tf._coord_types import CoordinatorOptions
-from kubeai_train.tf.coordinator import DONE_MARKER, _cluster_spec, _serve, _setup_logging
+from kubeai_train.tf.coordinator import DONE_MARKER, PLACEMENT_REPORT, _cluster_spec, _serve, _setup_logging
+from kubeai_train.tf.model_dir import ModelDir, redact, tf_writes, upload_tree
 from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
 from kubeai_train.tf.trainer import RunResult
-from kubeai_train.tf.types import PlacementPolicy, TrainConfig, TrainError
+from kubeai_train.tf.types import PlacementPolicy, TrainError
 
 __all__ = ["FitConfig", "fit", "legacy_keras"]
 
@@ -63,12 +70,16 @@ class FitConfig:
     """What ``fit`` needs beyond the model and data.
 
     Attributes:
-        model_dir: backups (BackupAndRestore), the placement report, the export.
+        model_dir: backups (BackupAndRestore), the placement report, the export: a path
+            TensorFlow writes or any fsspec URL (then without backups, see the module doc).
         epochs / steps_per_epoch: passed to ``Model.fit`` (``steps_per_epoch`` is required under
             ParameterServerStrategy: the per-worker datasets repeat).
         batch_size: recorded for the placement snapshot's traffic estimate.
         options: the coordinator-mode options (partitioner, connect timeout, done poll).
         fit_kwargs: more keyword arguments for ``Model.fit`` (callbacks are appended to ours).
+        storage_options: fsspec options for an fsspec-only model_dir (default: from the
+            environment, e.g. the ``OSS_*`` variables).
+        staging_dir: local scratch space for the export bound for an fsspec-only model_dir.
     """
 
     model_dir: str
@@ -77,6 +88,8 @@ class FitConfig:
     batch_size: int = 512
     options: CoordinatorOptions = field(default_factory=CoordinatorOptions)
     fit_kwargs: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    staging_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not self.model_dir:
@@ -108,20 +121,38 @@ def fit(
     Returns:
         RunResult; the chief's has ``placement``, ``global_step`` (optimizer iterations),
         ``metrics`` (the last epoch's logs) and ``export_dir``.
+
+    Raises:
+        TrainError: a model_dir nobody can write, or a Keras callback writing where TensorFlow
+            cannot (both before any server starts).
     """
     _setup_logging()
     keras = legacy_keras()
+    model_dir = ModelDir(
+        config.model_dir, storage_options=config.storage_options, staging_dir=config.staging_dir
+    )
+    user_callbacks = list(config.fit_kwargs.pop("callbacks", []))
+    check_callbacks(user_callbacks)
     info = cluster.current()
     opts = config.options
     if info.framework == "tf" and info.role in ("ps", "worker"):
-        return _serve(info, TrainConfig(model_dir=config.model_dir, train_data="-"), opts)
+        return _serve(info, model_dir, opts)
     if info.framework == "tf" and info.role not in ("chief", "master"):
         raise TrainError(f"legacy Keras fit uses chief, ps and worker tasks; this is a {info.role}")
-    tf.io.gfile.makedirs(config.model_dir)
+    model_dir.makedirs()
     result = RunResult(role="chief" if info.framework == "tf" else "local", rank=0)
     t0 = time.perf_counter()
-    callbacks = [keras.callbacks.BackupAndRestore(os.path.join(config.model_dir, "backup"))]
-    callbacks += list(config.fit_kwargs.pop("callbacks", []))
+    callbacks: list[Any] = []
+    if model_dir.native:
+        callbacks.append(keras.callbacks.BackupAndRestore(model_dir.join("backup")))
+    else:
+        log.warning(
+            "model_dir %s is not one TensorFlow writes: Keras' BackupAndRestore cannot back up there, "
+            "so a restarted chief starts again at epoch 0 (use a path TensorFlow writes, e.g. a shared "
+            "volume or gs://, to resume at the last epoch)",
+            model_dir.display,
+        )
+    callbacks += user_callbacks
     if info.framework != "tf":
         model = build()
         history = model.fit(dataset_fn(tf.distribute.InputContext()), epochs=config.epochs,
@@ -152,14 +183,18 @@ def fit(
         report.update(verify(applier))
         report["mode"] = "keras_fit"
         result.placement = report
-        _export.write_marker(os.path.join(config.model_dir, "placement.json"), report)
+        model_dir.write_json(PLACEMENT_REPORT, report)
         creator = keras.utils.experimental.DatasetCreator(dataset_fn)
         history = model.fit(creator, epochs=config.epochs, steps_per_epoch=config.steps_per_epoch,
                             callbacks=callbacks, **config.fit_kwargs)  # fmt: skip
     result.metrics = {k: float(v[-1]) for k, v in history.history.items()}
     result.global_step = int(model.optimizer.iterations.numpy())
-    export_dir = os.path.join(config.model_dir, "export")
-    model.save(export_dir, save_format="tf")
+    export_dir = model_dir.join("export")
+    # Keras saves through TensorFlow: into local staging first when model_dir is elsewhere
+    local_export = export_dir if model_dir.native else os.path.join(model_dir.staging, "export")
+    model.save(local_export, save_format="tf")
+    if local_export != export_dir:
+        upload_tree(local_export, export_dir, config.storage_options)
     result.export_dir = export_dir
     result.seconds = time.perf_counter() - t0
     log.info(
@@ -167,13 +202,34 @@ def fit(
         result.role,
         result.metrics,
         result.global_step,
-        export_dir,
+        model_dir.display + export_dir[len(model_dir.url) :],
     )
     if info.framework == "tf":
-        _export.write_marker(
-            os.path.join(config.model_dir, DONE_MARKER), {"time": time.time(), "cluster": _cluster_spec(info)}
-        )
+        model_dir.write_json(DONE_MARKER, {"time": time.time(), "cluster": _cluster_spec(info)})
     return result
+
+
+#: the path attribute of each Keras callback that writes files (through TensorFlow's file system)
+_CALLBACK_PATHS = {"ModelCheckpoint": "filepath", "BackupAndRestore": "backup_dir", "TensorBoard": "log_dir"}
+
+
+def check_callbacks(callbacks: Sequence[Any]) -> None:
+    """Reject a Keras callback that would write where TensorFlow cannot (oss://, s3://, ...).
+
+    Raises:
+        TrainError: naming the callback, its path (credentials masked) and what to do.
+    """
+    for cb in callbacks:
+        for cls in type(cb).__mro__:
+            attr = _CALLBACK_PATHS.get(cls.__name__)
+            path = getattr(cb, attr, None) if attr else None
+            if isinstance(path, str) and not tf_writes(path):
+                raise TrainError(
+                    f"{type(cb).__name__}({attr}={redact(path)!r}): Keras callbacks write through "
+                    f"TensorFlow's file system, which cannot write {path.split('://', 1)[0]}://; give it a "
+                    "local path, a shared volume or gs:// (fit puts the placement report and the export in "
+                    "an fsspec model_dir itself)"
+                )
 
 
 class _TrainableApplier(PlanApplier):

@@ -3,6 +3,7 @@ creator, the Adagrad update, the chief readers, the native worker datasets, a lo
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -330,3 +331,79 @@ def test_encoded_examples_parse_to_the_protos_tensorflow_builds():
             "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[cols["label"][i]])),
         }))  # fmt: skip
         assert ex == want or (np.isnan(cols["I1"][i]) and len(ex.features.feature) == 3)
+
+
+# ----------------------------------------------------------------------------- fsspec model_dir
+def test_local_run_on_an_fsspec_model_dir_trains_resumes_exports_and_publishes(
+    small, tmp_path, clean_cluster_env
+):
+    """model_dir and repository on memory:// (TensorFlow cannot write there): checkpoints,
+    markers, the eval sample and the export go through the store; a run that stops early is
+    resumed from the store's checkpoint; a finished one goes straight to export."""
+    import uuid
+
+    import fsspec
+
+    from kubeai_train.repository import ModelRepository
+    from kubeai_train.tf.model_dir import ModelDir
+
+    root = f"memory://coord-{uuid.uuid4().hex[:8]}"
+    cfg = TrainConfig(
+        model_dir=f"{root}/m",
+        train_data=str(small / "train"),
+        eval_data=str(small / "eval"),
+        batch_size=256,
+        log_steps=4,
+        save_checkpoint_steps=4,
+        max_steps=6,
+        model_repo=f"{root}/repo",
+        eval_predictions=100,
+        staging_dir=str(tmp_path / "staging"),
+    )
+    try:
+        first = coord.run(_model(learning_rate=0.2), cfg)
+        assert first.global_step == 6 and first.checkpoint == f"{root}/m/ckpt/ckpt-6"
+        d = ModelDir(cfg.model_dir)
+        assert d.listdir("ckpt") == ["checkpoint", "ckpt-4.data-00000-of-00001", "ckpt-4.index",
+                                     "ckpt-6.data-00000-of-00001", "ckpt-6.index"]  # fmt: skip
+        # a new job in the same model_dir without the trained marker: resumes from ckpt-6
+        d.remove(coord.TRAINED_MARKER)
+        d.remove(coord.PUBLISHED_MARKER)
+        cfg.max_steps = None
+        res = coord.run(_model(learning_rate=0.2), cfg)
+        assert res.global_step == 12 and res.local_steps == 6 and res.examples == 3000 - 6 * 256
+        assert res.export_dir == f"{root}/m/export" and res.checkpoint == f"{root}/m/ckpt/ckpt-12"
+        names = set(d.listdir())
+        assert {"ckpt", "export", "eval_sample.npz", "_TRAINED.json", "_PUBLISHED.json"} <= names
+        assert not any(n.startswith("_COORD_DONE") for n in names)  # single process: no servers to stop
+        # the uploaded SavedModel predicts exactly the kept sample
+        local = tmp_path / "export"
+        fsspec.filesystem("memory").get(f"{root}/m/export", str(local), recursive=True)
+        sample = np.load(io.BytesIO(d.read_bytes("eval_sample.npz")), allow_pickle=True)
+        fn = coord.load_serving(str(local))
+        feats = {n: tf.constant(sample[n]) for n in FEATS.raw_features()}
+        np.testing.assert_array_equal(fn(**feats)["probability"].numpy(), sample["__prediction__"])
+        mv = ModelRepository(cfg.model_repo).get("ctr")
+        assert mv.version == res.version == 2 and mv.metadata["lineage"]["checkpoint"] == res.checkpoint
+        again = coord.run(_model(learning_rate=0.2), cfg)
+        assert again.checkpoint == res.checkpoint and again.version == 2 and again.local_steps == 0
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(root):
+            fs.rm(root, recursive=True)
+
+
+@pytest.mark.parametrize("role", ["chief", "ps"])
+def test_a_model_dir_nobody_can_write_fails_in_one_line_before_the_cluster(role, clean_cluster_env):
+    spec = {"chief": ["127.0.0.1:1"], "ps": ["127.0.0.1:2"], "worker": ["127.0.0.1:3"]}
+    clean_cluster_env.setenv("TF_CONFIG", json.dumps({"cluster": spec, "task": {"type": role, "index": 0}}))
+    with pytest.raises(TrainError) as e:
+        coord.run(_model(), TrainConfig(model_dir="nosuchscheme://user:pw@bucket/m", train_data="x"))
+    msg = str(e.value)
+    assert "nosuchscheme://" in msg and "neither TensorFlow nor fsspec" in msg
+    assert "pw" not in msg and "\n" not in msg
+    with pytest.raises(TrainError, match=r"^export_dir: .*nosuchscheme://") as e:
+        coord.run(
+            _model(), TrainConfig(model_dir="memory://x/m", train_data="x", export_dir="nosuchscheme://b/e")
+        )
+    assert "\n" not in str(e.value)
