@@ -27,6 +27,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_common_args(p)
     p.add_argument("--sync", action="store_true", help="synchronous updates (needs --max-steps)")
+    p.add_argument(
+        "--backup-workers",
+        type=int,
+        default=0,
+        help="with --sync: aggregate each step without waiting for this many replicas (slow workers)",
+    )
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a worker waits for the chief")
     p.add_argument("--audit-column", default=None, help="record this int64 column of every applied batch")
     return p.parse_args(argv)
@@ -41,6 +47,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo],
         name="tf_ps_ctr",
         hooks=hooks,
         sync=args.sync,
+        backup_workers=args.backup_workers,
         audit_column=args.audit_column,
         ready_timeout=args.ready_timeout,
     )

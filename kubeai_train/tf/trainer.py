@@ -379,9 +379,16 @@ class _Trainer:
         )
         if self.is_chief:  # only the chief saves and restores
             self.ckpts.build(sharded=self.distributed)
+        self.close_tokens = None
         if self.sync_opt is not None:
             self.sync_hook = self.sync_opt.make_session_run_hook(self.is_chief, num_tokens=-1)
             self.sync_hook.begin()
+            # at the end the chief closes the token queue: a replica waiting for a token (a slow
+            # one whose gradients were left out by backup_workers) gets OutOfRange and finishes
+            # instead of blocking until it is killed
+            queue = getattr(self.sync_opt, "_sync_token_queue", None)
+            if queue is not None:
+                self.close_tokens = queue.close(cancel_pending_enqueues=True)
 
     @staticmethod
     def _pinned(name: str) -> int | None:
@@ -636,8 +643,11 @@ class _Trainer:
         return path
 
     def _chief_end(self, sess: Any, result: RunResult) -> None:
-        if self.distributed and self.world > 1 and self.sync_opt is None:
-            self._wait_workers(sess)
+        if self.distributed and self.world > 1:
+            if self.close_tokens is not None:
+                sess.run(self.close_tokens)
+            if self.sync_opt is None or self.close_tokens is not None:
+                self._wait_workers(sess)
         gstep = int(sess.run(self.global_step))
         result.global_step = gstep
         result.checkpoint = self._save(sess, gstep)

@@ -6,6 +6,7 @@ job (a marker file in the model dir), triggered from a step hook. Environment:
 * ``KT_DIE=<role>:<index>:<step>``: that process kills itself at its ``step``-th local step.
 * ``KT_KILL_PS=<index>:<step>``: the chief kills PS ``index`` at its ``step``-th local step.
 * ``KT_STEP_SLEEP=<seconds>``: sleep in every hook call (slows training so faults land mid-run).
+* ``KT_SLOW=<role>:<index>:<seconds>``: that process alone sleeps in every hook call (a straggler).
 
 Every hook call appends a JSON line (role, rank, pid, steps, loss) to ``<state>/steps.jsonl``;
 PS processes write ``<state>/ps-<index>.pid``. ``<state>`` is ``KT_STATE_DIR`` if set (needed when
@@ -45,6 +46,9 @@ def main() -> int:
     die = os.environ.get("KT_DIE", "")
     kill_ps = os.environ.get("KT_KILL_PS", "")
     sleep = float(os.environ.get("KT_STEP_SLEEP", "0") or 0)
+    slow_role, slow_index, slow_sleep = (os.environ.get("KT_SLOW") or "::0").split(":")
+    if slow_role == role and slow_index == str(info.index):
+        sleep += float(slow_sleep)
 
     def once(name: str) -> bool:
         try:

@@ -458,6 +458,51 @@ def test_sync_replicas_stop_together_at_max_steps(ctr_small, tmp_path):
     assert (model_dir / "_PUBLISHED.json").exists()
 
 
+def test_sync_backup_worker_leaves_a_straggler_behind_and_every_process_exits(ctr_small, tmp_path):
+    """sync + backup_workers=1: each step aggregates 2 of the 3 replicas, so a straggler (worker 1,
+    1 s per step) does not hold the others back; at max_steps the chief closes the token queue and
+    the straggler, waiting for a token, finishes by itself (the launcher stops nobody)."""
+    root, _ = ctr_small
+    model_dir = tmp_path / "m"
+    res = launch(
+        JOB,
+        [
+            "--train-data",
+            str(root / "train"),
+            "--eval-data",
+            str(root / "eval"),
+            "--model-repo",
+            str(tmp_path / "repo"),
+            "--model-dir",
+            str(model_dir),
+            "--hash-buckets",
+            "1000",
+            "--batch-size",
+            "256",
+            "--sync",
+            "--backup-workers",
+            "1",
+            "--max-steps",
+            "30",
+            "--epochs",
+            "5",
+            "--log-steps",
+            "1",
+        ],
+        env={"KT_SLOW": "worker:1:1.0"},
+        timeout=240,
+    )
+    assert res.returncode == 0, tail(res.output)
+    assert "success grace period" not in res.output, tail(res.output)
+    assert "[worker 1] done:" in res.output and "[worker 0] done:" in res.output
+    trained = json.loads((model_dir / "_TRAINED.json").read_text())
+    assert 30 <= trained["global_step"] <= 32
+    steps = [json.loads(ln) for ln in (model_dir / "steps.jsonl").read_text().splitlines()]
+    last = {(s["role"], s["index"]): s["local_step"] for s in steps}
+    fast = min(last[("chief", 0)], last[("worker", 0)])
+    assert last[("worker", 1)] * 2 < fast, last
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
