@@ -1,11 +1,13 @@
 """Coordinator mode on real local clusters (chief + 2 PS + 2 workers) through the launcher.
 
 Run as a script, this file is the job: ``examples/tf_coord_ctr.py`` with real fault injection.
-PS and worker processes write ``<model_dir>/<role>-<index>.pid``; the chief's step hook appends
-a JSON line per hook call to ``<model_dir>/steps.jsonl`` and, once per job (a marker file):
+PS and worker processes write ``<state>/<role>-<index>.pid``; the chief's step hook appends
+a JSON line per hook call to ``<state>/steps.jsonl`` and, once per job (a marker file):
 
 * ``KT_KILL=<role>:<index>:<step>``: SIGKILLs that process at the chief's ``step``-th step;
 * ``KT_STEP_SLEEP=<seconds>``: sleeps in every hook call (so faults land mid-run).
+
+``<state>`` is ``KT_STATE_DIR`` if set (needed when ``--model-dir`` is a URL), else the model dir.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +40,7 @@ def _job_main() -> int:
     from kubeai_train import cluster
 
     argv = sys.argv[1:]
-    model_dir = Path(argv[argv.index("--model-dir") + 1])
+    model_dir = Path(os.environ.get("KT_STATE_DIR") or argv[argv.index("--model-dir") + 1])
     model_dir.mkdir(parents=True, exist_ok=True)
     info = cluster.current()
     role = "chief" if info.role == "master" else info.role
@@ -239,6 +242,85 @@ def test_native_files_are_read_on_the_workers(data, tmp_path):
     assert result["metrics"]["auc"] > 0.6
     log_text = res.log("chief:0")
     assert "native input: 4 tfrecord files, rows per worker [15000, 15000]" in log_text
+
+
+def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(data, tmp_path, monkeypatch):
+    """model_dir and the repository on oss:// (the local OSS server), which TensorFlow cannot
+    write: the chief checkpoints through its staging; a PS is killed, the chief exits 138, the job
+    restores from the object store, finishes, exports and publishes there."""
+    import fsspec
+    import tensorflow as tf
+
+    from kubeai_train.repository import ModelRepository
+    from kubeai_train.testing.oss_server import OSSServer
+
+    from .conftest import launch, tail
+
+    state = tmp_path / "state"
+    with OSSServer(tmp_path / "oss", buckets=["jobs"]) as server:
+        env = server.env()
+        for k, v in env.items():  # the launcher's environment, as on a laptop with OSS credentials
+            monkeypatch.setenv(k, v)
+        args = [
+            "--train-data", str(data / "train"), "--eval-data", str(data / "eval"),
+            "--model-repo", "oss://jobs/repo", "--model-dir", "oss://jobs/ctr",
+            "--result-json", str(tmp_path / "result.json"), "--hash-buckets", str(BUCKETS),
+            "--log-steps", "5", "--checkpoint-steps", "20",
+        ]  # fmt: skip
+        res = launch(
+            Path(__file__),
+            args,
+            env={"KT_STATE_DIR": str(state), "KT_KILL": "ps:0:30", "KT_STEP_SLEEP": "0.1"},
+            launcher_args=(
+                "--restart-policy",
+                "ExitCode",
+                "--secret-env",
+                "OSS_ACCESS_KEY_SECRET=oss/secret",
+            ),
+            timeout=150,
+        )
+        assert res.returncode == 0, tail(res.output)
+        assert env["OSS_ACCESS_KEY_SECRET"] not in res.output
+        assert "ps:0 exited with code 137; restarting" in res.output, tail(res.output)
+        assert "chief:0 exited with code 138; restarting" in res.output, tail(res.output)
+        restored = re.findall(
+            r"\[chief 0\] restored oss://jobs/ctr/ckpt/ckpt-(\d+) \(global step (\d+)\)", res.output
+        )
+        assert restored and restored[-1][0] == restored[-1][1], tail(res.output)
+        ckpt_step = int(restored[-1][0])
+        assert ckpt_step >= 20
+        result = json.loads((tmp_path / "result.json").read_text())
+        # the restarted chief read exactly the rows its checkpoint had not seen
+        assert result["examples"] + 512 * ckpt_step == ROWS
+        assert result["global_step"] == ckpt_step + result["local_steps"]
+        steps = _steps(state)
+        pids = list(dict.fromkeys(s["pid"] for s in steps))
+        after = [s for s in steps if s["pid"] == pids[-1]]
+        assert len(pids) >= 2 and after[0]["loss"] < steps[0]["loss"]
+
+        fs = fsspec.filesystem("oss")
+        names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls("jobs/ctr", detail=False)}
+        assert {"ckpt", "export", "_TRAINED.json", "_PUBLISHED.json", "_COORD_DONE.json", "placement.json",
+                "eval_sample.npz"} <= names  # fmt: skip
+        assert fs.exists("jobs/ctr/export/saved_model.pb")
+        # the final checkpoint: one data file per task holding variables (2 PS and the chief),
+        # all written by the chief; a downloaded copy is an ordinary CheckpointManager directory
+        final = result["checkpoint"].rsplit("/", 1)[-1]
+        ckpt_files = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("jobs/ctr/ckpt", detail=False))
+        mine = [n for n in ckpt_files if n.startswith(final + ".")]
+        assert mine == [f"{final}.data-0000{i}-of-00003" for i in range(3)] + [f"{final}.index"]
+        assert len([n for n in ckpt_files if n.endswith(".index")]) <= 3  # max_to_keep
+        local = tmp_path / "ckpt"
+        fs.get("jobs/ctr/ckpt", str(local), recursive=True)
+        assert tf.train.latest_checkpoint(str(local)) == str(local / final)
+        keys = {k for k, _ in tf.train.list_variables(str(local / final))}
+        assert {"step/.ATTRIBUTES/VARIABLE_VALUE", "data/.ATTRIBUTES/VARIABLE_VALUE"} <= keys
+        mv = ModelRepository("oss://jobs/repo").get("ctr")
+        assert (
+            mv.version == result["version"] == 1
+            and mv.metadata["lineage"]["checkpoint"] == result["checkpoint"]
+        )
+        assert env["OSS_ACCESS_KEY_SECRET"] not in json.dumps(mv.metadata)
 
 
 if __name__ == "__main__":
