@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +24,7 @@ def _job() -> int:
     import tensorflow as tf
 
     model_dir = sys.argv[1]
+    result_path = Path(sys.argv[2]) if len(sys.argv) > 2 else Path(model_dir, "result.json")
 
     def build():
         ids = keras.Input(shape=(4,), dtype="int64")
@@ -53,7 +55,7 @@ def _job() -> int:
     if res.role in ("chief", "local"):
         out = {k: v for k, v in res.__dict__.items() if k != "placement"}
         out["placement"] = res.placement
-        Path(model_dir, "result.json").write_text(json.dumps(out, default=str))
+        result_path.write_text(json.dumps(out, default=str))
     return 0
 
 
@@ -91,3 +93,62 @@ def test_legacy_keras_fit_trains_on_the_cluster_with_the_policy_placement(tmp_pa
         for name in entry["variables"]:
             assert f"/task:{entry['task']}/" in placement["devices"][name]
     assert (model_dir / "export" / "saved_model.pb").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_legacy_keras_fit_with_the_model_dir_on_oss(tmp_path, monkeypatch):
+    """model_dir on oss:// (the local OSS server): placement report, export and the done marker
+    the PS and workers wait for go through the store; Keras' BackupAndRestore cannot, one warning."""
+    import fsspec
+
+    from kubeai_train.launch import run_processes
+    from kubeai_train.testing.oss_server import OSSServer
+
+    with OSSServer(tmp_path / "oss", buckets=["jobs"]) as server:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        res = run_processes(
+            Path(__file__),
+            framework="tf",
+            workers=2,
+            ps=2,
+            args=["oss://jobs/keras", str(tmp_path / "result.json")],
+            env={"TF_CPP_MIN_LOG_LEVEL": "2"},
+            timeout=200,
+            log_dir=tmp_path / "logs",
+        )
+        result = json.loads((tmp_path / "result.json").read_text())
+        assert result["global_step"] == 120 and result["export_dir"] == "oss://jobs/keras/export"
+        fs = fsspec.filesystem("oss")
+        assert fs.exists("jobs/keras/export/saved_model.pb")
+        assert json.loads(fs.cat_file("jobs/keras/placement.json"))["applied"]
+        assert fs.exists("jobs/keras/_COORD_DONE.json")
+        assert "BackupAndRestore cannot back up there" in res.log("chief:0")
+        assert server.env()["OSS_ACCESS_KEY_SECRET"] not in res.log("chief:0")
+
+
+def test_a_keras_callback_writing_where_tf_cannot_is_rejected_in_one_line(tmp_path):
+    # its own process: tf.keras must resolve to tf-keras, and this one already has Keras 3
+    code = (
+        "import sys\n"
+        "from kubeai_train.tf import keras_ps\n"
+        "from kubeai_train.tf.types import TrainError\n"
+        "keras = keras_ps.legacy_keras()\n"
+        "cb = keras.callbacks.ModelCheckpoint('oss://user:pw@bucket/ckpt-{epoch}')\n"
+        "cfg = keras_ps.FitConfig(model_dir=sys.argv[1], fit_kwargs={'callbacks': [cb]})\n"
+        "try:\n"
+        "    keras_ps.fit(lambda: None, lambda ctx: None, cfg)\n"
+        "except TrainError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "m")],
+        env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("ERROR ")]
+    assert len(lines) == 1, out.stdout + out.stderr[-2000:]
+    assert "ModelCheckpoint(filepath='oss://***@bucket/ckpt-{epoch}')" in lines[0]
+    assert "cannot write oss://" in lines[0] and "pw" not in lines[0]
+    assert not (tmp_path / "m").exists()  # rejected before anything was written
