@@ -214,7 +214,8 @@ class StagedObjectCheckpoints(_Base):
     nothing is written on the PS. Then every data file is uploaded (and its local copy deleted),
     then the index, and last the ``checkpoint`` state file is replaced with one PUT: that write
     commits the checkpoint. A chief killed at any moment leaves the previous checkpoint the latest;
-    the files of an uncommitted save are deleted by this process's first save. A save at a step
+    the files of an uncommitted save are deleted when this process first saves (before it
+    uploads anything). A save at a step
     that already has a committed checkpoint gets a new name (``ckpt-<step>_1``) rather than
     overwriting it.
 
@@ -289,6 +290,10 @@ class StagedObjectCheckpoints(_Base):
     def save(self, step: int) -> str:
         """Save as checkpoint ``ckpt-<step>`` and commit it (see the class doc); returns its URL."""
         name = self._new_name(step)
+        if not self._swept:
+            # before this save's uploads: a torn save may have left files under the same name
+            # (with another shard count, if the number of PS changed), which must not mix in
+            self._sweep()
         stage = tempfile.mkdtemp(prefix="save-", dir=self.dir.staging)
         try:
             files = self.write_local(os.path.join(stage, name))
@@ -312,8 +317,6 @@ class StagedObjectCheckpoints(_Base):
         for old in before:
             if old not in keep:
                 self._delete({old})
-        if not self._swept:
-            self._sweep()
         return self.url(name)
 
     def _files(self, stems: set[str], listing: Sequence[str]) -> list[str]:

@@ -168,6 +168,25 @@ def test_staged_save_interrupted_midway_keeps_the_previous_checkpoint(mem_dir, m
     assert c2.committed() == ["ckpt-1", "ckpt-3"]
 
 
+def test_a_torn_save_with_another_shard_count_does_not_mix_into_a_later_one(mem_dir):
+    m, step, data, ckpt = _state()
+    c = _staged(mem_dir, ckpt)
+    c.save(1)
+    # a chief killed while saving ckpt-2 with three PS: two data files up, nothing committed
+    for i in range(2):
+        mem_dir.write_bytes(f"ckpt/ckpt-2.data-0000{i}-of-00003", b"torn")
+    _bump(m, step, data, "two")
+    saved = _values(m, step, data)
+    c2 = _staged(type(mem_dir)(mem_dir.url), ckpt)
+    assert c2.save(2).endswith("/ckpt-2")
+    assert sorted(n for n in mem_dir.listdir("ckpt") if n.startswith("ckpt-2")) == [
+        "ckpt-2.data-00000-of-00001",
+        "ckpt-2.index",
+    ]
+    _bump(m, step, data, "three")
+    assert c2.restore_latest().endswith("/ckpt-2") and _equal(_values(m, step, data), saved)
+
+
 @pytest.mark.parametrize("kind", ["staged", "native"])
 def test_damaged_latest_falls_back_to_the_one_before(kind, mem_dir, tmp_path, caplog):
     from kubeai_train.tf._coord_checkpoints import NativeObjectCheckpoints
