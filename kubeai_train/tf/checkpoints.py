@@ -268,6 +268,9 @@ class StagedCheckpoints:
             raise TrainError("StagedCheckpoints.build() was not called in the training graph")
         name = self._new_name(step)
         n = len(self._savers)
+        # files of a torn save under the same name (its part count may differ) would mix in
+        for f in self._files_of({name}, self.dir.listdir()):
+            self.dir.remove(f)
         stage = tempfile.mkdtemp(prefix="save-", dir=self.dir.staging)
         try:
             prefixes = []

@@ -182,6 +182,36 @@ def test_staged_save_killed_midway_keeps_the_previous_checkpoint(mem_dir, monkey
     assert g2.ckpts.committed() == ["model.ckpt-1", "model.ckpt-3"]
 
 
+def test_staged_save_replaces_a_torn_save_of_the_same_step(mem_dir, monkeypatch):
+    g = _Graph(lambda: ck.StagedCheckpoints(mem_dir, part_bytes=4000))  # 3+ parts
+    g.step("a")
+    real_upload = ModelDir.upload
+    calls = []
+
+    def dying_upload(self, local, rel):
+        calls.append(rel)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        real_upload(self, local, rel)
+
+    monkeypatch.setattr(ModelDir, "upload", dying_upload)
+    with pytest.raises(KeyboardInterrupt):
+        g.ckpts.save(g.sess, 4)
+    monkeypatch.setattr(ModelDir, "upload", real_upload)
+    # the restarted chief saves the same step with another part count (one part)
+    g2 = _Graph(lambda: ck.StagedCheckpoints(ModelDir(mem_dir.url), part_bytes=1 << 20))
+    g2.step("b")
+    saved = g2.values()
+    g2.ckpts.save(g2.sess, 4)
+    assert sorted(n for n in mem_dir.listdir() if n.startswith("model.ckpt-4")) == [
+        "model.ckpt-4.data-00000-of-00001",
+        "model.ckpt-4.index",
+    ]
+    g2.step("c")
+    assert g2.ckpts.restore_latest(g2.sess).endswith("/model.ckpt-4")
+    assert _equal(g2.values(), saved)
+
+
 @pytest.mark.parametrize("kind", ["staged", "native"])
 def test_corrupt_latest_falls_back_to_the_one_before(kind, mem_dir, tmp_path, caplog):
     if kind == "staged":
