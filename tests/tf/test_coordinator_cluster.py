@@ -298,7 +298,7 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(data, tmp_pat
         after = [s for s in steps if s["pid"] == pids[-1]]
         assert len(pids) >= 2 and after[0]["loss"] < steps[0]["loss"]
 
-        fs = fsspec.filesystem("oss")
+        fs = fsspec.filesystem("oss", **server.storage_options())  # this server (instances are cached)
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls("jobs/ctr", detail=False)}
         assert {"ckpt", "export", "_TRAINED.json", "_PUBLISHED.json", "_COORD_DONE.json", "placement.json",
                 "eval_sample.npz"} <= names  # fmt: skip

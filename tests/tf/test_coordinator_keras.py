@@ -120,7 +120,7 @@ def test_legacy_keras_fit_with_the_model_dir_on_oss(tmp_path, monkeypatch):
         )
         result = json.loads((tmp_path / "result.json").read_text())
         assert result["global_step"] == 120 and result["export_dir"] == "oss://jobs/keras/export"
-        fs = fsspec.filesystem("oss")
+        fs = fsspec.filesystem("oss", **server.storage_options())  # this server (instances are cached)
         assert fs.exists("jobs/keras/export/saved_model.pb")
         assert json.loads(fs.cat_file("jobs/keras/placement.json"))["applied"]
         assert fs.exists("jobs/keras/_COORD_DONE.json")
