@@ -479,6 +479,14 @@ class _Trainer:
             return _Local(fn(*args))
         return self.coordinator.schedule(fn, args=args)
 
+    def _ps_alive(self) -> bool:
+        """Whether the PS still hold this job's variables (the global step reads)."""
+        try:
+            int(self.step.numpy())
+            return True
+        except tf.errors.OpError:
+            return False
+
     def _join(self) -> None:
         if self.coordinator is not None:
             self.coordinator.join()
@@ -590,7 +598,23 @@ class _Trainer:
 
         def complete() -> None:
             nonlocal t_log, rows_log
-            loss, n = pending.popleft().fetch()
+            remote, rows = pending.popleft()
+            try:
+                loss, n = remote.fetch()
+            except tf.errors.UnavailableError as e:
+                # a closure the coordinator re-runs elsewhere never surfaces here; this is a
+                # step that finished (its outputs follow the update) on a worker that died before
+                # its outputs were copied back: the update is on the PS, so count its rows
+                if not self._ps_alive():
+                    raise
+                log.warning(
+                    "%s a worker went away after finishing a step (%s); the step was applied, "
+                    "counting its %d rows without its loss",
+                    self.tag,
+                    " ".join(str(e).split())[:160],
+                    rows,
+                )
+                loss, n = float("nan"), rows
             result.local_steps += 1
             result.examples += int(n)
             rows_log += int(n)
@@ -598,8 +622,8 @@ class _Trainer:
                 self._log(result, float(loss), base + result.local_steps, t_log, rows_log)
                 t_log, rows_log = time.perf_counter(), 0
 
-        for k, tensors, _rows, position in reader:
-            pending.append(self._dispatch(self.step_fn, (tensors,)))
+        for k, tensors, rows, position in reader:
+            pending.append((self._dispatch(self.step_fn, (tensors,)), rows))
             reader.mark(k, position)
             since_save += 1
             while len(pending) > limit:
