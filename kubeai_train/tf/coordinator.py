@@ -64,7 +64,7 @@ from kubeai_train.tf._coord_optim import Adagrad
 from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
 from kubeai_train.tf._coord_types import CoordinatorOptions, ModuleModel
 from kubeai_train.tf.inputs import ReadFn, default_read_fn
-from kubeai_train.tf.model_dir import ModelDir, is_local, upload_tree
+from kubeai_train.tf.model_dir import ModelDir, check_url, is_local, upload_tree
 from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
 from kubeai_train.tf.trainer import RunResult
 from kubeai_train.tf.types import (
@@ -202,12 +202,7 @@ def check_export_dir(url: str | None, storage_options: Mapping[str, Any]) -> Non
     Raises:
         TrainError: naming export_dir and its scheme.
     """
-    if not url or is_local(url):
-        return
-    try:
-        ModelDir(url, storage_options=storage_options)
-    except TrainError as e:
-        raise TrainError(f"export_dir: {e}") from e
+    check_url(url, storage_options, "export_dir")
 
 
 def _setup_logging() -> None:

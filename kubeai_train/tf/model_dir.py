@@ -35,7 +35,7 @@ import tensorflow as tf
 from kubeai_train.data.registry import storage_options_for
 from kubeai_train.tf.types import TrainError
 
-__all__ = ["ModelDir", "is_local", "redact", "tf_writes"]
+__all__ = ["ModelDir", "check_url", "is_local", "redact", "tf_writes", "upload_tree"]
 
 log = logging.getLogger("kubeai_train.tf")
 
@@ -230,6 +230,18 @@ class ModelDir:
             for name in files:
                 local = os.path.join(dirpath, name)
                 self.upload(local, "/".join(filter(None, [rel, os.path.relpath(local, base)])))
+
+
+def check_url(
+    url: str | None, storage_options: Mapping[str, Any] | None = None, what: str = "model_dir"
+) -> None:
+    """Fail now (not after training) when ``url`` is somewhere neither TensorFlow nor fsspec writes.
+
+    Raises:
+        TrainError: one line naming ``what``, the URL (credentials masked) and what to do.
+    """
+    if url and not tf_writes(url):
+        _open_fs(url, storage_options or {}, what)
 
 
 def _open_fs(url: str, storage_options: Mapping[str, Any], what: str) -> tuple[Any, str]:

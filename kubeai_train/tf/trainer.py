@@ -41,7 +41,7 @@ from kubeai_train import cluster
 from kubeai_train.tf import checkpoints as _checkpoints
 from kubeai_train.tf import export as _export
 from kubeai_train.tf.inputs import ReadFn, default_read_fn, make_dataset
-from kubeai_train.tf.model_dir import ModelDir, is_local, upload_tree
+from kubeai_train.tf.model_dir import ModelDir, check_url, is_local, upload_tree
 from kubeai_train.tf.placement import (
     PlanStrategy,
     RoundRobinPlacement,
@@ -269,6 +269,7 @@ class _Trainer:
         self.server: Any = None
         self.writer: Any = None
         if self.is_chief:
+            check_url(config.export_dir, config.storage_options, "export_dir")  # before, not after, training
             self.dir.makedirs()
 
     # ----------------------------------------------------------------------------- graph

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 from kubeai_train.tf import checkpoints as ck
-from kubeai_train.tf.model_dir import ModelDir, tf_writes
+from kubeai_train.tf.model_dir import ModelDir, check_url, tf_writes
 from kubeai_train.tf.types import TrainError
 
 
@@ -100,6 +100,21 @@ def test_model_dir_kinds_and_bad_scheme(tmp_path, mem_dir):
         ModelDir("nosuchscheme://user:pw@bucket/x")
     msg = str(e.value)
     assert "nosuchscheme://" in msg and "pw" not in msg and "\n" not in msg
+    check_url(None)
+    check_url(str(tmp_path))
+    check_url("memory://b/e", what="export_dir")
+    with pytest.raises(TrainError, match=r"^export_dir 'nosuchscheme://b/e': neither TensorFlow nor fsspec"):
+        check_url("nosuchscheme://b/e", what="export_dir")
+
+
+def test_between_graph_rejects_an_unwritable_export_dir_before_training(tmp_path, monkeypatch):
+    from kubeai_train import tf as ktf
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    cfg = ktf.TrainConfig(model_dir=str(tmp_path / "m"), train_data="x", export_dir="nosuchscheme://b/e")
+    with pytest.raises(TrainError, match=r"^export_dir 'nosuchscheme://b/e'"):
+        ktf.run(ktf.DeepFM(features=ktf.CtrFeatures(hash_buckets=10)), cfg)
+    assert not (tmp_path / "m").exists()  # nothing was started or written
 
 
 def test_staged_round_trip_is_a_standard_tf_checkpoint(mem_dir, tmp_path):
