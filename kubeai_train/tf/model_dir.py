@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+import psutil
 import tensorflow as tf
 
 from kubeai_train.data.registry import storage_options_for
@@ -203,11 +204,10 @@ class ModelDir:
     def staging(self) -> str:
         """This process's local scratch directory (created on first use)."""
         if self._staging is None:
-            if self._staging_arg:
-                os.makedirs(self._staging_arg, exist_ok=True)
-                self._staging = tempfile.mkdtemp(prefix="kubeai-model-dir-", dir=self._staging_arg)
-            else:
-                self._staging = tempfile.mkdtemp(prefix="kubeai-model-dir-")
+            parent = self._staging_arg or tempfile.gettempdir()
+            os.makedirs(parent, exist_ok=True)
+            _sweep_staging(parent)
+            self._staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=parent)
             atexit.register(shutil.rmtree, self._staging, True)
         return self._staging
 
@@ -230,6 +230,23 @@ class ModelDir:
             for name in files:
                 local = os.path.join(dirpath, name)
                 self.upload(local, "/".join(filter(None, [rel, os.path.relpath(local, base)])))
+
+
+_STAGING_PREFIX = "kubeai-model-dir-"
+
+
+def _sweep_staging(parent: str) -> None:
+    """Delete staging directories of processes that are gone: a trainer leaving with
+    ``os._exit`` (exit 138 for a restart, TF's gRPC threads) skips its atexit clean-up, and each
+    restart would otherwise leave a checkpoint part, a downloaded checkpoint and an export behind."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        m = re.fullmatch(rf"{_STAGING_PREFIX}(\d+)-\w+", name)
+        if m and int(m.group(1)) != os.getpid() and not psutil.pid_exists(int(m.group(1))):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def check_url(

@@ -284,3 +284,20 @@ def test_staged_on_the_local_oss_server(tmp_path, monkeypatch):
         assert "checkpoint" in on_disk and "model.ckpt-5.index" in on_disk
         secret = server.env()["OSS_ACCESS_KEY_SECRET"]
         assert secret not in repr(d) and secret not in d.display
+
+
+def test_staging_of_processes_that_are_gone_is_swept(tmp_path):
+    import psutil
+
+    dead = next(p for p in range(4_000_000, 4_100_000) if not psutil.pid_exists(p))
+    gone = tmp_path / f"kubeai-model-dir-{dead}-x1y2"
+    (gone / "restore").mkdir(parents=True)
+    (gone / "restore" / "model.ckpt-9.index").write_bytes(b"left by a process that exited with os._exit")
+    alive = tmp_path / f"kubeai-model-dir-{os.getppid()}-a1b2"
+    alive.mkdir()
+    other = tmp_path / "someone-elses-dir"
+    other.mkdir()
+    d = ModelDir("memory://sweep/m", staging_dir=str(tmp_path))
+    mine = d.staging
+    assert os.path.basename(mine).startswith(f"kubeai-model-dir-{os.getpid()}-")
+    assert not gone.exists() and alive.exists() and other.exists()
