@@ -65,8 +65,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--model-dir",
         default=None,
-        help="checkpoints + summaries (shared by all processes; "
-        "default: a directory named after the job under the temp dir)",
+        help="checkpoints + summaries: a path shared by all processes, gs://, or any fsspec URL "
+        "such as oss://bucket/dir (default: a directory named after the job under the temp dir)",
+    )
+    p.add_argument(
+        "--staging-dir",
+        default=None,
+        help="local scratch for files bound for an fsspec --model-dir (default: the temp dir)",
     )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=512)
@@ -130,6 +135,7 @@ def config_from_args(
         max_steps=args.max_steps,
         model_repo=args.model_repo,
         model_name=args.model_name,
+        staging_dir=getattr(args, "staging_dir", None),
         params={"example": name},
         hooks=hooks,
         **extra,

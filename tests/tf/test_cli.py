@@ -56,6 +56,8 @@ def test_model_config_and_report_from_the_common_args(tmp_path, capsys):
             "--embedding-dim",
             "4",
             "--no-shuffle",
+            "--staging-dir",
+            "/scratch",
             "--result-json",
             str(out),
         ]
@@ -67,6 +69,7 @@ def test_model_config_and_report_from_the_common_args(tmp_path, capsys):
     cfg = cli.config_from_args(args, name="job", sync=True)
     assert cfg.model_dir.endswith("job-ctr") and cfg.params == {"example": "job"}
     assert cfg.sync and not cfg.shuffle and cfg.batch_size == 512 and cfg.train_data == "/d/train"
+    assert cfg.staging_dir == "/scratch"
     res = RunResult(
         role="chief", rank=0, version=3, model_uri="file:///repo/ctr/3", placement={"policy": "x"}
     )
