@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
 
-from kubeai_train.tf.checkpoints import STATE_FILE, CheckpointCorruptError, parse_state, state_text
+from kubeai_train.tf.checkpoints import STATE_FILE, StagedStore, parse_state, restore_newest
 from kubeai_train.tf.model_dir import ModelDir
 from kubeai_train.tf.types import TrainError
 
@@ -48,7 +46,6 @@ log = logging.getLogger("kubeai_train.tf")
 
 CKPT_DIR = "ckpt"  # under model_dir, as the coordinator's CheckpointManager always had it
 NAME = "ckpt"  # CheckpointManager's default checkpoint_name
-_FILE = re.compile(rf"({re.escape(NAME)}-[0-9_]+)\.(index|data-(\d+)-of-(\d+))")
 
 # what a damaged checkpoint raises on restore (a lost PS is told apart by ``is_lost``)
 _DAMAGED = (
@@ -68,18 +65,6 @@ def chief_io_device(task_index: int = 0) -> str:
 
 def _never(_: BaseException) -> bool:
     return False
-
-
-_TIMESTAMP = re.compile(rb"^\s*all_model_checkpoint_timestamps\s*:\s*([-+.eE0-9]+)\s*$", re.M)
-
-
-def _state(latest: str, names: Sequence[str], times: Sequence[float]) -> bytes:
-    """The state file as ``tf.train.CheckpointManager`` writes it: the names, and a save time per
-    name after a ``last_preserved_timestamp`` before them all (without the times, a manager
-    opened on a copy would list no checkpoint; it keeps only those newer than that mark)."""
-    lines = [f"all_model_checkpoint_timestamps: {t!r}" for t in times]
-    lines.append(f"last_preserved_timestamp: {min(times, default=time.time()) - 1.0!r}")
-    return state_text(latest, names) + ("\n".join(lines) + "\n").encode()
 
 
 class _Base:
@@ -144,30 +129,14 @@ class _Base:
         Raises:
             TrainError: checkpoints exist but none restores (each one's error is named).
         """
-        names = self.committed()
-        errors = []
-        for name in reversed(names):
-            try:
-                self.restore(name)
-                return self.url(name)
-            except _DAMAGED as e:
-                if self.is_lost(e):
-                    raise
-                why = f"{type(e).__name__}: {' '.join(str(getattr(e, 'message', e)).split())[:300]}"
-                errors.append(f"{name} ({why})")
-                log.warning(
-                    "checkpoint %s/%s/%s does not restore (%s); trying the one before",
-                    self.dir.display,
-                    CKPT_DIR,
-                    name,
-                    why,
-                )
-        if names:
-            raise TrainError(
-                f"no checkpoint in {self.dir.display}/{CKPT_DIR} restores: {'; '.join(errors)}; remove the "
-                "damaged checkpoint files (or the whole model_dir to start over)"
-            )
-        return None
+        return restore_newest(
+            self.committed(),
+            self.restore,
+            self.url,
+            f"{self.dir.display}/{CKPT_DIR}",
+            damaged=_DAMAGED,
+            is_lost=self.is_lost,
+        )
 
 
 class NativeObjectCheckpoints(_Base):
@@ -246,35 +215,13 @@ class StagedObjectCheckpoints(_Base):
         super().__init__(model_dir, checkpoint, max_to_keep=max_to_keep, is_lost=is_lost)
         self.io_device = io_device
         self.options = tf.train.CheckpointOptions(experimental_io_device=io_device)
-        self._names: list[str] | None = None
-        self._times: dict[str, float] = {}
-        self._swept = False
+        self.store = StagedStore(model_dir, subdir=CKPT_DIR, name=NAME, max_to_keep=max_to_keep)
 
     def _restore_options(self) -> Any:
         return self.options
 
     def committed(self) -> list[str]:
-        if self._names is None:
-            raw = self.dir.read_bytes(f"{CKPT_DIR}/{STATE_FILE}") or b""
-            self._names = parse_state(raw)[1] if raw else []
-            times = [float(t) for t in _TIMESTAMP.findall(raw)]
-            now = time.time()
-            self._times = dict(
-                zip(
-                    self._names,
-                    times if len(times) == len(self._names) else [now] * len(self._names),
-                    strict=True,
-                )
-            )
-        return list(self._names)
-
-    def _new_name(self, step: int) -> str:
-        taken = set(self.committed())
-        name, k = f"{NAME}-{int(step)}", 0
-        while name in taken:  # the final save at the step of the last periodic one
-            k += 1
-            name = f"{NAME}-{int(step)}_{k}"
-        return name
+        return self.store.committed()
 
     def write_local(self, prefix: str) -> list[str]:
         """Write the checkpoint at ``prefix`` (a path this process's TensorFlow writes) with all
@@ -289,11 +236,8 @@ class StagedObjectCheckpoints(_Base):
 
     def save(self, step: int) -> str:
         """Save as checkpoint ``ckpt-<step>`` and commit it (see the class doc); returns its URL."""
-        name = self._new_name(step)
-        if not self._swept:
-            # before this save's uploads: a torn save may have left files under the same name
-            # (with another shard count, if the number of PS changed), which must not mix in
-            self._sweep()
+        name = self.store.new_name(step)
+        self.store.prepare(name)
         stage = tempfile.mkdtemp(prefix="save-", dir=self.dir.staging)
         try:
             files = self.write_local(os.path.join(stage, name))
@@ -303,66 +247,21 @@ class StagedObjectCheckpoints(_Base):
                     f"TensorFlow wrote {files} for checkpoint {name}, expected an index and data"
                 )
             for f in data:
-                self.dir.upload(os.path.join(stage, f), f"{CKPT_DIR}/{f}")
+                self.store.upload(os.path.join(stage, f), f)
                 os.remove(os.path.join(stage, f))  # staging holds what is not uploaded yet
-            self.dir.upload(os.path.join(stage, f"{name}.index"), f"{CKPT_DIR}/{name}.index")
-            before = self.committed()
-            keep = [*before, name][-self.max_to_keep :]
-            self._times[name] = time.time()
-            commit = _state(name, keep, [self._times[n] for n in keep])
-            self.dir.write_bytes(f"{CKPT_DIR}/{STATE_FILE}", commit)  # one PUT: the commit
-            self._names = keep
+            self.store.upload(os.path.join(stage, f"{name}.index"), f"{name}.index")
+            self.store.commit(name)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        for old in before:
-            if old not in keep:
-                self._delete({old})
         return self.url(name)
-
-    def _files(self, stems: set[str], listing: Sequence[str]) -> list[str]:
-        # the index first: a checkpoint without it is no longer one anybody restores
-        out = [f for f in listing if (m := _FILE.fullmatch(f)) and m.group(1) in stems]
-        return sorted(out, key=lambda f: (not f.endswith(".index"), f))
-
-    def _delete(self, stems: set[str]) -> None:
-        for f in self._files(stems, self.dir.listdir(CKPT_DIR)):
-            self.dir.remove(f"{CKPT_DIR}/{f}")
-
-    def _sweep(self) -> None:
-        """Delete the files of saves that never committed (a chief killed mid-save)."""
-        listing = self.dir.listdir(CKPT_DIR)
-        stems = {m.group(1) for f in listing if (m := _FILE.fullmatch(f))}
-        orphans = stems - set(self.committed())
-        if orphans:
-            self._delete(orphans)
-            log.info("deleted files of %d uncommitted checkpoint(s): %s", len(orphans), sorted(orphans)[:5])
-        self._swept = True
 
     def local_copy(self, path: str) -> str:
         """Download checkpoint ``path`` (URL or name) into staging; returns the local prefix.
 
-        The copy stays until the next call (one downloaded checkpoint at a time).
-
         Raises:
             CheckpointCorruptError: its index or one of its data files is missing.
         """
-        name = _relative(path)
-        listing = self.dir.listdir(CKPT_DIR)
-        data = [f for f in listing if (m := _FILE.fullmatch(f)) and m.group(1) == name and m.group(3)]
-        counts = {int(m.group(4)) for f in data if (m := _FILE.fullmatch(f))}
-        expected = {f"{name}.data-{i:05d}-of-{c:05d}" for c in counts for i in range(c)}
-        has_index = f"{name}.index" in listing
-        if not has_index or len(counts) != 1 or not expected <= set(data):
-            raise CheckpointCorruptError(
-                f"checkpoint {self.dir.display}/{CKPT_DIR}/{name} is incomplete: has {sorted(data)[:6]} "
-                f"{'with' if has_index else 'without'} {name}.index"
-            )
-        target = os.path.join(self.dir.staging, "restore")
-        shutil.rmtree(target, ignore_errors=True)
-        os.makedirs(target)
-        for f in [f"{name}.index", *sorted(expected)]:
-            self.dir.download(f"{CKPT_DIR}/{f}", os.path.join(target, f))
-        return os.path.join(target, name)
+        return self.store.local_copy(path)
 
 
 def _relative(name: str) -> str:

@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
+import numpy as np
 import pytest
 
 from kubeai_train.testing import ctr
@@ -90,3 +93,22 @@ def ctr_small(tmp_path_factory):
     root = tmp_path_factory.mktemp("ctr_small")
     report = ctr.generate_split(40_000, 5_000, root, seed=12, files=4, eval_files=1)
     return root, report
+
+
+@pytest.fixture
+def mem_dir():
+    """A fresh ``ModelDir`` on memory:// (fsspec-only: TensorFlow cannot write it), removed after."""
+    from kubeai_train.tf.model_dir import ModelDir
+
+    url = f"memory://t-{uuid.uuid4().hex[:8]}/job"
+    yield ModelDir(url)
+    fs = fsspec.filesystem("memory")
+    if fs.exists(url):
+        fs.rm(url, recursive=True)
+
+
+def values_equal(a, b) -> bool:
+    """Element-wise equality of two equally long lists of arrays / scalars / bytes."""
+    return all(
+        np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(a, b, strict=True)
+    )

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 
-import fsspec
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -18,6 +16,8 @@ import tensorflow as tf
 from kubeai_train.tf import checkpoints as ck
 from kubeai_train.tf.model_dir import ModelDir, check_url, tf_writes
 from kubeai_train.tf.types import TrainError
+
+from .conftest import values_equal
 
 
 class _Graph:
@@ -47,21 +47,6 @@ class _Graph:
 
     def step(self, pos: str):
         self.sess.run([self.bump, self.set_pos], {self.new_pos: pos})
-
-
-def _equal(a, b):
-    return all(
-        np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(a, b, strict=True)
-    )
-
-
-@pytest.fixture
-def mem_dir():
-    url = f"memory://ckpt-{uuid.uuid4().hex[:8]}/job"
-    yield ModelDir(url)
-    fs = fsspec.filesystem("memory")
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
 
 
 def test_plan_parts_bounds_bytes_and_keeps_one_device_per_part():
@@ -143,12 +128,12 @@ def test_staged_round_trip_is_a_standard_tf_checkpoint(mem_dir, tmp_path):
     assert np.array_equal(reader.get_tensor("emb"), saved[0]) and reader.get_tensor("pos") == b'{"row": 10}'
     # a later state is replaced by the saved one on restore
     g.step('{"row": 20}')
-    assert not _equal(g.values(), saved)
+    assert not values_equal(g.values(), saved)
     assert g.ckpts.restore_latest(g.sess) == url
-    assert _equal(g.values(), saved)
+    assert values_equal(g.values(), saved)
     # a fresh process (a new instance) finds the same latest checkpoint
     g2 = _Graph(lambda: ck.StagedCheckpoints(ModelDir(mem_dir.url), part_bytes=4000))
-    assert g2.ckpts.restore_latest(g2.sess) == url and _equal(g2.values(), saved)
+    assert g2.ckpts.restore_latest(g2.sess) == url and values_equal(g2.values(), saved)
 
 
 def test_staged_keeps_max_to_keep_and_names_a_repeated_step_apart(mem_dir):
@@ -164,7 +149,7 @@ def test_staged_keeps_max_to_keep_and_names_a_repeated_step_apart(mem_dir):
     assert stems == {"model.ckpt-3", "model.ckpt-3_1"}
     g.step("later")
     g.ckpts.restore_latest(g.sess)
-    assert _equal(g.values(), final)
+    assert values_equal(g.values(), final)
 
 
 def test_staged_save_killed_midway_keeps_the_previous_checkpoint(mem_dir, monkeypatch):
@@ -191,7 +176,7 @@ def test_staged_save_killed_midway_keeps_the_previous_checkpoint(mem_dir, monkey
     # the restarted chief restores the previous checkpoint; its next save deletes the torn files
     g2 = _Graph(lambda: ck.StagedCheckpoints(ModelDir(mem_dir.url), part_bytes=4000))
     assert g2.ckpts.restore_latest(g2.sess).endswith("/model.ckpt-1")
-    assert _equal(g2.values(), first)
+    assert values_equal(g2.values(), first)
     g2.ckpts.save(g2.sess, 3)
     assert not any(n.startswith("model.ckpt-2") for n in mem_dir.listdir())
     assert g2.ckpts.committed() == ["model.ckpt-1", "model.ckpt-3"]
@@ -224,7 +209,7 @@ def test_staged_save_replaces_a_torn_save_of_the_same_step(mem_dir, monkeypatch)
     ]
     g2.step("c")
     assert g2.ckpts.restore_latest(g2.sess).endswith("/model.ckpt-4")
-    assert _equal(g2.values(), saved)
+    assert values_equal(g2.values(), saved)
 
 
 @pytest.mark.parametrize("kind", ["staged", "native"])
@@ -250,7 +235,7 @@ def test_corrupt_latest_falls_back_to_the_one_before(kind, mem_dir, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="kubeai_train.tf"):
         assert g.ckpts.restore_latest(g.sess).endswith("/model.ckpt-1")
     assert "model.ckpt-2" in caplog.text and "does not restore" in caplog.text
-    assert _equal(g.values(), first)
+    assert values_equal(g.values(), first)
     # nothing restores: one clear error naming every checkpoint
     for n in d.listdir():
         if n.endswith(".index"):
@@ -279,7 +264,7 @@ def test_staged_on_the_local_oss_server(tmp_path, monkeypatch):
         url = g.ckpts.save(g.sess, 5)
         g.step("y")
         assert g.ckpts.restore_latest(g.sess) == url == "oss://ckpt/jobs/a/model.ckpt-5"
-        assert _equal(g.values(), saved)
+        assert values_equal(g.values(), saved)
         on_disk = sorted(os.listdir(os.path.join(server.root, "ckpt", "jobs", "a")))
         assert "checkpoint" in on_disk and "model.ckpt-5.index" in on_disk
         secret = server.env()["OSS_ACCESS_KEY_SECRET"]

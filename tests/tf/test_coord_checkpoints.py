@@ -16,10 +16,8 @@ import os
 import subprocess
 import sys
 import textwrap
-import uuid
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pytest
 
@@ -51,23 +49,6 @@ def _bump(m, step, data, pos: str) -> None:
     data.assign(pos)
 
 
-def _equal(a, b) -> bool:
-    return all(
-        np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(a, b, strict=True)
-    )
-
-
-@pytest.fixture
-def mem_dir():
-    from kubeai_train.tf.model_dir import ModelDir
-
-    url = f"memory://coord-{uuid.uuid4().hex[:8]}/job"
-    yield ModelDir(url)
-    fs = fsspec.filesystem("memory")
-    if fs.exists(url):
-        fs.rm(url, recursive=True)
-
-
 def _staged(d, ckpt, **kw):
     from kubeai_train.tf._coord_checkpoints import StagedObjectCheckpoints
 
@@ -75,6 +56,14 @@ def _staged(d, ckpt, **kw):
 
 
 # ----------------------------------------------------------------------------- staged
+
+
+def _equal(a, b) -> bool:  # also run as a script (the cluster job): no import from conftest
+    return all(
+        np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(a, b, strict=True)
+    )
+
+
 def test_kind_follows_the_model_dir(tmp_path, mem_dir):
     from kubeai_train.tf._coord_checkpoints import (
         NativeObjectCheckpoints,
