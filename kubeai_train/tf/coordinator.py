@@ -16,7 +16,9 @@
 * no cluster: the same model, optimizer and step function in one process (the baseline).
 
 Failures: a worker that dies is absorbed by the coordinator (its closures run on the other
-workers; it rejoins when restarted). A parameter server that dies loses the model, so the chief
+workers; it rejoins when restarted). The step it was running as it died may already have updated
+the PS and is run again: at-least-once for that one step (ClusterCoordinator re-runs a failed
+closure), every other batch exactly once. A parameter server that dies loses the model, so the chief
 exits with RETRYABLE_EXIT_CODE (138): the restart policy (``ExitCode``) restarts it, and it
 restores the last checkpoint (model, optimizer, step and every reader's position) and carries
 on. After training the chief restores the final checkpoint into a local copy of the model,

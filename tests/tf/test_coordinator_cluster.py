@@ -193,8 +193,11 @@ def test_worker_killed_mid_run_is_absorbed(data, tmp_path):
     assert (tmp_path / "m" / "killed-worker-1").exists()
     steps = _steps(tmp_path / "m")
     assert max(s["local_step"] for s in steps) > 10  # training went on after the kill
-    # every batch applied exactly once: closures lost with the worker ran on the other one
-    assert result["examples"] == ROWS and result["global_step"] == result["local_steps"]
+    # every batch completed once (closures lost with the worker ran on the other one); the one
+    # step running on the worker when it died may have updated the PS before it died and is run
+    # again (ClusterCoordinator re-runs a failed closure: at-least-once for that step)
+    assert result["examples"] == ROWS
+    assert 0 <= result["global_step"] - result["local_steps"] <= 1, result
     worker1 = next(e for e in res.exits if e.label == "worker:1")
     assert worker1.restarts >= 1
     assert next(e for e in res.exits if e.label == "chief:0").restarts == 0
