@@ -377,8 +377,12 @@ def test_twenty_startups_back_to_back_never_hang(tmp_path):
     )
     assert res.returncode == 0, tail(res.output)
     rounds = [json.loads(ln) for ln in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-    assert len(rounds) == 5 * n
     trainers = [r for r in rounds if r["role"] != "ps"]
+    assert len(trainers) == 3 * n
+    # every PS finished every round; in the last one the launcher may stop a PS (chief done = job
+    # done, PS never exit on their own) before it has seen its done flag and written its line
+    ps_rounds = {(r["index"], r["round"]) for r in rounds if r["role"] == "ps"}
+    assert {(i, k) for i in (0, 1) for k in range(n - 1)} <= ps_rounds
     per_round = {}
     for r in trainers:
         per_round.setdefault(r["round"], []).append(r)
