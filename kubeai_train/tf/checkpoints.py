@@ -51,7 +51,7 @@ log = logging.getLogger("kubeai_train.tf")
 
 STATE_FILE = "checkpoint"  # TensorFlow's own name for the CheckpointState text proto
 PREFIX = "model.ckpt"
-DEFAULT_PART_BYTES = 256 << 20
+DEFAULT_PART_BYTES = 64 << 20
 _STRING_BYTES = 1024  # what a string variable (a reader position) is assumed to take
 
 # what a damaged checkpoint raises on restore; a lost PS (Unavailable, Aborted, ...) is not one
@@ -367,7 +367,7 @@ class StagedCheckpoints:
 
     Args:
         model_dir: the (fsspec-only) model directory.
-        part_bytes: the most bytes of variables one part reads (default 256 MiB).
+        part_bytes: the most bytes of variables one part reads (default 64 MiB).
         max_to_keep: committed checkpoints kept; older ones are deleted after a commit.
     """
 
