@@ -72,6 +72,15 @@ def _small_args(root: Path, repo: str | Path, model_dir: str | Path) -> list[str
     ]
 
 
+def _assert_loss_continued(before: list[dict], after: list[dict]) -> None:
+    """The restarted chief trains a restored (trained) model: the mean of its logged batch losses
+    is below the mean of the first run's (one batch against one batch is noise: it flaked)."""
+    first = float(np.mean([s["loss"] for s in before]))
+    then = float(np.mean([s["loss"] for s in after]))
+    assert len(before) >= 5 and len(after) >= 5, (len(before), len(after))
+    assert then < first, f"mean loss after the restore {then:.4f} >= before {first:.4f}"
+
+
 def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
     root, report = ctr_data
     train, ev = str(root / "train"), str(root / "eval")
@@ -256,11 +265,11 @@ def test_ps_killed_job_restores_checkpoint_and_loss_continues(ctr_small, tmp_pat
         [
             *_small_args(root, str(tmp_path / "repo"), str(model_dir)),
             "--log-steps",
-            "10",
+            "2",
             "--checkpoint-steps",
             "20",
         ],
-        env={"KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.2"},
+        env={"KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.04"},
         launcher_args=("--restart-policy", "ExitCode"),
         timeout=240,
     )
@@ -277,9 +286,9 @@ def test_ps_killed_job_restores_checkpoint_and_loss_continues(ctr_small, tmp_pat
     assert len(pids) == 2, "the chief should have run twice (before and after the PS loss)"
     before = [s for s in chief if s["pid"] == pids[0]]
     after = [s for s in chief if s["pid"] == pids[1]]
-    # training continued from the checkpoint: global steps past it, loss below the fresh model's
+    # training continued from the checkpoint: global steps past it, losses below the first run's
     assert after[0]["global_step"] > ckpt_step
-    assert after[0]["loss"] < before[0]["loss"]
+    _assert_loss_continued(before, after)
     assert json.loads((model_dir / "_PUBLISHED.json").read_text())["version"] == 1
 
 
@@ -302,11 +311,11 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(ctr_small, tm
             [
                 *_small_args(root, "oss://jobs/repo", "oss://jobs/ctr"),
                 "--log-steps",
-                "10",
+                "2",
                 "--checkpoint-steps",
                 "20",
             ],
-            env={"KT_STATE_DIR": str(state), "KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.2"},
+            env={"KT_STATE_DIR": str(state), "KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.04"},
             launcher_args=(
                 "--restart-policy",
                 "ExitCode",
@@ -328,7 +337,7 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(ctr_small, tm
         assert len(pids) == 2
         after = [s for s in chief if s["pid"] == pids[1]]
         assert after[0]["global_step"] > ckpt_step >= 20
-        assert after[0]["loss"] < chief[0]["loss"]
+        _assert_loss_continued([s for s in chief if s["pid"] == pids[0]], after)
 
         fs = fsspec.filesystem("oss")
         names = {p.rsplit("/", 1)[-1] for p in fs.ls("jobs/ctr", detail=False)}
