@@ -70,6 +70,7 @@ PLACEMENT_REPORT = "placement.json"
 EVAL_SAMPLE = "eval_sample.npz"
 STATE_SCOPE = "kubeai"
 MAX_WORKER_RECOVERIES = 10
+MAX_FAILED_SAVES = 3  # periodic checkpoints that may fail in a row before the job fails
 
 # Errors meaning "a PS (or its state) went away": retry the job from its checkpoint.
 _RETRYABLE = (
@@ -268,6 +269,7 @@ class _Trainer:
         self.placement: dict[str, Any] | None = None
         self.server: Any = None
         self.writer: Any = None
+        self._failed_saves = 0
         if self.is_chief:
             check_url(config.export_dir, config.storage_options, "export_dir")  # before, not after, training
             self.dir.makedirs()
@@ -606,7 +608,7 @@ class _Trainer:
                         hook(info)
                     t_log, ex_log = now, 0
                 if self.is_chief and step % cfg.save_checkpoint_steps == 0:
-                    self._save(sess, gstep)
+                    self._save_periodic(sess, gstep)
                 if cfg.max_steps is not None and gstep >= cfg.max_steps:
                     break
         finally:
@@ -643,6 +645,32 @@ class _Trainer:
             self.dir.sync()  # summaries reach an fsspec-only model_dir with each checkpoint
         return path
 
+    def _save_periodic(self, sess: Any, gstep: int) -> None:
+        """A periodic checkpoint. If it cannot be written (the store is unreachable after its
+        client's retries), training goes on: the last committed checkpoint stays the latest, with
+        its own reader positions, so a restore from it still loses no row; the next period tries
+        again. MAX_FAILED_SAVES failures in a row, and any failure of the final save, raise. A
+        lost PS (a TensorFlow error) always raises, so the job restarts."""
+        try:
+            self._save(sess, gstep)
+            self._failed_saves = 0
+        except tf.errors.OpError:
+            raise
+        except Exception as e:
+            self._failed_saves += 1
+            if self._failed_saves >= MAX_FAILED_SAVES:
+                raise
+            log.warning(
+                "%s checkpoint at global step %d failed (%s: %s); training goes on and the last "
+                "committed checkpoint stays the latest (%d of %d failures in a row)",
+                self.tag,
+                gstep,
+                type(e).__name__,
+                " ".join(str(e).split())[:200],
+                self._failed_saves,
+                MAX_FAILED_SAVES,
+            )
+
     def _chief_end(self, sess: Any, result: RunResult) -> None:
         if self.distributed and self.world > 1:
             if self.close_tokens is not None:
@@ -672,7 +700,7 @@ class _Trainer:
                 return
             gstep = int(sess.run(self.global_step))
             if gstep - last_save >= self.config.save_checkpoint_steps:
-                self._save(sess, gstep)
+                self._save_periodic(sess, gstep)
                 last_save = gstep
             time.sleep(0.2)
         log.warning(

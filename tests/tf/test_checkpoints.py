@@ -92,10 +92,9 @@ def test_model_dir_kinds_and_bad_scheme(tmp_path, mem_dir):
         check_url("nosuchscheme://b/e", what="export_dir")
 
 
-def test_between_graph_rejects_an_unwritable_export_dir_before_training(tmp_path, monkeypatch):
+def test_between_graph_rejects_an_unwritable_export_dir_before_training(tmp_path, clean_cluster_env):
     from kubeai_train import tf as ktf
 
-    monkeypatch.delenv("TF_CONFIG", raising=False)
     cfg = ktf.TrainConfig(model_dir=str(tmp_path / "m"), train_data="x", export_dir="nosuchscheme://b/e")
     with pytest.raises(TrainError, match=r"^export_dir 'nosuchscheme://b/e'"):
         ktf.run(ktf.DeepFM(features=ktf.CtrFeatures(hash_buckets=10)), cfg)
@@ -286,3 +285,56 @@ def test_staging_of_processes_that_are_gone_is_swept(tmp_path):
     mine = d.staging
     assert os.path.basename(mine).startswith(f"kubeai-model-dir-{os.getpid()}-")
     assert not gone.exists() and alive.exists() and other.exists()
+
+
+def test_a_failed_periodic_save_does_not_stop_training(tmp_path, mem_dir, clean_cluster_env, caplog):
+    """model_dir on memory://, one process: the upload of the 2nd periodic checkpoint fails (a store
+    that stays unreachable through its client's retries); training goes on, later checkpoints and
+    the final one commit, and the job finishes."""
+    from kubeai_train import tf as ktf
+    from kubeai_train.testing import ctr
+
+    monkeypatch = clean_cluster_env
+    ctr.generate(2000, tmp_path / "d", seed=1, files=1)
+    real_upload = ModelDir.upload
+    saves = []
+
+    def flaky_upload(self, local, rel):
+        if rel.endswith(".index"):
+            saves.append(rel)
+        if rel.startswith("model.ckpt-4."):
+            raise ConnectionResetError("connection reset by peer")
+        real_upload(self, local, rel)
+
+    monkeypatch.setattr(ModelDir, "upload", flaky_upload)
+    cfg = ktf.TrainConfig(
+        model_dir=mem_dir.url, train_data=str(tmp_path / "d"), batch_size=100, save_checkpoint_steps=2
+    )
+    model = ktf.DeepFM(features=ktf.CtrFeatures(hash_buckets=50), embedding_dim=2, hidden=(4,))
+    with caplog.at_level(logging.WARNING, logger="kubeai_train.tf"):
+        res = ktf.run(model, cfg)
+    assert res.global_step == 20 and res.checkpoint == f"{mem_dir.url}/model.ckpt-20_1"
+    assert "checkpoint at global step 4 failed (ConnectionResetError" in caplog.text
+    committed = ck.StagedStore(ModelDir(mem_dir.url)).committed()
+    assert "model.ckpt-4" not in committed and committed[-1] == "model.ckpt-20_1"
+    assert mem_dir.read_json("_TRAINED.json")["global_step"] == 20
+
+
+def test_periodic_saves_failing_in_a_row_fail_the_job(tmp_path, mem_dir, clean_cluster_env):
+    from kubeai_train import tf as ktf
+    from kubeai_train.testing import ctr
+    from kubeai_train.tf.trainer import MAX_FAILED_SAVES
+
+    ctr.generate(2000, tmp_path / "d", seed=1, files=1)
+
+    def down(self, local, rel):
+        raise ConnectionRefusedError("the store is down")
+
+    clean_cluster_env.setattr(ModelDir, "upload", down)
+    cfg = ktf.TrainConfig(
+        model_dir=mem_dir.url, train_data=str(tmp_path / "d"), batch_size=100, save_checkpoint_steps=2
+    )
+    model = ktf.DeepFM(features=ktf.CtrFeatures(hash_buckets=50), embedding_dim=2, hidden=(4,))
+    with pytest.raises(ConnectionRefusedError):
+        ktf.run(model, cfg)
+    assert MAX_FAILED_SAVES == 3 and mem_dir.read_json("_TRAINED.json") is None
