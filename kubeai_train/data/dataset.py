@@ -352,10 +352,14 @@ class Dataset:
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        if 0 < self._epoch_rows() <= self._rows:
-            # a finished epoch (state taken after its last batch): the next iteration starts the next one
-            self._epoch, self._rows = self._epoch + 1, 0
         n = self.options.num_epochs
+        if 0 < self._epoch_rows() <= self._rows:
+            # a finished epoch (a state taken after its last batch, before the iteration ended)
+            self._epoch, self._rows = self._epoch + 1, 0
+            if n is not None and self._epoch % n == 0:
+                # ... the last of its block: that iteration is complete, and this one (the
+                # interrupted iteration resumed) has nothing left; the next one reads the next block
+                return
         end = None if n is None else (self._epoch // n + 1) * n
         if end is None and self._epoch_rows() == 0:
             # nothing to read, forever: iterate nothing rather than spin

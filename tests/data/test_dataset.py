@@ -126,6 +126,32 @@ def test_epochs_set_epoch_and_len() -> None:
     assert sizes == [4, 1, 4, 1, 4, 1, 4]
 
 
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("num_epochs", [1, 3])
+def test_state_after_the_last_batch_resumes_to_nothing_left(prefetch: int, num_epochs: int) -> None:
+    """A state taken after the last batch of the last epoch (a trainer killed before it saw the
+    end) resumes to an iteration with nothing left, not to another block of epochs; the next
+    iteration then reads the next block, as re-iterating does."""
+    kw = {"batch_size": 10, "rank": 0, "world_size": 1, "num_epochs": num_epochs, "prefetch": prefetch}
+    ds = data.read(ArraySource(n=95, split=30), **kw)
+    states, sizes = [], []
+    for b in ds:
+        sizes.append(len(b["id"]))
+        states.append(ds.state_dict())
+    assert sum(sizes) == 95 * num_epochs
+    last = states[-1]
+    assert last["rows"] == 95 and last["epoch"] == num_epochs - 1
+    resumed = data.read(ArraySource(n=95, split=30), **kw)
+    resumed.load_state_dict(last)
+    assert list(resumed) == []
+    assert resumed.epoch == num_epochs and sum(len(b["id"]) for b in resumed) == 95 * num_epochs
+    # a state inside the block still resumes to exactly the rest of it
+    k = len(states) // 2
+    rest = data.read(ArraySource(n=95, split=30), **kw)
+    rest.load_state_dict(states[k])
+    assert sum(len(b["id"]) for b in rest) == sum(sizes[k + 1 :])
+
+
 def test_non_transient_errors_propagate_after_good_batches() -> None:
     src = ArraySource(n=100, split=50, chunk=50)
     ds = data.read(src, batch_size=50, rank=0, world_size=1, prefetch=0)

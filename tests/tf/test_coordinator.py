@@ -371,7 +371,7 @@ def test_local_run_on_an_fsspec_model_dir_trains_resumes_exports_and_publishes(
         d.remove(coord.PUBLISHED_MARKER)
         cfg.max_steps = None
         res = coord.run(_model(learning_rate=0.2), cfg)
-        assert res.global_step == 12 and res.local_steps == 6 and res.examples == 3000 - 6 * 256
+        assert res.global_step == 12 and res.local_steps == 6 and res.examples == 3000 - first.examples
         assert res.export_dir == f"{root}/m/export" and res.checkpoint == f"{root}/m/ckpt/ckpt-12"
         names = set(d.listdir())
         assert {"ckpt", "export", "eval_sample.npz", "_TRAINED.json", "_PUBLISHED.json"} <= names
