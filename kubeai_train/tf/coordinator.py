@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -66,7 +65,7 @@ from kubeai_train.tf._coord_optim import Adagrad
 from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
 from kubeai_train.tf._coord_types import CoordinatorOptions, ModuleModel
 from kubeai_train.tf.inputs import ReadFn, default_read_fn
-from kubeai_train.tf.model_dir import ModelDir, check_url, is_local, upload_tree
+from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
 from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
 from kubeai_train.tf.trainer import RunResult
 from kubeai_train.tf.types import (
@@ -737,16 +736,12 @@ class _Trainer:
         serving = _Serving(local, self.raw)
         # the SavedModel is written on local disk (renamed into place), then copied when
         # export_dir is elsewhere (gs://, oss://, ...)
-        local_export = (
-            _local_path(export_dir) if is_local(export_dir) else os.path.join(self.dir.staging, "export")
+        local_export = write_export(
+            export_dir,
+            self.dir,
+            lambda path: tf.saved_model.save(serving, path, signatures={_export.SIGNATURE: serving.serve}),
+            cfg.storage_options,
         )
-        tmp = f"{local_export.rstrip('/')}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tf.saved_model.save(serving, tmp, signatures={_export.SIGNATURE: serving.serve})
-        shutil.rmtree(local_export, ignore_errors=True)
-        os.replace(tmp, local_export)
-        if not is_local(export_dir):
-            upload_tree(local_export, export_dir, cfg.storage_options)
         result.export_dir = export_dir
         log.info("%s exported SavedModel to %s", self.tag, _export.redact_uri(export_dir))
         if cfg.eval_data:
@@ -802,11 +797,6 @@ class _Trainer:
             params={"input": self.opts.input},
             lineage={"native_data": _export.redact_uri(native)},
         )
-
-
-def _local_path(url: str) -> str:
-    """A local path or ``file://`` URL as a path ``os`` functions take."""
-    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def _is_cluster_loss(e: BaseException) -> bool:

@@ -43,7 +43,7 @@ from kubeai_train import cluster
 from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
 from kubeai_train.tf._coord_types import CoordinatorOptions
 from kubeai_train.tf.coordinator import DONE_MARKER, PLACEMENT_REPORT, _cluster_spec, _serve, _setup_logging
-from kubeai_train.tf.model_dir import ModelDir, redact, tf_writes, upload_tree
+from kubeai_train.tf.model_dir import ModelDir, redact, tf_writes, write_export
 from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
 from kubeai_train.tf.trainer import RunResult
 from kubeai_train.tf.types import PlacementPolicy, TrainError
@@ -190,11 +190,9 @@ def fit(
     result.metrics = {k: float(v[-1]) for k, v in history.history.items()}
     result.global_step = int(model.optimizer.iterations.numpy())
     export_dir = model_dir.join("export")
-    # Keras saves through TensorFlow: into local staging first when model_dir is elsewhere
-    local_export = export_dir if model_dir.native else os.path.join(model_dir.staging, "export")
-    model.save(local_export, save_format="tf")
-    if local_export != export_dir:
-        upload_tree(local_export, export_dir, config.storage_options)
+    write_export(
+        export_dir, model_dir, lambda path: model.save(path, save_format="tf"), config.storage_options
+    )
     result.export_dir = export_dir
     result.seconds = time.perf_counter() - t0
     log.info(

@@ -26,7 +26,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import fsspec
@@ -36,7 +36,16 @@ import tensorflow as tf
 from kubeai_train.data.registry import storage_options_for
 from kubeai_train.tf.types import TrainError
 
-__all__ = ["ModelDir", "check_url", "is_local", "redact", "tf_writes", "upload_tree"]
+__all__ = [
+    "ModelDir",
+    "check_url",
+    "is_local",
+    "local_path",
+    "redact",
+    "tf_writes",
+    "upload_tree",
+    "write_export",
+]
 
 log = logging.getLogger("kubeai_train.tf")
 
@@ -58,6 +67,11 @@ def tf_writes(url: str) -> bool:
 def is_local(url: str) -> bool:
     """A path on this machine's file system (plain or ``file://``)."""
     return _scheme(url) in ("", "file")
+
+
+def local_path(url: str) -> str:
+    """A local path or ``file://`` URL as a path ``os`` functions take."""
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 class ModelDir:
@@ -297,3 +311,28 @@ def upload_tree(local_dir: str, url: str, storage_options: Mapping[str, Any] | N
         for name in files:
             local = os.path.join(dirpath, name)
             fs.put_file(local, f"{root}/{os.path.relpath(local, local_dir)}")
+
+
+def write_export(
+    export_dir: str,
+    model_dir: ModelDir,
+    save: Callable[[str], Any],
+    storage_options: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a SavedModel to ``export_dir`` (local, TF-native or fsspec) and return a local copy.
+
+    ``save(path)`` writes the SavedModel into a fresh local directory, which then replaces the
+    local export by a rename (readers never see half a SavedModel) and, when ``export_dir`` is not
+    local, is uploaded there with :func:`upload_tree`. The local copy (``export_dir`` itself, or
+    ``<staging>/export``) is what a model repository publishes from.
+    """
+    local = local_path(export_dir) if is_local(export_dir) else os.path.join(model_dir.staging, "export")
+    tmp = f"{local.rstrip('/')}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(local, ignore_errors=True)
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    os.replace(tmp, local)
+    if not is_local(export_dir):
+        upload_tree(local, export_dir, storage_options)
+    return local

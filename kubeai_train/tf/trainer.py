@@ -41,7 +41,7 @@ from kubeai_train import cluster
 from kubeai_train.tf import checkpoints as _checkpoints
 from kubeai_train.tf import export as _export
 from kubeai_train.tf.inputs import ReadFn, default_read_fn, make_dataset
-from kubeai_train.tf.model_dir import ModelDir, check_url, is_local, upload_tree
+from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
 from kubeai_train.tf.placement import (
     PlanStrategy,
     RoundRobinPlacement,
@@ -717,12 +717,8 @@ class _Trainer:
         if result.checkpoint is None:
             raise TrainError(f"no checkpoint to export in {self.dir.display}")
         predictor = _export.Predictor(self.model, self.ckpts.local_copy(result.checkpoint), self.num_ps)
-        # the SavedModel is written on local disk, then copied when export_dir is elsewhere
-        local_export = export_dir if is_local(export_dir) else os.path.join(self.dir.staging, "export")
         try:
-            predictor.export(local_export)
-            if local_export != export_dir:
-                upload_tree(local_export, export_dir, cfg.storage_options)
+            local_export = write_export(export_dir, self.dir, predictor.export, cfg.storage_options)
             result.export_dir = export_dir
             log.info("%s exported SavedModel to %s", self.tag, _export.redact_uri(export_dir))
             if cfg.eval_data:

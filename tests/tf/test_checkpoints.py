@@ -338,3 +338,29 @@ def test_periodic_saves_failing_in_a_row_fail_the_job(tmp_path, mem_dir, clean_c
     with pytest.raises(ConnectionRefusedError):
         ktf.run(model, cfg)
     assert MAX_FAILED_SAVES == 3 and mem_dir.read_json("_TRAINED.json") is None
+
+
+def test_write_export_replaces_local_exports_whole_and_uploads_remote_ones(tmp_path, mem_dir):
+    from kubeai_train.tf.model_dir import write_export
+
+    def save(content):
+        def write(path):
+            os.makedirs(path)
+            with open(os.path.join(path, "saved_model.pb"), "w") as f:
+                f.write(content)
+
+        return write
+
+    target = tmp_path / "exp"
+    assert write_export(f"file://{target}", mem_dir, save("v1")) == str(target)
+    assert (target / "saved_model.pb").read_text() == "v1"
+
+    def broken(path):
+        os.makedirs(path)
+        raise RuntimeError("export failed midway")
+
+    with pytest.raises(RuntimeError):
+        write_export(str(target), mem_dir, broken)
+    assert (target / "saved_model.pb").read_text() == "v1"  # the old export is untouched
+    local = write_export(f"{mem_dir.url}/export", mem_dir, save("v2"))
+    assert local.startswith(mem_dir.staging) and mem_dir.read_bytes("export/saved_model.pb") == b"v2"
