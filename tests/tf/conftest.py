@@ -112,3 +112,14 @@ def values_equal(a, b) -> bool:
     return all(
         np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(a, b, strict=True)
     )
+
+
+def assert_loss_continued(before: list[dict], after: list[dict]) -> None:
+    """A restarted chief trains a restored (trained) model: the mean of its logged batch losses
+    is below the mean of the first run's. One batch against one batch is noise (it flaked in CI,
+    0.5977 vs 0.5934); NaN losses (a step counted without its loss) are left out."""
+    b = [s["loss"] for s in before if s["loss"] == s["loss"]]
+    a = [s["loss"] for s in after if s["loss"] == s["loss"]]
+    assert len(b) >= 5 and len(a) >= 5, (len(b), len(a))
+    first, then = float(np.mean(b)), float(np.mean(a))
+    assert then < first, f"mean loss after the restore {then:.4f} >= before {first:.4f}"

@@ -98,7 +98,7 @@ def _args(data: Path, model_dir: Path, *extra: str) -> list[str]:
         "--train-data", str(data / "train"), "--eval-data", str(data / "eval"),
         "--model-repo", str(model_dir.parent / "repo"), "--model-dir", str(model_dir),
         "--result-json", str(model_dir.parent / f"{model_dir.name}.json"),
-        "--hash-buckets", str(BUCKETS), "--log-steps", "5", *extra,
+        "--hash-buckets", str(BUCKETS), "--log-steps", "5", *extra,  # a later --log-steps wins
     ]  # fmt: skip
 
 
@@ -209,9 +209,13 @@ def test_ps_killed_makes_the_job_restore_from_its_checkpoint(data, tmp_path):
         tmp_path / "m",
         "--checkpoint-steps",
         "20",
-        env={"KT_KILL": "ps:0:30", "KT_STEP_SLEEP": "0.2"},
+        "--log-steps",
+        "2",
+        env={"KT_KILL": "ps:0:30", "KT_STEP_SLEEP": "0.08"},
         timeout=260,
     )
+    from .conftest import assert_loss_continued
+
     chief = next(e for e in res.exits if e.label == "chief:0")
     assert chief.restarts >= 1
     log_text = res.log("chief:0")
@@ -225,8 +229,7 @@ def test_ps_killed_makes_the_job_restore_from_its_checkpoint(data, tmp_path):
     after = [s for s in steps if s["pid"] == pids[-1]]
     # the restarted chief continued from the checkpoint's step with a trained model's loss
     assert after[0]["global_step"] == restored[-1] + after[0]["local_step"]
-    first_loss = steps[0]["loss"]
-    assert after[0]["loss"] < first_loss and after[0]["loss"] < 0.69
+    assert_loss_continued([s for s in steps if s["pid"] == pids[0]], after)
     # and read exactly the rows the checkpoint had not seen: 512-row batches before it
     assert result["examples"] + 512 * restored[-1] == ROWS
     assert result["global_step"] == restored[-1] + result["local_steps"]
@@ -257,7 +260,7 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(data, tmp_pat
     from kubeai_train.repository import ModelRepository
     from kubeai_train.testing.oss_server import OSSServer
 
-    from .conftest import launch, tail
+    from .conftest import assert_loss_continued, launch, tail
 
     state = tmp_path / "state"
     with OSSServer(tmp_path / "oss", buckets=["jobs"]) as server:
@@ -268,12 +271,12 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(data, tmp_pat
             "--train-data", str(data / "train"), "--eval-data", str(data / "eval"),
             "--model-repo", "oss://jobs/repo", "--model-dir", "oss://jobs/ctr",
             "--result-json", str(tmp_path / "result.json"), "--hash-buckets", str(BUCKETS),
-            "--log-steps", "5", "--checkpoint-steps", "20",
+            "--log-steps", "2", "--checkpoint-steps", "20",
         ]  # fmt: skip
         res = launch(
             Path(__file__),
             args,
-            env={"KT_STATE_DIR": str(state), "KT_KILL": "ps:0:30", "KT_STEP_SLEEP": "0.1"},
+            env={"KT_STATE_DIR": str(state), "KT_KILL": "ps:0:30", "KT_STEP_SLEEP": "0.04"},
             launcher_args=(
                 "--restart-policy",
                 "ExitCode",
@@ -299,7 +302,8 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(data, tmp_pat
         steps = _steps(state)
         pids = list(dict.fromkeys(s["pid"] for s in steps))
         after = [s for s in steps if s["pid"] == pids[-1]]
-        assert len(pids) >= 2 and after[0]["loss"] < steps[0]["loss"]
+        assert len(pids) >= 2
+        assert_loss_continued([s for s in steps if s["pid"] == pids[0]], after)
 
         fs = fsspec.filesystem("oss", **server.storage_options())  # this server (instances are cached)
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls("jobs/ctr", detail=False)}

@@ -21,7 +21,7 @@ import pytest
 from kubeai_train import data
 from kubeai_train.repository import ModelRepository
 
-from .conftest import EXAMPLE, JOB, ROOT, ROUNDS, launch, tail
+from .conftest import EXAMPLE, JOB, ROOT, ROUNDS, assert_loss_continued, launch, tail
 
 pytestmark = pytest.mark.integration
 
@@ -70,15 +70,6 @@ def _small_args(root: Path, repo: str | Path, model_dir: str | Path) -> list[str
         "--batch-size",
         "256",
     ]
-
-
-def _assert_loss_continued(before: list[dict], after: list[dict]) -> None:
-    """The restarted chief trains a restored (trained) model: the mean of its logged batch losses
-    is below the mean of the first run's (one batch against one batch is noise: it flaked)."""
-    first = float(np.mean([s["loss"] for s in before]))
-    then = float(np.mean([s["loss"] for s in after]))
-    assert len(before) >= 5 and len(after) >= 5, (len(before), len(after))
-    assert then < first, f"mean loss after the restore {then:.4f} >= before {first:.4f}"
 
 
 def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
@@ -288,7 +279,7 @@ def test_ps_killed_job_restores_checkpoint_and_loss_continues(ctr_small, tmp_pat
     after = [s for s in chief if s["pid"] == pids[1]]
     # training continued from the checkpoint: global steps past it, losses below the first run's
     assert after[0]["global_step"] > ckpt_step
-    _assert_loss_continued(before, after)
+    assert_loss_continued(before, after)
     assert json.loads((model_dir / "_PUBLISHED.json").read_text())["version"] == 1
 
 
@@ -337,7 +328,7 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(ctr_small, tm
         assert len(pids) == 2
         after = [s for s in chief if s["pid"] == pids[1]]
         assert after[0]["global_step"] > ckpt_step >= 20
-        _assert_loss_continued([s for s in chief if s["pid"] == pids[0]], after)
+        assert_loss_continued([s for s in chief if s["pid"] == pids[0]], after)
 
         fs = fsspec.filesystem("oss")
         names = {p.rsplit("/", 1)[-1] for p in fs.ls("jobs/ctr", detail=False)}
