@@ -114,6 +114,15 @@ def values_equal(a, b) -> bool:
     )
 
 
+def runs_by_pid(steps: list[dict]) -> list[list[dict]]:
+    """A step log's lines grouped by the process that wrote them, in the order the runs started
+    (a chief restarted after a fault writes a second group)."""
+    runs: dict[int, list[dict]] = {}
+    for s in steps:
+        runs.setdefault(s["pid"], []).append(s)
+    return list(runs.values())
+
+
 def assert_loss_continued(before: list[dict], after: list[dict]) -> None:
     """A restarted chief trains a restored (trained) model: the mean of its logged batch losses
     is below the mean of the first run's. One batch against one batch is noise (it flaked in CI,

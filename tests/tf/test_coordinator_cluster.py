@@ -214,7 +214,7 @@ def test_ps_killed_makes_the_job_restore_from_its_checkpoint(data, tmp_path):
         env={"KT_KILL": "ps:0:30", "KT_STEP_SLEEP": "0.08"},
         timeout=260,
     )
-    from .conftest import assert_loss_continued
+    from .conftest import assert_loss_continued, runs_by_pid
 
     chief = next(e for e in res.exits if e.label == "chief:0")
     assert chief.restarts >= 1
@@ -224,12 +224,12 @@ def test_ps_killed_makes_the_job_restore_from_its_checkpoint(data, tmp_path):
                 if " restored " in line and "ckpt-" in line]  # fmt: skip
     assert restored and restored[-1] >= 20
     steps = _steps(tmp_path / "m")
-    pids = list(dict.fromkeys(s["pid"] for s in steps))
-    assert len(pids) >= 2
-    after = [s for s in steps if s["pid"] == pids[-1]]
+    runs = runs_by_pid(steps)
+    assert len(runs) >= 2
+    after = runs[-1]
     # the restarted chief continued from the checkpoint's step with a trained model's loss
     assert after[0]["global_step"] == restored[-1] + after[0]["local_step"]
-    assert_loss_continued([s for s in steps if s["pid"] == pids[0]], after)
+    assert_loss_continued(runs[0], after)
     # and read exactly the rows the checkpoint had not seen: 512-row batches before it
     assert result["examples"] + 512 * restored[-1] == ROWS
     assert result["global_step"] == restored[-1] + result["local_steps"]
@@ -260,7 +260,7 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(data, tmp_pat
     from kubeai_train.repository import ModelRepository
     from kubeai_train.testing.oss_server import OSSServer
 
-    from .conftest import assert_loss_continued, launch, tail
+    from .conftest import assert_loss_continued, launch, runs_by_pid, tail
 
     state = tmp_path / "state"
     with OSSServer(tmp_path / "oss", buckets=["jobs"]) as server:
@@ -300,10 +300,9 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(data, tmp_pat
         assert result["examples"] + 512 * ckpt_step == ROWS
         assert result["global_step"] == ckpt_step + result["local_steps"]
         steps = _steps(state)
-        pids = list(dict.fromkeys(s["pid"] for s in steps))
-        after = [s for s in steps if s["pid"] == pids[-1]]
-        assert len(pids) >= 2
-        assert_loss_continued([s for s in steps if s["pid"] == pids[0]], after)
+        runs = runs_by_pid(steps)
+        assert len(runs) >= 2
+        assert_loss_continued(runs[0], runs[-1])
 
         fs = fsspec.filesystem("oss", **server.storage_options())  # this server (instances are cached)
         names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls("jobs/ctr", detail=False)}

@@ -21,7 +21,7 @@ import pytest
 from kubeai_train import data
 from kubeai_train.repository import ModelRepository
 
-from .conftest import EXAMPLE, JOB, ROOT, ROUNDS, assert_loss_continued, launch, tail
+from .conftest import EXAMPLE, JOB, ROOT, ROUNDS, assert_loss_continued, launch, runs_by_pid, tail
 
 pytestmark = pytest.mark.integration
 
@@ -273,10 +273,9 @@ def test_ps_killed_job_restores_checkpoint_and_loss_continues(ctr_small, tmp_pat
     assert ckpt_step >= 20
     steps = [json.loads(ln) for ln in (model_dir / "steps.jsonl").read_text().splitlines()]
     chief = [s for s in steps if s["role"] == "chief"]
-    pids = list(dict.fromkeys(s["pid"] for s in chief))
-    assert len(pids) == 2, "the chief should have run twice (before and after the PS loss)"
-    before = [s for s in chief if s["pid"] == pids[0]]
-    after = [s for s in chief if s["pid"] == pids[1]]
+    runs = runs_by_pid(chief)
+    assert len(runs) == 2, "the chief should have run twice (before and after the PS loss)"
+    before, after = runs
     # training continued from the checkpoint: global steps past it, losses below the first run's
     assert after[0]["global_step"] > ckpt_step
     assert_loss_continued(before, after)
@@ -324,11 +323,11 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(ctr_small, tm
         ckpt_step = int(restored.group(1))
         steps = [json.loads(ln) for ln in (state / "steps.jsonl").read_text().splitlines()]
         chief = [s for s in steps if s["role"] == "chief"]
-        pids = list(dict.fromkeys(s["pid"] for s in chief))
-        assert len(pids) == 2
-        after = [s for s in chief if s["pid"] == pids[1]]
+        runs = runs_by_pid(chief)
+        assert len(runs) == 2
+        before, after = runs
         assert after[0]["global_step"] > ckpt_step >= 20
-        assert_loss_continued([s for s in chief if s["pid"] == pids[0]], after)
+        assert_loss_continued(before, after)
 
         fs = fsspec.filesystem("oss")
         names = {p.rsplit("/", 1)[-1] for p in fs.ls("jobs/ctr", detail=False)}
