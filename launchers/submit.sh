@@ -5,8 +5,9 @@
 #   launchers/submit.sh launchers/jobs/tf_ps_ctr.yaml --name ctr-20261129 --image reg/ctr:1.4 -- --epochs 3
 #
 # Launcher flags are those of `python -m kubeai_train.launch` (--name, --namespace, --image, --wait,
-# --dry-run, --kubeconfig, --context, --queue, ...). The manifest is validated against the CRDs
-# and the operator's webhook rules before anything is sent. Exit codes: 0 created (or printed
+# --dry-run, --kubeconfig, --context, --queue, ...). The manifest is validated strictly (the installed
+# typed models) and against the operator's webhook rules before anything is sent, then the API server
+# dry-runs it (dryRun=All: the cluster's own CRD) before creating it. Exit codes: 0 created (or printed
 # with --dry-run; with --wait: the job Succeeded), 2 bad job file or flags (one line on stderr),
 # 1 the API refused or is unreachable (with --wait: the job Failed), 124 --wait --timeout S expired.
 # Environment: PYTHON (default python3), KUBECONFIG.

@@ -3,12 +3,14 @@
 ``render`` builds the manifest with the training-operator SDK's typed models
 (kubeflow-training 1.9.4) and the kubernetes client's pod models, serialised by
 ``ApiClient.sanitize_for_serialization``; the same spec always gives byte-identical YAML
-(``to_yaml``). ``validate`` checks a manifest in strict mode against the CRD's storage-version
-``openAPIV3Schema`` (``additionalProperties: false`` added wherever properties are listed and
-unknown fields are not preserved, so a typo is an error instead of being pruned silently) and
-against the operator's admission-webhook rules (``crds/SOURCES.md``). ``submit`` posts it with
-the official client (``CustomObjectsApi.create_namespaced_custom_object``); ``wait`` polls
-the job's conditions until it Succeeded or Failed (``--wait``, for schedulers).
+(``to_yaml``). ``validate`` checks a manifest offline, in strict mode, against the schema the
+installed typed models describe (``kubeai_train.launch.schema``: unknown fields, wrong types and
+missing required fields are errors naming the field's path, where the API server would prune a
+typo silently) and against the operator's admission-webhook rules (v1.9.4). ``submit`` first
+asks the API server for a server-side dry run (``dryRun=All``: the cluster's own CRD and
+admission applied, nothing stored), then posts it with the official client
+(``CustomObjectsApi.create_namespaced_custom_object``); ``wait`` polls the job's conditions
+until it Succeeded or Failed (``--wait``, for schedulers).
 
 Rendering choices: containers are named ``tensorflow`` / ``pytorch`` with the port
 ``tfjob-port`` 2222 / ``pytorchjob-port`` 23456; ``restartPolicy`` and ``backoffLimit`` are
@@ -17,26 +19,21 @@ always explicit; PS jobs default to ``cleanPodPolicy: Running`` (parameter serve
 credentials appear only as Secret references (``secretKeyRef`` / ``envFrom``). Gang
 scheduling: Volcano through ``runPolicy.schedulingPolicy`` (+ ``schedulerName: volcano``),
 Kueue through the ``kueue.x-k8s.io/queue-name`` label.
-
-The CRDs are read from ``$KUBEAI_TRAIN_CRD_DIR`` or, in a development checkout, from
-``../shared/crds`` next to the repository; without them only the webhook rules are checked.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import json
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
 from kubeflow.training import models as kf
 from kubernetes import client as k8s_client
 
+from kubeai_train.launch.schema import manifest_errors
 from kubeai_train.launch.types import (
     CREDENTIAL_ENV,
     JobSpec,
@@ -47,10 +44,10 @@ from kubeai_train.launch.types import (
 
 __all__ = [
     "api_client_for",
-    "crd_dir",
+    "check_documents",
     "job_state",
+    "manifest_problems",
     "render",
-    "strict_schema",
     "submit",
     "to_yaml",
     "validate",
@@ -279,83 +276,11 @@ def to_yaml(manifest: Mapping[str, Any]) -> str:
 # -- validation -------------------------------------------------------------------------------
 
 
-def crd_dir() -> Path | None:
-    """Where the CRDs are: ``$KUBEAI_TRAIN_CRD_DIR``, else ``../shared/crds`` beside a checkout."""
-    env = os.environ.get("KUBEAI_TRAIN_CRD_DIR")
-    if env:
-        return Path(env)
-    guess = Path(__file__).resolve().parents[2] / ".." / "shared" / "crds"
-    return guess if guess.is_dir() else None
-
-
-def strict_schema(schema: Any) -> Any:
-    """A copy of an OpenAPI v3 schema with ``additionalProperties: false`` wherever
-    ``properties`` are listed and ``x-kubernetes-preserve-unknown-fields`` is not set."""
-    schema = copy.deepcopy(schema)
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if (
-                "properties" in node
-                and not node.get("x-kubernetes-preserve-unknown-fields")
-                and "additionalProperties" not in node
-            ):
-                node["additionalProperties"] = False
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(schema)
-    return schema
-
-
-@functools.lru_cache(maxsize=8)
-def _validator(kind: str, directory: str) -> Any:
-    import jsonschema
-
-    path = Path(directory) / f"kubeflow.org_{PLURALS[kind]}.yaml"
-    try:
-        crd = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ManifestError(
-            f"cannot read the {kind} CRD {path}: {e}; set KUBEAI_TRAIN_CRD_DIR to the CRD directory"
-        ) from e
-    versions = [v for v in crd["spec"]["versions"] if v.get("storage")]
-    if not versions:
-        raise ManifestError(f"{path} has no storage version")
-    schema = strict_schema(versions[0]["schema"]["openAPIV3Schema"])
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft7Validator)
-    return cls(schema)
-
-
-def _path(parts: Any) -> str:
-    out = ""
-    for p in parts:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "<root>"
-
-
-def schema_errors(manifest: Mapping[str, Any], directory: str | os.PathLike[str] | None = None) -> list[str]:
-    """Strict CRD schema violations of ``manifest`` (``path: problem``), or [] when none."""
-    kind = manifest.get("kind")
-    if kind not in PLURALS:
-        return [f"kind: must be TFJob or PyTorchJob, got {kind!r}"]
-    d = Path(directory) if directory is not None else crd_dir()
-    if d is None:
-        return []
-    validator = _validator(str(kind), str(d))
-    errors = []
-    for err in sorted(
-        validator.iter_errors(dict(manifest)), key=lambda e: (list(map(str, e.absolute_path)), e.message)
-    ):
-        if err.validator == "additionalProperties" and err.validator_value is False:
-            extra = sorted(set(err.instance) - set(err.schema.get("properties", {})))
-            errors.append(f"{_path(err.absolute_path)}: unknown field(s) {', '.join(extra)}")
-        else:
-            errors.append(f"{_path(err.absolute_path)}: {err.message}")
-    return errors
+def schema_errors(manifest: Mapping[str, Any]) -> list[str]:
+    """Strict schema violations of ``manifest`` (``path: problem``), or [] when none: unknown
+    fields, wrong types and missing required fields, from the installed typed models
+    (``kubeai_train.launch.schema``)."""
+    return manifest_errors(manifest)
 
 
 def webhook_errors(manifest: Mapping[str, Any]) -> list[str]:
@@ -416,13 +341,44 @@ def webhook_errors(manifest: Mapping[str, Any]) -> list[str]:
     return errs
 
 
-def validate(manifest: Mapping[str, Any], crds: str | os.PathLike[str] | None = None) -> None:
-    """Check ``manifest`` against the strict CRD schema and the webhook rules.
+def manifest_problems(manifest: Any) -> list[str]:
+    """Every problem of ``manifest``, one per entry: the strict schema's, or, for a manifest of
+    the right shape, the webhook rules' (the API server's order: structure, then admission)."""
+    return schema_errors(manifest) or webhook_errors(manifest)
+
+
+def check_documents(text: str, source: str = "<stdin>") -> list[tuple[str, list[str]]]:
+    """Each YAML document of ``text`` (empty ones skipped) as ``(label, problems)``; the label
+    names the source, the document's index and, when it has them, its kind and name
+    (``jobs.yaml#1 TFJob ctr``). A document that is not YAML is one problem."""
+    out: list[tuple[str, list[str]]] = []
+    try:
+        docs = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        return [(source, [f"not YAML{at}: {problem}"])]
+    for i, doc in enumerate(docs):
+        if doc is None:
+            continue
+        label = f"{source}#{i}"
+        if isinstance(doc, Mapping):
+            meta = doc.get("metadata")
+            name = meta.get("name") if isinstance(meta, Mapping) else None
+            label += "".join(f" {v}" for v in (doc.get("kind"), name) if isinstance(v, str) and v)
+        out.append((label, manifest_problems(doc)))
+    return out
+
+
+def validate(manifest: Mapping[str, Any]) -> None:
+    """Check ``manifest`` against the strict schema of the installed typed models and the
+    operator's webhook rules, offline (the cluster's own CRD is applied by ``submit``'s dry run).
 
     Raises:
         ManifestError: listing every violation by path (one line).
     """
-    errors = schema_errors(manifest, crds) + webhook_errors(manifest)
+    errors = manifest_problems(manifest)
     if errors:
         name = (manifest.get("metadata") or {}).get("name", "?")
         raise ManifestError(f"{manifest.get('kind', 'manifest')} {name} is invalid: " + "; ".join(errors))
@@ -468,28 +424,47 @@ def submit(
     kubeconfig: str | None = None,
     context: str | None = None,
     api_client: Any = None,
+    server_dry_run: bool = True,
 ) -> dict[str, Any]:
     """Create the job through the Kubernetes API; returns the created object.
+
+    The manifest is validated offline first; then the API server is asked for a server-side dry
+    run (``dryRun=All``), which applies the cluster's own installed CRD and admission webhooks
+    without storing anything; only when that passes is the job created.
 
     Args:
         manifest: a rendered (and validated) TFJob / PyTorchJob.
         kubeconfig, context: which cluster (see ``api_client_for``).
         api_client: a ready ``kubernetes.client.ApiClient`` (overrides kubeconfig).
+        server_dry_run: ask for the dry run before the create (default on).
 
     Raises:
-        ManifestError: the manifest is invalid (nothing is sent).
+        ManifestError: the manifest is invalid offline, or the API server's dry run refused it
+            as invalid (nothing is created).
         SubmitError: no cluster configuration, the API refused the job (status and reason), or
             the server could not be reached. Credentials never appear in the message.
     """
-    from kubernetes.client.rest import ApiException
-
     validate(manifest)
     if api_client is None:
         api_client = api_client_for(kubeconfig, context)
+    if server_dry_run:
+        _create(manifest, api_client, dry_run=True)
+    return _create(manifest, api_client, dry_run=False)
+
+
+# Status reasons with which the API server refuses an object as such (not the request's context).
+_INVALID_REASONS = {"Invalid", "BadRequest", "FieldValueInvalid", "UnsupportedMediaType"}
+
+
+def _create(manifest: Mapping[str, Any], api_client: Any, *, dry_run: bool) -> dict[str, Any]:
+    from kubernetes.client.rest import ApiException
+
     api = k8s_client.CustomObjectsApi(api_client)
     kind = str(manifest["kind"])
     meta = manifest.get("metadata") or {}
     namespace = meta.get("namespace") or "default"
+    what = f"{kind} {namespace}/{meta.get('name')}"
+    extra = {"dry_run": "All"} if dry_run else {}
     try:
         created = api.create_namespaced_custom_object(
             group=GROUP,
@@ -498,17 +473,31 @@ def submit(
             plural=PLURALS[kind],
             body=dict(manifest),
             _request_timeout=30,
+            **extra,
         )
     except ApiException as e:
         detail = _status_message(e.body)
-        raise SubmitError(
-            f"the API server refused {kind} {namespace}/{meta.get('name')}: {e.status} {e.reason}{': ' + detail if detail else ''}"
-        ) from e
+        reason = _status_reason(e.body)
+        stage = " (server-side dry run)" if dry_run else ""
+        message = (
+            f"the API server refused {what}{stage}: {e.status} {e.reason}{': ' + detail if detail else ''}"
+        )
+        if dry_run and (e.status == 422 or reason in _INVALID_REASONS):
+            raise ManifestError(message) from e
+        raise SubmitError(message) from e
     except Exception as e:  # urllib3 connection errors and alike: name the server, not the credentials
         raise SubmitError(
             f"cannot reach the Kubernetes API at {_host(api_client)}: {type(e).__name__}"
         ) from e
     return dict(created) if isinstance(created, Mapping) else {}
+
+
+def _status_reason(body: object) -> str:
+    try:
+        data = json.loads(body) if isinstance(body, str | bytes) else {}
+    except ValueError:
+        return ""
+    return str(data.get("reason") or "") if isinstance(data, dict) else ""
 
 
 def _host(api_client: Any) -> str:

@@ -4,9 +4,6 @@ and submission through the real kubernetes client to a local HTTP server."""
 from __future__ import annotations
 
 import copy
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,14 +14,9 @@ from hypothesis import strategies as st
 from kubeai_train.launch import k8s
 from kubeai_train.launch.__main__ import main
 from kubeai_train.launch.types import Elastic, JobSpec, ManifestError, Scheduling, SubmitError
+from kubeai_train.testing.kube_api import KubeApiServer
 
-CRDS = Path(__file__).resolve().parents[2] / ".." / "shared" / "crds"
-
-
-@pytest.fixture(autouse=True)
-def _crds(monkeypatch):
-    assert (CRDS / "kubeflow.org_tfjobs.yaml").is_file(), f"CRDs expected at {CRDS}"
-    monkeypatch.setenv("KUBEAI_TRAIN_CRD_DIR", str(CRDS))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tf(**kw):
@@ -109,27 +101,77 @@ def test_same_spec_same_bytes():
     assert yaml.safe_load(text) == k8s.render(build())
 
 
-def test_strict_mode_rejects_typos_the_crd_would_prune():
+def test_strict_mode_rejects_typos_naming_the_field_and_the_near_miss():
     m = k8s.render(tf(workers=1, ps=1))
-    loose = yaml.safe_load((CRDS / "kubeflow.org_tfjobs.yaml").read_text())
-    import jsonschema
-
-    schema = next(v for v in loose["spec"]["versions"] if v.get("storage"))["schema"]["openAPIV3Schema"]
-    for path, key in [
-        (("spec", "runPolicy"), "cleanPodPolicyy"),
-        (("spec", "tfReplicaSpecs", "Worker"), "replica"),
-        (("spec", "tfReplicaSpecs", "Worker", "template", "spec"), "nodeSelecter"),
-        (("spec", "tfReplicaSpecs", "PS", "template", "spec", "containers", 0), "imagePullPolicyy"),
-        (("spec",), "successPolicyy"),
-    ]:
+    for path, key, near in [
+        (("spec", "runPolicy"), "cleanPodPolicyy", "cleanPodPolicy"),
+        (("spec", "tfReplicaSpecs", "Worker"), "replica", "replicas"),
+        (("spec", "tfReplicaSpecs", "Worker", "template", "spec"), "nodeSelecter", "nodeSelector"),
+        (("spec", "tfReplicaSpecs", "PS", "template", "spec", "containers", 0), "imagePullPolicyy", "imagePullPolicy"),
+        (("spec",), "successPolicyy", "successPolicy"),
+    ]:  # fmt: skip
         bad = copy.deepcopy(m)
         node = bad
         for p in path:
             node = node[p]
         node[key] = "x"
-        jsonschema.Draft7Validator(schema).validate(bad)  # the cluster's own schema lets it through
-        with pytest.raises(ManifestError, match=f"unknown field\\(s\\) {key}"):
+        where = ".".join(str(p) for p in path).replace(".0", "[0]")
+        with pytest.raises(ManifestError) as ei:
             k8s.validate(bad)
+        assert f"{where}: unknown field(s) {key} (did you mean {near}?)" in str(ei.value)
+        assert str(ei.value).count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (
+            lambda m: m["spec"]["tfReplicaSpecs"]["Worker"].update(replicas="2"),
+            "spec.tfReplicaSpecs.Worker.replicas: must be an integer, got a string '2'",
+        ),
+        (
+            lambda m: m["spec"]["tfReplicaSpecs"]["Worker"].update(restartPolicy="Sometimes"),
+            "spec.tfReplicaSpecs.Worker.restartPolicy: 'Sometimes' is not one of",
+        ),
+        (
+            lambda m: m["spec"]["tfReplicaSpecs"]["PS"]["template"]["spec"]["containers"][0].pop("name"),
+            "spec.tfReplicaSpecs.PS.template.spec.containers[0].name: required field missing",
+        ),
+        (
+            lambda m: m["spec"]["tfReplicaSpecs"]["PS"]["template"]["spec"].update(containers={"a": 1}),
+            "spec.tfReplicaSpecs.PS.template.spec.containers: must be a list, got an object",
+        ),
+        (
+            lambda m: m["spec"]["tfReplicaSpecs"]["PS"]["template"]["spec"]["containers"][0]["ports"][
+                0
+            ].update(containerPort="2222"),
+            "containers[0].ports[0].containerPort: must be an integer",
+        ),
+        (lambda m: m["spec"].pop("runPolicy"), "spec.runPolicy: required field missing"),
+        (lambda m: m.update(apiVersion="kubeflow.org/v2"), "apiVersion: must be kubeflow.org/v1"),
+        (
+            lambda m: m["spec"].update(enableDynamicWorker="yes"),
+            "spec.enableDynamicWorker: must be true or false",
+        ),
+    ],
+)
+def test_strict_mode_types_and_required_fields(mutate, needle):
+    m = k8s.render(tf(workers=2, ps=1))
+    mutate(m)
+    with pytest.raises(ManifestError) as ei:
+        k8s.validate(m)
+    assert needle in str(ei.value)
+
+
+def test_quantities_may_be_numbers_and_free_form_fields_anything():
+    m = k8s.render(tf(workers=1, resources={"requests": {"cpu": "2"}}))
+    c = m["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    c["resources"] = {"requests": {"cpu": 2, "memory": "4Gi"}, "limits": {"cpu": 2.5}}
+    c["livenessProbe"] = {"tcpSocket": {"port": 2222}}  # int-or-string
+    k8s.validate(m)
+    c["resources"]["limits"]["cpu"] = True
+    with pytest.raises(ManifestError, match="resources.limits.cpu: must be a string"):
+        k8s.validate(m)
 
 
 @pytest.mark.parametrize(
@@ -312,7 +354,7 @@ def specs(draw):
 @given(spec=specs())
 def test_sweep_every_spec_renders_a_strictly_valid_manifest(spec):
     m = k8s.render(spec)  # validates: strict CRD schema + webhook rules
-    k8s.validate(m, CRDS)
+    k8s.validate(m)
     kind = "TFJob" if spec.framework == "tf" else "PyTorchJob"
     replica_specs = m["spec"][k8s.REPLICA_FIELD[kind]]
     assert sum(r["replicas"] for r in replica_specs.values()) == spec.total_replicas
@@ -402,154 +444,167 @@ def test_k8s_without_image_is_bad_input(capsys):
     assert err.count("\n") == 1 and "--image" in err
 
 
-# -- submission through the real client -------------------------------------------------------
+def _rendered_jobs(tmp_path, capsys):
+    """Every job file in launchers/jobs rendered by --dry-run, as files."""
+    out = []
+    for job in sorted((ROOT / "launchers" / "jobs").glob("*.yaml")):
+        assert main(["--job", str(job), "--target", "k8s", "--dry-run"]) == 0
+        path = tmp_path / job.name
+        path.write_text(capsys.readouterr().out)
+        out.append(path)
+    assert len(out) >= 2
+    return out
 
 
-class _ApiServer:
-    """A tiny Kubernetes API stand-in: records every request, answers POSTs with ``status``."""
-
-    def __init__(self, status=201, states=()):
-        self.requests: list[dict] = []
-        self.status = status
-        self.states = list(states)  # job conditions returned by successive GETs (the last repeats)
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.requests.append({"path": self.path, "method": "GET"})
-                state = outer.states.pop(0) if len(outer.states) > 1 else outer.states[0]
-                conditions = [{"type": t, "status": "True", "message": m} for t, m in state]
-                data = json.dumps({"kind": "TFJob", "status": {"conditions": conditions}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.requests.append(
-                    {
-                        "path": self.path,
-                        "headers": {k.lower(): v for k, v in self.headers.items()},
-                        "body": json.loads(body),
-                    }
-                )
-                if outer.status == 201:
-                    reply = dict(json.loads(body))
-                    reply["metadata"] = {**reply["metadata"], "uid": "1234", "resourceVersion": "1"}
-                else:
-                    reply = {
-                        "kind": "Status",
-                        "status": "Failure",
-                        "message": 'tfjobs.kubeflow.org "ctr" already exists',
-                        "reason": "AlreadyExists",
-                        "code": 409,
-                    }
-                data = json.dumps(reply).encode()
-                self.send_response(outer.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def test_validate_accepts_every_rendered_job_file(tmp_path, capsys):
+    files = _rendered_jobs(tmp_path, capsys)
+    both = tmp_path / "both.yaml"
+    both.write_text("\n---\n".join(p.read_text() for p in files))
+    assert main(["validate", *map(str, files), str(both)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{files[0]}#0 TFJob tf-ps-ctr: valid", f"{files[1]}#0 PyTorchJob torch-ddp-ctr: valid",
+                     f"{both}#0 TFJob tf-ps-ctr: valid", f"{both}#1 PyTorchJob torch-ddp-ctr: valid"]  # fmt: skip
 
 
-def _kubeconfig(tmp_path, url, token="s3cr3t-token"):
-    path = tmp_path / "kubeconfig"
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "local", "cluster": {"server": url}}],
-                "users": [{"name": "me", "user": {"token": token}}],
-                "contexts": [{"name": "local", "context": {"cluster": "local", "user": "me"}}],
-                "current-context": "local",
-            }
-        )
-    )
-    return path
+def test_validate_refuses_replica_for_replicas_naming_the_field(tmp_path, capsys):
+    (good, _) = _rendered_jobs(tmp_path, capsys)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("    replicas: 2\n", "    replica: 2\n", 1))
+    assert bad.read_text() != good.read_text()
+    assert main(["validate", str(good), str(bad)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{good}#0 TFJob tf-ps-ctr: valid"
+    assert out[1:] == [
+        f"{bad}#0 TFJob tf-ps-ctr: spec.tfReplicaSpecs.Worker: unknown field(s) replica (did you mean replicas?)"
+    ]
 
 
 @pytest.mark.integration
-def test_submit_posts_the_manifest_through_the_kubernetes_client(tmp_path):
+def test_validate_and_dry_run_are_strict_from_any_directory(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    (good, _) = _rendered_jobs(tmp_path, capsys)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text().replace("restartPolicy: ExitCode", "restartPolicyy: ExitCode", 1))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "kubeai_train.launch", "validate", str(bad)],
+        cwd=elsewhere, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert (
+        run.returncode == 1 and "unknown field(s) restartPolicyy (did you mean restartPolicy?)" in run.stdout
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "kubeai_train.launch", "--job", str(ROOT / "launchers/jobs/tf_ps_ctr.yaml"),
+         "--target", "k8s", "--dry-run"],
+        cwd=elsewhere, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 0 and run.stdout == good.read_text() and run.stderr == ""
+
+
+def test_validate_reports_each_document_and_bad_usage(tmp_path, capsys):
+    f = tmp_path / "mixed.yaml"
+    f.write_text("kind: Deployment\napiVersion: apps/v1\n---\n---\n[1, 2]\n")
+    assert main(["validate", str(f)]) == 1
+    assert capsys.readouterr().out.splitlines() == [
+        f"{f}#0 Deployment: kind: must be TFJob or PyTorchJob, got 'Deployment'",
+        f"{f}#2: <root>: a manifest must be an object, got a list",
+    ]
+    g = tmp_path / "broken.yaml"
+    g.write_text("kind: TFJob\n  bad: [\n")
+    assert main(["validate", str(g)]) == 1
+    assert capsys.readouterr().out.startswith(f"{g}: not YAML at line")
+    assert main(["validate"]) == 2
+    assert main(["validate", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "usage" in err[0] and "nope.yaml" in err[1]
+
+
+# -- submission through the real client, to the local API server -----------------------------
+
+
+def _client(api):
     from kubernetes import client
 
+    return client.ApiClient(client.Configuration(host=api.url))
+
+
+def _posts(api):
+    return [r for r in api.requests if r["method"] == "POST"]
+
+
+@pytest.mark.integration
+def test_submit_asks_for_a_server_side_dry_run_then_creates():
     spec = tf(workers=2, ps=1, namespace="ml")
     manifest = k8s.render(spec)
-    with _ApiServer() as api:
-        created = k8s.submit(manifest, api_client=client.ApiClient(client.Configuration(host=api.url)))
-    (req,) = api.requests
-    assert req["path"] == "/apis/kubeflow.org/v1/namespaces/ml/tfjobs"
-    assert req["body"] == manifest
-    assert created["metadata"]["uid"] == "1234"
+    with KubeApiServer() as api:
+        created = k8s.submit(manifest, api_client=_client(api))
+        stored = api.objects("tfjobs")
+    dry, real = _posts(api)
+    assert dry["path"] == real["path"] == "/apis/kubeflow.org/v1/namespaces/ml/tfjobs"
+    assert dry["query"] == {"dryRun": "All"} and real["query"] == {}
+    assert dry["body"] == real["body"] == manifest
+    assert created["metadata"]["uid"] and [o["metadata"]["name"] for o in stored] == ["ctr"]
+
+
+@pytest.mark.integration
+def test_a_dry_run_the_cluster_refuses_is_a_validation_error_and_creates_nothing():
+    def cluster_crd(obj):  # this cluster's CRD caps PS replicas (the offline schema does not)
+        if obj["spec"]["tfReplicaSpecs"]["PS"]["replicas"] > 1:
+            yield "spec.tfReplicaSpecs.PS.replicas: Invalid value: 2: must be less than or equal to 1"
+
+    with KubeApiServer(admit=cluster_crd) as api:
+        with pytest.raises(ManifestError) as ei:
+            k8s.submit(k8s.render(tf(workers=1, ps=2, namespace="ml")), api_client=_client(api))
+        assert api.objects() == []
+    msg = str(ei.value)
+    assert "(server-side dry run): 422" in msg and "spec.tfReplicaSpecs.PS.replicas: Invalid value: 2" in msg
+    assert "\n" not in msg
+    (dry,) = _posts(api)
+    assert dry["query"] == {"dryRun": "All"}
 
 
 @pytest.mark.integration
 def test_cli_submit_with_a_kubeconfig(tmp_path, capsys):
-    with _ApiServer() as api:
-        kc = _kubeconfig(tmp_path, api.url)
+    with KubeApiServer(token="s3cr3t-token") as api:
         code = main(
-            [
-                "--framework",
-                "torch",
-                "--workers",
-                "2",
-                "--target",
-                "k8s",
-                "--image",
-                "reg/img:1",
-                "--name",
-                "ddp",
-                "--kubeconfig",
-                str(kc),
-                "train.py",
-            ]
-        )
+            ["--framework", "torch", "--workers", "2", "--target", "k8s", "--image", "reg/img:1",
+             "--name", "ddp", "--kubeconfig", str(api.kubeconfig(tmp_path / "kc")), "train.py"]
+        )  # fmt: skip
+        stored = api.objects("pytorchjobs")
     assert code == 0
-    (req,) = api.requests
-    assert req["path"] == "/apis/kubeflow.org/v1/namespaces/default/pytorchjobs"
-    assert req["headers"]["authorization"] == "Bearer s3cr3t-token"
-    assert req["body"] == k8s.render(torch(workers=2))
+    dry, real = _posts(api)
+    assert real["path"] == "/apis/kubeflow.org/v1/namespaces/default/pytorchjobs"
+    assert dry["headers"]["authorization"] == real["headers"]["authorization"] == "Bearer s3cr3t-token"
+    assert real["body"] == k8s.render(torch(workers=2)) and len(stored) == 1
     assert "PyTorchJob default/ddp created" in capsys.readouterr().out
 
 
 @pytest.mark.integration
-def test_cli_submit_refused_is_one_line_without_credentials(tmp_path, capsys):
-    with _ApiServer(status=409) as api:
-        kc = _kubeconfig(tmp_path, api.url)
+def test_cli_dry_run_refusal_exits_2_with_one_line(tmp_path, capsys):
+    with KubeApiServer(
+        admit=lambda obj: ["spec.runPolicy.suspend: Forbidden: this cluster runs no suspended jobs"]
+    ) as api:
         code = main(
-            [
-                "--framework",
-                "tf",
-                "--workers",
-                "1",
-                "--target",
-                "k8s",
-                "--image",
-                "reg/img:1",
-                "--name",
-                "ctr",
-                "--kubeconfig",
-                str(kc),
-                "train.py",
-            ]
-        )
+            ["--framework", "tf", "--workers", "1", "--target", "k8s", "--image", "reg/img:1", "--name", "ctr",
+             "--kubeconfig", str(api.kubeconfig(tmp_path / "kc")), "train.py"]
+        )  # fmt: skip
+        assert api.objects() == []
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "Forbidden: this cluster runs no suspended jobs" in err[-1]
+
+
+@pytest.mark.integration
+def test_cli_submit_refused_is_one_line_without_credentials(tmp_path, capsys):
+    argv = ["--framework", "tf", "--workers", "1", "--target", "k8s", "--image", "reg/img:1", "--name", "ctr"]
+    with KubeApiServer(token="s3cr3t-token") as api:
+        kc = str(api.kubeconfig(tmp_path / "kc"))
+        assert main([*argv, "--kubeconfig", kc, "train.py"]) == 0
+        capsys.readouterr()
+        code = main([*argv, "--kubeconfig", kc, "train.py"])  # the same job again
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "409 Conflict" in err[-1] and "already exists" in err[-1]
@@ -558,12 +613,10 @@ def test_cli_submit_refused_is_one_line_without_credentials(tmp_path, capsys):
 
 @pytest.mark.integration
 def test_submit_unreachable_server(tmp_path):
-    from kubernetes import client
-
-    with _ApiServer() as api:
-        url = api.url
+    with KubeApiServer() as api:
+        client = _client(api)
     with pytest.raises(SubmitError, match="cannot reach the Kubernetes API at http://127.0.0.1"):
-        k8s.submit(k8s.render(tf(workers=1)), api_client=client.ApiClient(client.Configuration(host=url)))
+        k8s.submit(k8s.render(tf(workers=1)), api_client=client)
 
 
 @pytest.mark.integration
@@ -573,7 +626,6 @@ def test_submit_sh_validates_and_prints_or_refuses(tmp_path):
     root = Path(__file__).resolve().parents[2]
     env = {
         **__import__("os").environ,
-        "KUBEAI_TRAIN_CRD_DIR": str(CRDS),
         "PYTHON": __import__("sys").executable,
     }
     res = subprocess.run(
@@ -582,7 +634,7 @@ def test_submit_sh_validates_and_prints_or_refuses(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     m = yaml.safe_load(res.stdout)
-    k8s.validate(m, CRDS)
+    k8s.validate(m)
     assert m["metadata"]["name"] == "ctr-20261129" and m["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
     c = m["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     assert c["command"][-2:] == ["--epochs", "3"]
@@ -616,8 +668,9 @@ def test_submit_sh_validates_and_prints_or_refuses(tmp_path):
 )
 def test_cli_submit_and_wait(tmp_path, capsys, final, code, needle):
     states = [[], [final[0]], final[:2], final]
-    with _ApiServer(states=states) as api:
-        kc = _kubeconfig(tmp_path, api.url)
+    with KubeApiServer() as api:
+        api.script_conditions("tfjobs", "ml", "ctr", states)
+        kc = api.kubeconfig(tmp_path / "kc")
         argv = [
             "--framework",
             "tf",
@@ -639,14 +692,15 @@ def test_cli_submit_and_wait(tmp_path, capsys, final, code, needle):
     err = capsys.readouterr().err
     assert needle in err
     assert "[launch] TFJob ml/ctr: Pending" in err and "[launch] TFJob ml/ctr: Created" in err
-    gets = [r for r in api.requests if r.get("method") == "GET"]
+    gets = [r for r in api.requests if r["method"] == "GET"]
     assert gets[0]["path"] == "/apis/kubeflow.org/v1/namespaces/ml/tfjobs/ctr" and len(gets) >= 3
 
 
 @pytest.mark.integration
 def test_cli_wait_times_out(tmp_path, capsys):
-    with _ApiServer(states=[[("Running", "")]]) as api:
-        kc = _kubeconfig(tmp_path, api.url)
+    with KubeApiServer() as api:
+        api.script_conditions("tfjobs", "default", "ctr", [[("Running", "")]])
+        kc = api.kubeconfig(tmp_path / "kc")
         argv = [
             "--framework",
             "tf",

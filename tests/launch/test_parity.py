@@ -23,7 +23,6 @@ from kubeai_train.launch._ports import reserve_ports
 from kubeai_train.launch.local import clean_base_env
 
 ROOT = Path(__file__).resolve().parents[2]
-CRDS = ROOT / ".." / "shared" / "crds"
 
 DUMP = """
 import dataclasses, json, os, re
@@ -189,7 +188,6 @@ SPECS = {
 @pytest.mark.integration
 @pytest.mark.parametrize("case", list(SPECS))
 def test_local_processes_see_what_pods_of_the_manifest_see(tmp_path, case, monkeypatch):
-    monkeypatch.setenv("KUBEAI_TRAIN_CRD_DIR", str(CRDS))
     kw = dict(SPECS[case])
     framework = kw.pop("framework")
     entrypoint = kw.pop("entrypoint", False)
