@@ -21,6 +21,13 @@ Guarantees:
   ``Never`` none; at most ``backoff_limit`` restarts per job. The failed replica alone is
   restarted (all its processes when ``nproc_per_node > 1``), with the same environment, after
   0.5 s doubling per restart (at most 10 s), like the operator recreating one pod;
+* readable output: TensorFlow jobs get ``TF_CPP_MIN_LOG_LEVEL=2`` unless the job or this
+  environment sets it, and the lines TensorFlow prints on every CPU-only machine whatever that
+  level (the absl pre-init notice, the CUDA stub's "Could not find cuda drivers", cuInit
+  failures; ``TF_NOISE``) go to the process's log but not to the terminal;
+* a closing line: the job's result, wall time and, when a process published a model
+  (``kubeai_train.repository.announce`` through ``KUBEAI_TRAIN_RESULT_FILE``), the version,
+  its URI and its metrics;
 * no orphans: each process leads its own process group, dies with the launcher
   (``PR_SET_PDEATHSIG``), and a watchdog process kills the groups if the launcher is SIGKILLed;
   SIGINT/SIGTERM to the launcher are forwarded to every group.
@@ -29,7 +36,9 @@ Guarantees:
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,7 +54,18 @@ from kubeai_train.launch import env as envmod
 from kubeai_train.launch._ports import PortLease, reserve_ports
 from kubeai_train.launch.types import RESERVED_ENV, JobSpec, LaunchError, ScriptNotFoundError, exit_code_of
 
-__all__ = ["Decision", "LocalJob", "ProcessExit", "decide", "is_retryable", "run_local"]
+__all__ = ["TF_NOISE", "Decision", "LocalJob", "ProcessExit", "decide", "is_retryable", "run_local"]
+
+# Printed by TensorFlow in every process on a machine without CUDA, before (or regardless of)
+# TF_CPP_MIN_LOG_LEVEL; matched exactly, so that nothing else is ever hidden.
+TF_NOISE = re.compile(
+    rb"^(?:WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    rb"|[IWE]\d{4} [\d:.]+ +\d+ (?:cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine, GPU will not be used\."
+    rb"|cuda_platform\.cc:\d+\] failed call to cuInit: .*"
+    rb"|cuda_executor\.cc:\d+\] failed call to cuInit: .*"
+    rb"|cuda_diagnostics\.cc:\d+\] .*))\r?\n?$"
+)
+RESULT_ENV = "KUBEAI_TRAIN_RESULT_FILE"  # kubeai_train.repository.announce writes it
 
 _PR_SET_PDEATHSIG = 1
 _prctl: Any
@@ -263,6 +283,7 @@ class LocalJob:
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._lease: PortLease | None = None
         self._deadline: float | None = None
+        self._result_file: Path | None = None
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -325,6 +346,11 @@ class LocalJob:
         endpoints = envmod.local_endpoints(spec, self.ports)
         plans = envmod.local_plan(spec, endpoints, self.python)
         self._procs = [_Proc(p, self.log_dir / f"{p.label.replace(':', '-')}.log") for p in plans]
+        self._result_file = self.log_dir / "published.jsonl"
+        try:
+            self._result_file.unlink()
+        except OSError:
+            pass
         self.say(f"{spec.summary()} target=local log_dir={self.log_dir}")
         missing = [k for k in spec.secret_env if k not in self._base_env]
         if missing:
@@ -333,6 +359,7 @@ class LocalJob:
                 f"warning: secret_env {', '.join(missing)} not set in this environment; the processes will not see it"
             )
 
+        started = time.monotonic()
         old_handlers = self._install_signals()
         try:
             self._start_watchdog()
@@ -347,7 +374,40 @@ class LocalJob:
             self._restore_signals(old_handlers)
             self._lease.release()
         self.exit_code = code
+        self.say(self.closing_line(code, time.monotonic() - started))
         return code
+
+    def closing_line(self, code: int, wall: float) -> str:
+        """``job NAME succeeded in 25.3s; published ctr/1 (auc 0.7274, logloss 0.5852) at URI``,
+        or how it failed."""
+        name = self.spec.name
+        if code == 0:
+            head = f"job {name} succeeded in {wall:.1f}s"
+        elif code == 124:
+            head = f"job {name} timed out after {wall:.1f}s (exit 124)"
+        elif self.failed:
+            head = f"job {name} failed in {wall:.1f}s: {self.failed} exited with code {code}"
+        else:
+            head = f"job {name} stopped after {wall:.1f}s (exit {code})"
+        published = _announcements(self._result_file) if self._result_file is not None else []
+        if not published:
+            return head + ("; no model was published" if code == 0 else "")
+        parts = []
+        for item in published:
+            metrics = ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in sorted(
+                    item.get("metrics", {}).items(), key=lambda kv: (kv[0] not in ("auc", "logloss"), kv[0])
+                )
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            )
+            verb = "already published" if item.get("existing") else "published"
+            parts.append(
+                f"{verb} {item.get('name')}/{item.get('version')}"
+                + (f" ({metrics})" if metrics else "")
+                + f" at {item.get('uri')}"
+            )
+        return head + "; " + "; ".join(parts)
 
     def _supervise(self) -> int:
         spec = self.spec
@@ -471,6 +531,10 @@ class LocalJob:
     def _spawn(self, proc: _Proc) -> None:
         env = dict(self._base_env)
         env.update(proc.plan.env)
+        if self.spec.framework == "tf":
+            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if self._result_file is not None:
+            env[RESULT_ENV] = str(self._result_file)
         if proc.plan.nproc > 1 and self.log_dir is not None:
             # torchrun's per-process error file, where torch.distributed.elastic's @record writes
             env["TORCHELASTIC_ERROR_FILE"] = str(self.log_dir / f"{proc.log_path.stem}.error.json")
@@ -636,6 +700,8 @@ def _pump(pipe: BinaryIO, log: BinaryIO, prefix: bytes, sink: _Sink, wake: threa
         for line in iter(pipe.readline, b""):
             log.write(line)
             log.flush()
+            if TF_NOISE.match(line):
+                continue  # in the log, not on the terminal
             if not line.endswith(b"\n"):
                 line += b"\n"
             sink.write(prefix + line)
@@ -648,6 +714,23 @@ def _pump(pipe: BinaryIO, log: BinaryIO, prefix: bytes, sink: _Sink, wake: threa
             except OSError:
                 pass
         wake.set()
+
+
+def _announcements(path: Path) -> list[dict[str, Any]]:
+    """What the job's processes published (``kubeai_train.repository.announce``'s lines)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue  # cut by a killed process
+        if isinstance(item, dict):
+            out.append(item)
+    return out
 
 
 def _tail(path: Path, lines: int) -> str:

@@ -57,6 +57,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from kubeai_train.repository._storage import Store, info_mtime
+from kubeai_train.repository.announce import announce
 from kubeai_train.repository.config import (
     RepositoryConfig,
     check_alias,
@@ -543,6 +544,7 @@ class ModelRepository:
             time.monotonic() - t0,
             redact_url(mv.uri),
         )
+        announce(mv)
         self._refresh_model_config(name)
         return mv
 

@@ -509,3 +509,75 @@ def test_readme_demo_runs_a_real_gloo_all_reduce():
     res = launch(["--framework", "torch", "--workers", "2", "examples/launch_demo.py"], timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("all_reduce over 2 ranks = 3 (ok)") == 2
+
+
+# -- readable output: framework noise, log level, the closing line -----------------------------
+
+NOISY = """
+import os, sys
+from kubeai_train import cluster
+c = cluster.current()
+sys.stderr.write("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\\n")
+sys.stderr.write("I0000 00:00:1796614675.334843    2583 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU will not be used.\\n")
+sys.stderr.write("E0000 00:00:1796614679.052833    2583 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: Failed call to cuInit: UNKNOWN ERROR (303)\\n")
+sys.stderr.write("E0000 00:00:1796614679.052833    2583 other.cc:12] a real error that mentions cuInit\\n")
+print("level", os.environ.get("TF_CPP_MIN_LOG_LEVEL"), c.role, c.index, flush=True)
+"""
+
+
+@pytest.mark.integration
+def test_tensorflow_cpu_noise_stays_in_the_logs_and_the_log_level_defaults(tmp_path):
+    job = script(tmp_path, NOISY)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # not inherited
+    res = launch(["--framework", "tf", "--workers", "1", "--log-dir", tmp_path / "logs", job], env=env)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    assert not re.search(r"cuda drivers|absl::InitializeLog|cuda_platform", out), out
+    assert (
+        "[chief:0] E0000 00:00:1796614679.052833    2583 other.cc:12] a real error that mentions cuInit"
+        in out
+    )
+    assert "[chief:0] level 2 chief 0" in out and "[worker:0] level 2 worker 0" in out
+    log = (tmp_path / "logs" / "chief-0.log").read_text()
+    assert "cudart_stub.cc:31] Could not find cuda drivers" in log and "absl::InitializeLog" in log
+    res = launch(["--framework", "tf", "--workers", "1", "--env", "TF_CPP_MIN_LOG_LEVEL=0", job], env=env)
+    assert "[chief:0] level 0 chief 0" in res.stdout, res.stderr
+    res = launch(["--framework", "tf", "--workers", "1", job], env={**env, "TF_CPP_MIN_LOG_LEVEL": "1"})
+    assert "[chief:0] level 1 chief 0" in res.stdout, res.stderr
+    res = launch(["--framework", "torch", "--workers", "1", job], env=env)
+    assert "[master:0] level None master 0" in res.stdout, res.stderr
+
+
+PUBLISHER = """
+import sys
+from kubeai_train import cluster
+from kubeai_train.repository import ModelRepository
+if cluster.current().is_chief:
+    export = sys.argv[2]
+    open(export + "/model.bin", "w").write("weights")
+    ModelRepository(sys.argv[1]).publish("ctr", export, metadata={"metrics": {"auc": 0.812345, "logloss": 0.5, "rows": 10}})
+"""
+
+
+@pytest.mark.integration
+def test_the_last_line_says_what_was_published_where(tmp_path):
+    job = script(tmp_path, PUBLISHER)
+    export = tmp_path / "export"
+    export.mkdir()
+    repo = tmp_path / "models"
+    for version in (1, 2):
+        res = launch(["--framework", "tf", "--workers", "1", job, repo, export])
+        assert res.returncode == 0, res.stderr
+        last = res.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(
+            rf"\[launch\] job job succeeded in \d+\.\ds; published ctr/{version} "
+            rf"\(auc 0\.8123, logloss 0\.5000, rows 10\) at {re.escape(str(repo))}/ctr/{version}",
+            last,
+        ), last
+    res = launch(["--framework", "torch", "--workers", "1", job, tmp_path / "nowhere", tmp_path / "none"])
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"\[launch\] job job failed in \d+\.\ds: master:0 exited with code 1", last), last
+    res = launch(["--framework", "torch", "--workers", "1", script(tmp_path, "print('hi')\n", "noop.py")])
+    last = res.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"\[launch\] job noop succeeded in \d+\.\ds; no model was published", last), last
