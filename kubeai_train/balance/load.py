@@ -58,8 +58,7 @@ def expected_unique_rows(probabilities: Iterable[float] | np.ndarray, draws: int
     if p.size == 0 or (p < 0).any() or not np.isfinite(p).all() or p.sum() <= 0:
         raise BalanceError("id frequencies must be finite, >= 0 and not all zero")
     p = p / p.sum()
-    # 1 - (1 - p)^B through log1p/expm1: exact for the tiny p of a long tail
-    return float(-np.expm1(draws * np.log1p(-np.minimum(p, 1.0 - 1e-300))).sum() if draws else 0.0)
+    return float(_touched(p, draws).sum())
 
 
 def zipf_unique_rows(num_ids: int, exponent: float, draws: int) -> float:
@@ -85,9 +84,16 @@ def zipf_unique_rows(num_ids: int, exponent: float, draws: int) -> float:
     w = np.concatenate(weights)
     c = np.concatenate(counts)
     p = w / float((w * c).sum())
+    return float((c * _touched(p, draws)).sum())
+
+
+def _touched(p: np.ndarray, draws: int) -> np.ndarray:
+    """``1 - (1 - p)^draws`` per id, through log1p/expm1 so the tiny ``p`` of a long tail stay exact."""
     if not draws:
-        return 0.0
-    return float((c * -np.expm1(draws * np.log1p(-np.minimum(p, 1.0 - 1e-16)))).sum())
+        return np.zeros_like(p)
+    sure = p >= 1.0
+    safe = np.where(sure, 0.0, p)
+    return np.where(sure, 1.0, -np.expm1(draws * np.log1p(-safe)))
 
 
 def embedding(

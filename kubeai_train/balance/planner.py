@@ -39,6 +39,22 @@ def even_rows(rows: int, shards: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(shards)]
 
 
+def _proportional(rows: int, weights: list[float]) -> list[int]:
+    """``rows`` split in proportion to ``weights`` (largest remainders; every part >= 1)."""
+    total = sum(weights)
+    raw = [rows * w / total for w in weights]
+    out = [max(1, int(r)) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (-(raw[i] - int(raw[i])), i))
+    i = 0
+    while sum(out) < rows:
+        out[order[i % len(out)]] += 1
+        i += 1
+    while sum(out) > rows:
+        j = max(range(len(out)), key=lambda i: (out[i], -i))
+        out[j] -= 1
+    return out
+
+
 @dataclass
 class _Var:
     v: VariableLoad
@@ -156,17 +172,24 @@ class Planner:
         inv_t = p / t_total if t_total > 0 else 0.0
         cap_norm = np.array(caps, float) * inv_m if caps else None
         best: _Packing | None = None
+        failure = BalanceError("no plan")
         for eps in _EPS:
-            counts = [self._count(x, eps, m_total / p, t_total / p) for x in vs]
+            counts = [self._count(x, eps, m_total * float(shares.min()), t_total / p) for x in vs]
             if best is not None and counts == best.counts:
                 continue
-            pack = _Packing(vs, counts, p, inv_m, inv_t, cap_norm, self.rows, self.max_moves)
-            pack.run(bound * (1 + self.tolerance))
+            pack = _Packing(vs, counts, p, inv_m, inv_t, cap_norm, self.rows, self.max_moves, shares)
+            try:
+                pack.run(bound * (1 + self.tolerance))
+            except BalanceError as e:  # a piece fits no capacity left: cut finer, if anything can
+                failure = e
+                continue
             if best is None or pack.objective < best.objective - 1e-12:
                 best = pack
             if best.objective <= bound * (1 + self.tolerance):
                 break
-        if best is None:  # no variables at all
+        if best is None:
+            if vs:
+                raise failure
             return Plan(p, (), bound, caps, "balanced", 0.0, 0.0)
         return best.to_plan(bound, caps, m_total, t_total)
 
@@ -195,6 +218,7 @@ class _Packing:
         cap_norm: np.ndarray | None,
         rows_mode: str,
         max_moves: int | None,
+        shares: np.ndarray,
     ) -> None:
         self.vs, self.counts, self.p = vs, counts, p
         self.inv_m, self.inv_t, self.cap = inv_m, inv_t, cap_norm
@@ -205,7 +229,12 @@ class _Packing:
         self.idx: list[int] = []
         self.rows: list[int] = []
         for vi, (x, k) in enumerate(zip(vs, counts, strict=True)):
-            for i, r in enumerate(even_rows(x.rows, k)):
+            cut = even_rows(x.rows, k)
+            if rows_mode == "free" and cap_norm is not None and k > 1:
+                # unequal capacities: cut in proportion to the k largest shares, so the big
+                # piece can go where the room is
+                cut = _proportional(x.rows, sorted(shares.tolist(), reverse=True)[:k])
+            for i, r in enumerate(cut):
                 self.var.append(vi)
                 self.idx.append(i)
                 self.rows.append(r)
