@@ -244,6 +244,7 @@ class _Packing:
         self.B = np.zeros(p)  # normalised traffic per PS
         self.holds: list[set[int]] = [set() for _ in range(p)]  # variable indices with a shard on each PS
         self.on: list[set[int]] = [set() for _ in range(p)]
+        self.var_ps: list[dict[int, int]] = [{} for _ in vs]  # variable -> {PS: its shards there}
         self.objective = math.inf
 
     def _mem(self, j: int) -> float:
@@ -259,6 +260,7 @@ class _Packing:
         self.A[q] += self._mem(j) * self.inv_m[q]
         self.B[q] += self._tr(j) * self.inv_t
         self.holds[q].add(self.var[j])
+        self.var_ps[self.var[j]][q] = self.var_ps[self.var[j]].get(q, 0) + 1
         self.on[q].add(j)
 
     def _take(self, j: int) -> None:
@@ -266,15 +268,17 @@ class _Packing:
         self.A[q] -= self._mem(j) * self.inv_m[q]
         self.B[q] -= self._tr(j) * self.inv_t
         self.holds[q].discard(self.var[j])
+        left = self.var_ps[self.var[j]].pop(q) - 1
+        if left:
+            self.var_ps[self.var[j]][q] = left
         self.on[q].discard(j)
         self.ps[j] = -1
 
     def _allowed(self, j: int, exclude: int = -1) -> np.ndarray:
         ok = np.ones(self.p, bool)
-        vi = self.var[j]
-        for q in range(self.p):
-            if vi in self.holds[q] and q != exclude:
-                ok[q] = False
+        taken = [q for q in self.var_ps[self.var[j]] if q != exclude]
+        if taken:
+            ok[taken] = False
         if self.cap is not None:
             ok &= self.A + self._mem(j) * self.inv_m <= self.cap * (1 + 1e-12)
         return ok
@@ -308,11 +312,11 @@ class _Packing:
                 tot = (self.A + a + self.B + b)[cand]
                 cand = cand[tot <= tot.min() + 1e-12]
             self._put(j, int(cand[0]))
-        self._improve()
+        self._improve(good_enough)
         # rows shift only when whole pieces are not good enough: fewer uneven cuts, less time
         if self.rows_mode == "free" and float(self._load().max()) > good_enough:
-            self._refine()
-            self._improve()
+            self._refine(good_enough)
+            self._improve(good_enough)
         self.objective = float(np.maximum(self.A, self.B).max()) if len(self.var) else 1.0
 
     def _allowed_capacity_only(self, j: int) -> np.ndarray:
@@ -323,12 +327,15 @@ class _Packing:
     def _load(self) -> np.ndarray:
         return np.maximum(self.A, self.B)
 
-    def _improve(self) -> None:
-        """Move, else swap, a piece off the most loaded PS while that lowers the maximum."""
+    def _improve(self, good_enough: float) -> None:
+        """Move, else swap, a piece off the most loaded PS while that lowers the maximum (and
+        the plan is not yet within the tolerance of the bound: polishing further buys nothing)."""
         for _ in range(self.max_moves):
             load = self._load()
             top = int(np.argmax(load))
             cur = load[top]
+            if cur <= good_enough:
+                return
             best: tuple[float, float, int, int, int] | None = None  # (new max, sum, piece, q, swap piece)
             pieces = sorted(self.on[top])
             for j in pieces:
@@ -388,7 +395,7 @@ class _Packing:
                     best = (float(after[i]), 0.0, j, q, others[i])
         return best
 
-    def _refine(self) -> None:
+    def _refine(self, good_enough: float) -> None:
         """Shift rows between two shards of one variable on different PS to lower the larger load."""
         shards_of: dict[int, list[int]] = {}
         for j, vi in enumerate(self.var):
@@ -397,6 +404,8 @@ class _Packing:
             load = self._load()
             top = int(np.argmax(load))
             cur = float(load[top])
+            if cur <= good_enough:
+                return
             best: tuple[float, int, int, int] | None = None  # (new max of the pair, from, to, rows)
             for j in sorted(self.on[top]):
                 if self.rows[j] < 2:
