@@ -168,8 +168,12 @@ class Planner:
         m_total = math.fsum(x.mem for x in vs)
         t_total = math.fsum(x.tr for x in vs)
         shares = np.array([c / sum(caps) for c in caps] if caps else [1.0 / p] * p)
-        inv_m = 1.0 / (m_total * shares) if m_total > 0 else np.zeros(p)
-        inv_t = p / t_total if t_total > 0 else 0.0
+        # a dimension whose total is zero (or denormal: 1/total overflows) does not constrain
+        with np.errstate(over="ignore", divide="ignore"):
+            inv_m = 1.0 / (m_total * shares) if m_total > 0 else np.zeros(p)
+        if not np.isfinite(inv_m).all():
+            inv_m = np.zeros(p)
+        inv_t = p / t_total if t_total > 0 and math.isfinite(p / t_total) else 0.0
         cap_norm = np.array(caps, float) * inv_m if caps else None
         best: _Packing | None = None
         failure = BalanceError("no plan")
