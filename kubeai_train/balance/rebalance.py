@@ -21,7 +21,7 @@ from typing import Any
 from kubeai_train.balance.planner import Planner
 from kubeai_train.balance.types import BalanceError, Plan, Shard, VariableLoad, max_over_mean
 
-__all__ = ["RebalanceDecision", "RebalancePolicy", "bytes_moved", "min_bytes_to_move", "replan"]
+__all__ = ["RebalanceDecision", "RebalancePolicy", "bytes_moved", "min_bytes_to_move", "observed", "replan"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class RebalanceDecision:
     hot_windows: int = 0
 
 
-def _with_traffic(plan: Plan, traffic: Mapping[str, float] | Mapping[tuple[str, int], float]) -> Plan:
+def observed(plan: Plan, traffic: Mapping[str, float] | Mapping[tuple[str, int], float]) -> Plan:
     """``plan`` with each shard's traffic replaced by the observed one (keys: ``(variable, index)``
     or the TensorFlow names of :meth:`Plan.assignment`). Unobserved shards moved nothing."""
     names = {s.key: n for n, s in zip(plan.assignment(), plan.shards, strict=True)}
@@ -466,7 +466,7 @@ class RebalancePolicy:
         Raises:
             BalanceError: traffic for a shard the plan does not have, or a negative value.
         """
-        now = _with_traffic(plan, traffic)
+        now = observed(plan, traffic)
         before = now.max_over_mean()
         self.hot = self.hot + 1 if before["traffic"] > self.threshold else 0
         if self.hot < self.windows:
