@@ -125,18 +125,21 @@ def _objective(mem: list[float], tr: list[float]) -> float:
     return max(max_over_mean(mem), max_over_mean(tr))
 
 
-def replan(plan: Plan, target: float = 1.05, max_steps: int | None = None) -> Plan:
+def replan(plan: Plan, target: float = 1.05, max_steps: int | None = None, cuts: bool = True) -> Plan:
     """A placement of ``plan``'s shards (with their current traffic) within ``target`` x mean, moving few bytes.
 
     Tries two greedy searches (the cheapest improvement per byte; the largest improvement) and,
     if neither reaches the target, a fresh free-rows plan whose PS are renumbered to keep as many
     bytes in place as possible; returns the candidate within target moving the fewest bytes (or
     the most balanced one if none is). Deterministic.
+
+    With ``cuts=False`` only whole shards move or swap (no new or resized shards, no fresh
+    plan): what a TensorFlow partitioner can express, as it cuts every variable evenly.
     """
     # aim a little under the target: whole rows overshoot the exact residual by a hair
     aim = target - 0.002 * (target - 1.0 + 0.01) / 0.06
-    results = [_greedy(plan, aim, max_steps, "ratio"), _greedy(plan, aim, max_steps, "gain")]
-    if all(max(r.max_over_mean().values()) > target for r in results):
+    results = [_greedy(plan, aim, max_steps, "ratio", cuts), _greedy(plan, aim, max_steps, "gain", cuts)]
+    if cuts and all(max(r.max_over_mean().values()) > target for r in results):
         results.append(_fresh(plan))
     ok = [r for r in results if max(r.max_over_mean().values()) <= target + 1e-6]
     if ok:
@@ -144,7 +147,7 @@ def replan(plan: Plan, target: float = 1.05, max_steps: int | None = None) -> Pl
     return min(results, key=lambda r: (max(r.max_over_mean().values()), bytes_moved(plan, r)))
 
 
-def _greedy(plan: Plan, target: float, max_steps: int | None, pick: str) -> Plan:
+def _greedy(plan: Plan, target: float, max_steps: int | None, pick: str, cuts: bool = True) -> Plan:
     """One greedy search: apply the best single action until the target or a standstill."""
     p = plan.num_ps
     pieces: list[list[Any]] = [[s.variable, s.offset, s.rows, s.ps, s.nbytes, s.traffic] for s in plan.shards]
@@ -187,7 +190,7 @@ def _greedy(plan: Plan, target: float, max_steps: int | None, pick: str) -> Plan
                     continue
                 if (v, q) not in holds:
                     cands.append((score({top: -m, q: m}, {top: -t, q: t}), m, ("move", i, q)))
-                    if r > 1 and count[v] < p and t > 0:
+                    if cuts and r > 1 and count[v] < p and t > 0:
                         # cut the shard's tail and move just enough of it: the rows that make q and top meet
                         for d in _cut_sizes(r, m, t, mem, tr, top, q, m_mean, t_mean, target):
                             dm_, dt_ = m * d / r, t * d / r
@@ -198,7 +201,8 @@ def _greedy(plan: Plan, target: float, max_steps: int | None, pick: str) -> Plan
                     # shift boundary rows into the neighbouring shard of the same variable on q:
                     # the shard count stays, only the rows at the boundary move
                     if (
-                        y[3] != q
+                        not cuts
+                        or y[3] != q
                         or y[0] != v
                         or r < 2
                         or not (y[1] + y[2] == pieces[i][1] or pieces[i][1] + r == y[1])
@@ -218,7 +222,7 @@ def _greedy(plan: Plan, target: float, max_steps: int | None, pick: str) -> Plan
                     # cut rows of both: hot rows from top to q, cold rows from q back to top,
                     # solved so that both dimensions of the two PS meet
                     vy = y[0]
-                    if y[3] != q or vy == v or (v, q) in holds or (vy, top) in holds:
+                    if not cuts or y[3] != q or vy == v or (v, q) in holds or (vy, top) in holds:
                         continue
                     for d1, d2 in _cut_pairs(pieces[i], y, mem, tr, top, q, m_mean, t_mean):
                         if (d1 < r and count[v] >= p) or (0 < d2 < y[2] and count[vy] >= p):
@@ -442,16 +446,20 @@ class RebalancePolicy:
         threshold: traffic max/mean over which a window counts as hot (> 1).
         windows: consecutive hot windows that trigger a re-placement.
         target: the max/mean (memory and traffic) the re-placement aims for.
+        cuts: whether the re-placement may cut or resize shards (see :func:`replan`); False
+            keeps every shard as it is and only moves or swaps whole shards.
     """
 
-    def __init__(self, threshold: float = 1.10, windows: int = 3, target: float = 1.05) -> None:
+    def __init__(
+        self, threshold: float = 1.10, windows: int = 3, target: float = 1.05, cuts: bool = True
+    ) -> None:
         if not threshold > 1.0:
             raise BalanceError(f"threshold must be > 1.0 (a max over mean), got {threshold!r}")
         if not isinstance(windows, int) or windows < 1:
             raise BalanceError(f"windows must be an integer >= 1, got {windows!r}")
         if not 1.0 <= target < threshold:
             raise BalanceError(f"target must be in [1.0, threshold={threshold}), got {target!r}")
-        self.threshold, self.windows, self.target = threshold, windows, target
+        self.threshold, self.windows, self.target, self.cuts = threshold, windows, target, cuts
         self.hot = 0
 
     def reset(self) -> None:
@@ -472,7 +480,7 @@ class RebalancePolicy:
         if self.hot < self.windows:
             why = f"traffic max/mean {before['traffic']:.3f} (threshold {self.threshold}), hot windows {self.hot}/{self.windows}"
             return RebalanceDecision(False, why, before=before, hot_windows=self.hot)
-        new = replan(now, self.target)
+        new = replan(now, self.target, cuts=self.cuts)
         moved = bytes_moved(now, new)
         after = new.max_over_mean()
         why = (

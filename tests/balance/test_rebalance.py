@@ -72,3 +72,14 @@ def test_bad_observations_and_settings():
         RebalancePolicy(threshold=0.9)
     with pytest.raises(BalanceError, match="windows"):
         RebalancePolicy(windows=0)
+
+
+def test_without_cuts_only_whole_shards_move():
+    plan = Planner(rows="even").plan(_model(), 8)
+    hot_key = next(s.key for s in plan.shards if s.variable == "t03")
+    policy = RebalancePolicy(cuts=False)
+    decisions = [policy.observe(plan, w) for w in _windows(plan, hot_key, 4)]
+    d = next(d for d in decisions if d.rebalance)
+    assert d.plan.rows() == plan.rows()  # same shards, same rows: a TF partitioner can express it
+    assert d.after["traffic"] < d.before["traffic"]
+    assert d.bytes_moved > 0
