@@ -1,0 +1,492 @@
+"""Runtime rebalancing: notice a PS that stays hot and re-place as few bytes as fix it.
+
+Per-shard traffic is observed in windows (bytes per step each shard really moved, e.g. counted
+from the lookups and gradients the trainer sends to each PS). :class:`RebalancePolicy` triggers
+when the busiest PS's traffic over the mean exceeds ``threshold`` (1.10) for ``windows`` (3)
+consecutive windows, then :func:`replan` proposes a new placement of the *current* shards: it
+keeps every shard where it is unless moving it helps, and picks, step by step, the move that
+reaches the target (1.05 on memory and traffic) with the fewest bytes -- a whole shard to another
+PS, a swap of two, or the tail rows of a hot shard cut off into a new shard (TensorFlow restores
+a partitioned variable into a different partitioning, so a re-cut costs only the rows that move).
+It reports the bytes moved beside :func:`min_bytes_to_move`, a bound no re-placement can beat.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeai_train.balance.planner import Planner
+from kubeai_train.balance.types import BalanceError, Plan, Shard, VariableLoad, max_over_mean
+
+__all__ = ["RebalanceDecision", "RebalancePolicy", "bytes_moved", "min_bytes_to_move", "observed", "replan"]
+
+
+@dataclass(frozen=True)
+class RebalanceDecision:
+    """What the policy says after a window.
+
+    Attributes:
+        rebalance: whether to re-place now.
+        reason: why (or why not), for the log.
+        plan: the new plan when ``rebalance`` (its shards carry the measured traffic).
+        bytes_moved: resident bytes (slots included) that change PS.
+        min_bytes: a lower bound on the bytes any re-placement reaching the target must move.
+        before / after: ``{"memory", "traffic"}`` max over mean of the current / new placement.
+        hot_windows: consecutive windows over the threshold so far.
+    """
+
+    rebalance: bool
+    reason: str
+    plan: Plan | None = None
+    bytes_moved: float = 0.0
+    min_bytes: float = 0.0
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    hot_windows: int = 0
+
+
+def observed(plan: Plan, traffic: Mapping[str, float] | Mapping[tuple[str, int], float]) -> Plan:
+    """``plan`` with each shard's traffic replaced by the observed one (keys: ``(variable, index)``
+    or the TensorFlow names of :meth:`Plan.assignment`). Unobserved shards moved nothing."""
+    names = {s.key: n for n, s in zip(plan.assignment(), plan.shards, strict=True)}
+    known = set(names) | set(names.values())
+    unknown = [k for k in traffic if k not in known]
+    if unknown:
+        raise BalanceError(f"observed traffic for {unknown[0]!r}, which is not a shard of the plan")
+    shards = []
+    for s in plan.shards:
+        t = traffic.get(s.key, traffic.get(names[s.key], 0.0))  # type: ignore[call-overload]
+        if not (isinstance(t, int | float) and t >= 0 and math.isfinite(t)):
+            raise BalanceError(
+                f"observed traffic of {names[s.key]!r} must be a finite number >= 0, got {t!r}"
+            )
+        shards.append(Shard(s.variable, s.index, s.offset, s.rows, s.ps, s.nbytes, float(t)))
+    return Plan(
+        plan.num_ps,
+        tuple(shards),
+        plan.lower_bound,
+        plan.capacities,
+        plan.policy,
+        plan.total_bytes,
+        math.fsum(s.traffic for s in shards),
+    )
+
+
+def bytes_moved(old: Plan, new: Plan) -> float:
+    """Resident bytes whose PS differs between two plans (row ranges compared, so re-cuts count only moved rows)."""
+    moved = 0.0
+    by_var: dict[str, list[Shard]] = {}
+    for s in old.shards:
+        by_var.setdefault(s.variable, []).append(s)
+    for s in new.shards:
+        per_row = s.nbytes / s.rows
+        for o in by_var.get(s.variable, ()):
+            lo, hi = max(s.offset, o.offset), min(s.offset + s.rows, o.offset + o.rows)
+            if hi > lo and o.ps != s.ps:
+                moved += (hi - lo) * per_row
+    return moved
+
+
+def min_bytes_to_move(plan: Plan, target: float = 1.05) -> float:
+    """A lower bound on the bytes that must leave the PS over ``target`` x mean (memory or traffic).
+
+    A PS over the traffic target must shed its excess traffic; the cheapest way is its shards
+    with the most traffic per byte first, cut to the exact rows (a fractional knapsack); a PS
+    over the memory target must shed at least its excess bytes.
+    """
+    mem, tr = plan.memory(), plan.traffic()
+    p = plan.num_ps
+    m_mean, t_mean = math.fsum(mem) / p, math.fsum(tr) / p
+    need = 0.0
+    for q in range(p):
+        excess_m = max(0.0, mem[q] - target * m_mean)
+        excess_t = max(0.0, tr[q] - target * t_mean)
+        knap = 0.0
+        if excess_t > 0:
+            for s in sorted(
+                (s for s in plan.shards if s.ps == q),
+                key=lambda s: (-s.traffic / max(s.nbytes, 1e-300), s.key),
+            ):
+                if excess_t <= 0:
+                    break
+                if s.traffic <= 0:
+                    break
+                take = min(1.0, excess_t / s.traffic)
+                knap += take * s.nbytes
+                excess_t -= take * s.traffic
+        need += max(excess_m, knap)
+    return need
+
+
+def _objective(mem: list[float], tr: list[float]) -> float:
+    return max(max_over_mean(mem), max_over_mean(tr))
+
+
+def replan(plan: Plan, target: float = 1.05, max_steps: int | None = None, cuts: bool = True) -> Plan:
+    """A placement of ``plan``'s shards (with their current traffic) within ``target`` x mean, moving few bytes.
+
+    Tries two greedy searches (the cheapest improvement per byte; the largest improvement) and,
+    if neither reaches the target, a fresh free-rows plan whose PS are renumbered to keep as many
+    bytes in place as possible; returns the candidate within target moving the fewest bytes (or
+    the most balanced one if none is). Deterministic.
+
+    With ``cuts=False`` only whole shards move or swap (no new or resized shards, no fresh
+    plan): what a TensorFlow partitioner can express, as it cuts every variable evenly.
+    """
+    # aim a little under the target: whole rows overshoot the exact residual by a hair
+    aim = target - 0.002 * (target - 1.0 + 0.01) / 0.06
+    results = [_greedy(plan, aim, max_steps, "ratio", cuts), _greedy(plan, aim, max_steps, "gain", cuts)]
+    if cuts and all(max(r.max_over_mean().values()) > target for r in results):
+        results.append(_fresh(plan))
+    ok = [r for r in results if max(r.max_over_mean().values()) <= target + 1e-6]
+    if ok:
+        return min(ok, key=lambda r: bytes_moved(plan, r))
+    return min(results, key=lambda r: (max(r.max_over_mean().values()), bytes_moved(plan, r)))
+
+
+def _greedy(plan: Plan, target: float, max_steps: int | None, pick: str, cuts: bool = True) -> Plan:
+    """One greedy search: apply the best single action until the target or a standstill."""
+    p = plan.num_ps
+    pieces: list[list[Any]] = [[s.variable, s.offset, s.rows, s.ps, s.nbytes, s.traffic] for s in plan.shards]
+    caps = plan.capacities
+    steps = max_steps if max_steps is not None else 4 * len(pieces) + 4 * p
+    for _ in range(steps):
+        mem = [0.0] * p
+        tr = [0.0] * p
+        count: dict[str, int] = {}
+        holds: set[tuple[str, int]] = set()
+        for v, _off, _r, q, m, t in pieces:
+            mem[q] += m
+            tr[q] += t
+            count[v] = count.get(v, 0) + 1
+            holds.add((v, q))
+        if _objective(mem, tr) <= target:
+            break
+        m_mean, t_mean = math.fsum(mem) / p, math.fsum(tr) / p
+        cur = _score(mem, tr, m_mean, t_mean, caps, target, {}, {})
+        # every PS over target is a source: with the max alone, two tied hot PS stall the search
+        hot = {
+            q
+            for q in range(p)
+            if max(mem[q] / m_mean if m_mean else 0, tr[q] / t_mean if t_mean else 0) > target
+        }
+
+        snap = (list(mem), list(tr), m_mean, t_mean)
+
+        def score(dm: dict[int, float], dt: dict[int, float], snap: tuple[Any, ...] = snap) -> float:
+            return _score(snap[0], snap[1], snap[2], snap[3], caps, target, dm, dt)
+
+        cands: list[tuple[float, float, tuple]] = []  # (new objective, bytes, action)
+        mine = sorted(
+            (i for i, x in enumerate(pieces) if x[3] in hot), key=lambda i: (pieces[i][0], pieces[i][1])
+        )
+        for i in mine:
+            v, _off, r, top, m, t = pieces[i]
+            for q in range(p):
+                if q == top:
+                    continue
+                if (v, q) not in holds:
+                    cands.append((score({top: -m, q: m}, {top: -t, q: t}), m, ("move", i, q)))
+                    if cuts and r > 1 and count[v] < p and t > 0:
+                        # cut the shard's tail and move just enough of it: the rows that make q and top meet
+                        for d in _cut_sizes(r, m, t, mem, tr, top, q, m_mean, t_mean, target):
+                            dm_, dt_ = m * d / r, t * d / r
+                            cands.append(
+                                (score({top: -dm_, q: dm_}, {top: -dt_, q: dt_}), dm_, ("cut", i, q, d))
+                            )
+                for k, y in enumerate(pieces):
+                    # shift boundary rows into the neighbouring shard of the same variable on q:
+                    # the shard count stays, only the rows at the boundary move
+                    if (
+                        not cuts
+                        or y[3] != q
+                        or y[0] != v
+                        or r < 2
+                        or not (y[1] + y[2] == pieces[i][1] or pieces[i][1] + r == y[1])
+                    ):
+                        continue
+                    for d in _cut_sizes(r, m, t, mem, tr, top, q, m_mean, t_mean, target):
+                        dm_, dt_ = m * d / r, t * d / r
+                        cands.append(
+                            (score({top: -dm_, q: dm_}, {top: -dt_, q: dt_}), dm_, ("shift", i, k, d))
+                        )
+                for k, y in enumerate(pieces):
+                    if y[3] != q or ((y[0], top) in holds and y[0] != v) or ((v, q) in holds and y[0] != v):
+                        continue
+                    dm_, dt_ = y[4] - m, y[5] - t
+                    cands.append((score({top: dm_, q: -dm_}, {top: dt_, q: -dt_}), m + y[4], ("swap", i, k)))
+                for k, y in enumerate(pieces):
+                    # cut rows of both: hot rows from top to q, cold rows from q back to top,
+                    # solved so that both dimensions of the two PS meet
+                    vy = y[0]
+                    if not cuts or y[3] != q or vy == v or (v, q) in holds or (vy, top) in holds:
+                        continue
+                    for d1, d2 in _cut_pairs(pieces[i], y, mem, tr, top, q, m_mean, t_mean):
+                        if (d1 < r and count[v] >= p) or (0 < d2 < y[2] and count[vy] >= p):
+                            continue
+                        dm_ = m * d1 / r - y[4] * d2 / y[2]
+                        dt_ = t * d1 / r - y[5] * d2 / y[2]
+                        moved = m * d1 / r + y[4] * d2 / y[2]
+                        cands.append(
+                            (
+                                score({top: -dm_, q: dm_}, {top: -dt_, q: dt_}),
+                                moved,
+                                ("cutswap", i, k, q, d1, d2),
+                            )
+                        )
+        good = [c for c in cands if c[0] <= 0.0]
+        if good:
+            choice = min(good, key=lambda c: (c[1], c[0], c[2]))
+        else:
+            better = [c for c in cands if c[0] < cur - 1e-12]
+            if not better:
+                break
+            if pick == "ratio":
+                choice = min(better, key=lambda c: (-(cur - c[0]) / max(c[1], 1e-300), c[1], c[2]))
+            else:
+                choice = min(better, key=lambda c: (c[0], c[1], c[2]))
+        act = choice[2]
+        if act[0] == "move":
+            pieces[act[1]][3] = act[2]
+        elif act[0] == "swap":
+            pieces[act[1]][3], pieces[act[2]][3] = pieces[act[2]][3], pieces[act[1]][3]
+        elif act[0] == "shift":
+            _, i, k, d = act
+            x, y = pieces[i], pieces[k]
+            dm_, dt_ = x[4] * d / x[2], x[5] * d / x[2]
+            if y[1] > x[1]:  # y follows x: x gives its tail
+                y[1] -= d
+            else:  # y precedes x: x gives its head
+                x[1] += d
+            x[2] -= d
+            y[2] += d
+            x[4] -= dm_
+            x[5] -= dt_
+            y[4] += dm_
+            y[5] += dt_
+        elif act[0] == "cut":
+            _cut(pieces, act[1], act[2], act[3])
+        else:
+            _, i, k, q, d1, d2 = act
+            ps_top = pieces[i][3]
+            _cut(pieces, i, q, d1)
+            _cut(pieces, k, ps_top, d2)
+    return _to_plan(plan, pieces)
+
+
+def _fresh(plan: Plan) -> Plan:
+    """A new free-rows plan of the current shards (each keeps its own measured traffic density),
+    its PS renumbered so that the most bytes stay where they are, adjacent pieces on one PS merged."""
+    sep = "\x00"
+    loads = [
+        VariableLoad(
+            f"{s.variable}{sep}{s.offset:020d}",
+            (s.rows,),
+            "float32",
+            "dense" if s.rows > 1 else "state",
+            s.nbytes,
+            s.traffic,
+        )
+        for s in plan.shards
+    ]
+    new = Planner(rows="free").plan(loads, plan.num_ps, plan.capacities or None)
+    p = plan.num_ps
+    kept = [[0.0] * p for _ in range(p)]  # kept[new ps][old ps]
+    old_ps = {f"{s.variable}{sep}{s.offset:020d}": s.ps for s in plan.shards}
+    for s in new.shards:
+        kept[s.ps][old_ps[s.variable]] += s.nbytes
+    pairs = sorted((-kept[a][b], a, b) for a in range(p) for b in range(p))
+    label: dict[int, int] = {}
+    used: set[int] = set()
+    for _, a, b in pairs:
+        if a not in label and b not in used:
+            label[a] = b
+            used.add(b)
+    pieces: list[list[Any]] = []
+    for s in new.shards:
+        var, base = s.variable.split(sep)
+        pieces.append([var, int(base) + s.offset, s.rows, label[s.ps], s.nbytes, s.traffic])
+    pieces.sort(key=lambda x: (x[0], x[1]))
+    merged: list[list[Any]] = []
+    for x in pieces:
+        y = merged[-1] if merged else None
+        if y is not None and y[0] == x[0] and y[3] == x[3] and y[1] + y[2] == x[1]:
+            y[2] += x[2]
+            y[4] += x[4]
+            y[5] += x[5]
+        else:
+            merged.append(list(x))
+    return _to_plan(plan, merged)
+
+
+def _cut(pieces: list[list[Any]], i: int, q: int, d: int) -> None:
+    """Move the last ``d`` rows of piece ``i`` to PS ``q`` (the whole piece if ``d`` is all its rows)."""
+    v, off, r, ps, m, t = pieces[i]
+    if d <= 0:
+        return
+    if d >= r:
+        pieces[i][3] = q
+        return
+    keep = r - d
+    pieces[i] = [v, off, keep, ps, m * keep / r, t * keep / r]
+    pieces.append([v, off + keep, d, q, m * d / r, t * d / r])
+
+
+def _cut_pairs(
+    x: list[Any],
+    y: list[Any],
+    mem: list[float],
+    tr: list[float],
+    top: int,
+    q: int,
+    m_mean: float,
+    t_mean: float,
+) -> list[tuple[int, int]]:
+    """Rows (d1 of ``x`` off ``top``, d2 of ``y`` off ``q``) that bring ``top`` to the mean, or the pair level."""
+    mm, tm = m_mean or 1.0, t_mean or 1.0
+    a1, b1 = x[4] / x[2] / mm, x[5] / x[2] / tm
+    a2, b2 = y[4] / y[2] / mm, y[5] / y[2] / tm
+    det = a1 * b2 - a2 * b1
+    if abs(det) < 1e-300:
+        return []
+    out: set[tuple[int, int]] = set()
+    at, bt, aq, bq = mem[top] / mm, tr[top] / tm, mem[q] / mm, tr[q] / tm
+    for ea, eb in ((at - 1.0, bt - 1.0), ((at - aq) / 2, (bt - bq) / 2)):
+        # d1*a1 - d2*a2 = ea ; d1*b1 - d2*b2 = eb
+        d1 = (ea * b2 - a2 * eb) / det
+        d2 = (a1 * eb - b1 * ea) / det
+        for c1 in (math.floor(d1), math.ceil(d1)):
+            for c2 in (math.floor(d2), math.ceil(d2)):
+                if 1 <= c1 <= x[2] and 0 <= c2 <= y[2]:
+                    out.add((c1, c2))
+    return sorted(out)
+
+
+def _score(
+    mem: list[float],
+    tr: list[float],
+    m_mean: float,
+    t_mean: float,
+    caps: tuple[int, ...],
+    target: float,
+    dm: dict[int, float],
+    dt: dict[int, float],
+) -> float:
+    """The excess after changing a few PS's loads by ``dm`` / ``dt``: the sum over PS and both
+    dimensions of ``(load / mean - target)^2`` where positive (0: every PS within target; inf
+    if over a capacity). Unlike the max it falls whenever any hot PS cools, so ties between
+    two hot PS do not stall the search."""
+    phi = 0.0
+    for q in range(len(mem)):
+        mq, tq = mem[q] + dm.get(q, 0.0), tr[q] + dt.get(q, 0.0)
+        if caps and mq > caps[q]:
+            return math.inf
+        for x in (mq / m_mean if m_mean else 0.0, tq / t_mean if t_mean else 0.0):
+            if x > target:
+                phi += (x - target) ** 2
+    return phi
+
+
+def _cut_sizes(
+    r: int,
+    m: float,
+    t: float,
+    mem: list[float],
+    tr: list[float],
+    top: int,
+    q: int,
+    m_mean: float,
+    t_mean: float,
+    target: float,
+) -> list[int]:
+    """Row counts worth trying when cutting the tail of a shard off ``top`` onto ``q``."""
+    out: set[int] = set()
+    per_m, per_t = m / r / (m_mean or 1.0), t / r / (t_mean or 1.0)
+    a0, b0 = mem[top] / (m_mean or 1.0), tr[top] / (t_mean or 1.0)
+    a1, b1 = mem[q] / (m_mean or 1.0), tr[q] / (t_mean or 1.0)
+    for y0, s0 in ((a0, per_m), (b0, per_t)):
+        for y1, s1 in ((a1, per_m), (b1, per_t)):
+            if s0 + s1 > 0:
+                d = (y0 - y1) / (s0 + s1)
+                out.update(c for c in (math.floor(d), math.ceil(d)) if 1 <= c <= r - 1)
+    # just enough rows to bring top down to the target, the cheapest fix when q has room
+    for y0, s0 in ((a0, per_m), (b0, per_t)):
+        if s0 > 0 and y0 > target:
+            d = (y0 - target) / s0
+            out.update(c for c in (math.floor(d), math.ceil(d)) if 1 <= c <= r - 1)
+    return sorted(out)
+
+
+def _to_plan(old: Plan, pieces: list[list[Any]]) -> Plan:
+    shards = []
+    by_var: dict[str, list[list[Any]]] = {}
+    for x in pieces:
+        by_var.setdefault(x[0], []).append(x)
+    for v in sorted(by_var):
+        for i, (name, off, r, q, m, t) in enumerate(sorted(by_var[v], key=lambda x: x[1])):
+            shards.append(Shard(name, i, off, r, q, m, t))
+    return Plan(
+        old.num_ps,
+        tuple(shards),
+        old.lower_bound,
+        old.capacities,
+        "rebalanced",
+        old.total_bytes,
+        math.fsum(s.traffic for s in shards),
+    )
+
+
+class RebalancePolicy:
+    """Decides, window by window, whether to re-place shards (see the module docstring).
+
+    Args:
+        threshold: traffic max/mean over which a window counts as hot (> 1).
+        windows: consecutive hot windows that trigger a re-placement.
+        target: the max/mean (memory and traffic) the re-placement aims for.
+        cuts: whether the re-placement may cut or resize shards (see :func:`replan`); False
+            keeps every shard as it is and only moves or swaps whole shards.
+    """
+
+    def __init__(
+        self, threshold: float = 1.10, windows: int = 3, target: float = 1.05, cuts: bool = True
+    ) -> None:
+        if not threshold > 1.0:
+            raise BalanceError(f"threshold must be > 1.0 (a max over mean), got {threshold!r}")
+        if not isinstance(windows, int) or windows < 1:
+            raise BalanceError(f"windows must be an integer >= 1, got {windows!r}")
+        if not 1.0 <= target < threshold:
+            raise BalanceError(f"target must be in [1.0, threshold={threshold}), got {target!r}")
+        self.threshold, self.windows, self.target, self.cuts = threshold, windows, target, cuts
+        self.hot = 0
+
+    def reset(self) -> None:
+        """Forget the hot windows seen (call after a re-placement is applied)."""
+        self.hot = 0
+
+    def observe(
+        self, plan: Plan, traffic: Mapping[str, float] | Mapping[tuple[str, int], float]
+    ) -> RebalanceDecision:
+        """Feed one window's per-shard traffic for the placement in force; returns the decision.
+
+        Raises:
+            BalanceError: traffic for a shard the plan does not have, or a negative value.
+        """
+        now = observed(plan, traffic)
+        before = now.max_over_mean()
+        self.hot = self.hot + 1 if before["traffic"] > self.threshold else 0
+        if self.hot < self.windows:
+            why = f"traffic max/mean {before['traffic']:.3f} (threshold {self.threshold}), hot windows {self.hot}/{self.windows}"
+            return RebalanceDecision(False, why, before=before, hot_windows=self.hot)
+        new = replan(now, self.target, cuts=self.cuts)
+        moved = bytes_moved(now, new)
+        after = new.max_over_mean()
+        why = (
+            f"traffic max/mean {before['traffic']:.3f} > {self.threshold} for {self.hot} windows; "
+            f"re-placement moves {moved:.0f} bytes, max/mean memory {after['memory']:.3f} traffic {after['traffic']:.3f}"
+        )
+        return RebalanceDecision(
+            True, why, new, moved, min_bytes_to_move(now, self.target), before, after, self.hot
+        )
