@@ -163,7 +163,8 @@ def read(
         num_epochs: epochs per iteration of the dataset (None: forever).
         drop_last: drop the short last batch of each epoch.
         rank / world_size: this reader among the readers; default ``cluster.current()``.
-        assignment: which splits each reader reads (default: StaticAssignment()).
+        assignment: which splits each reader reads: an ``Assignment``, or ``"static"`` (the
+            default, ``StaticAssignment()``).
         **options: pipeline options (``shuffle_buffer``, ``prefetch``, ``hash_buckets``,
             ``fill_null``, ``retries``, ``backoff``, ``allow_empty``); the rest go to the
             source (files: ``format``, ``storage_options``, ``partition_filter``,
@@ -178,6 +179,7 @@ def read(
         EmptyDatasetError: the dataset has no rows (unless ``allow_empty=True``).
         ValueError: a bad argument, named.
     """
+    assignment = resolve_assignment(assignment)
     pipe = {k: options.pop(k) for k in list(options) if k in _PIPELINE_OPTIONS}
     opts = ReadOptions(
         columns=tuple(columns) if columns is not None and not isinstance(columns, str) else columns,  # type: ignore[arg-type]
@@ -194,6 +196,29 @@ def read(
         world_size = info.world_size if world_size is None else world_size
     src = open_source(source, **options)
     return Dataset(src, opts, ReaderId(rank=rank, world_size=world_size), assignment=assignment)
+
+
+ASSIGNMENTS: dict[str, Any] = {"static": StaticAssignment}
+
+
+def resolve_assignment(assignment: Assignment | str | None) -> Assignment:
+    """``assignment`` as an ``Assignment`` instance: None and ``"static"`` give
+    ``StaticAssignment()``.
+
+    Raises:
+        ValueError: anything else, in one line naming the value and what is accepted.
+    """
+    if assignment is None:
+        return StaticAssignment()
+    if isinstance(assignment, Assignment):
+        return assignment
+    if isinstance(assignment, str) and assignment in ASSIGNMENTS:
+        return ASSIGNMENTS[assignment]()
+    names = ", ".join(repr(n) for n in ASSIGNMENTS)
+    raise ValueError(
+        f"assignment must be a kubeai_train.data.Assignment instance or one of {names}, got {assignment!r} "
+        f"({type(assignment).__name__})"
+    )
 
 
 class Dataset:
@@ -222,7 +247,7 @@ class Dataset:
         self.source = source
         self.options = options
         self.reader = reader
-        self.assignment = assignment or StaticAssignment()
+        self.assignment = resolve_assignment(assignment)
         schema = source.schema()
         names = list(schema.names)
         cols = list(options.columns) if options.columns is not None else names

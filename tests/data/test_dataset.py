@@ -64,6 +64,18 @@ def test_read_options_are_validated() -> None:
         data.read(src, rank=0, world_size=1, format="parquet")
 
 
+def test_assignment_that_is_not_one_fails_at_once_in_one_line() -> None:
+    src = ArraySource()
+    src.splits = None  # type: ignore[assignment]  # nothing may be read before the check
+    for bad in ("dynamik", 3, StaticAssignment):
+        with pytest.raises(ValueError) as ei:
+            data.read(src, rank=0, world_size=1, assignment=bad)
+        msg = str(ei.value)
+        assert "\n" not in msg and repr(bad) in msg and "'static'" in msg and "Assignment" in msg
+    ds = data.read(ArraySource(n=10, split=5), rank=0, world_size=1, assignment="static", batch_size=10)
+    assert isinstance(ds.assignment, StaticAssignment) and next(iter(ds))["id"].tolist() == list(range(10))
+
+
 def test_rank_and_world_size_default_to_the_cluster(clean_cluster_env) -> None:
     clean_cluster_env.setenv("WORLD_SIZE", "4")
     clean_cluster_env.setenv("RANK", "3")
