@@ -724,6 +724,16 @@ class _Trainer:
         export_dir = cfg.export_dir or self.dir.join("export")
         if result.checkpoint is None:
             raise TrainError(f"no checkpoint to export in {self.dir.display}")
+        if cfg.model_repo:
+            found = _export.find_published(
+                cfg.model_repo, cfg.model_name, self.model_dir, result.checkpoint, result.global_step
+            )
+            if found:
+                result.version, result.model_uri, result.metrics = found
+                result.seconds = time.perf_counter() - t_start
+                if self.distributed:
+                    self.dir.write_json(DONE_MARKER, {"time": time.time()})
+                return result
         local = self.model.build()
         status = tf.train.Checkpoint(model=local).restore(self.ckpts.local_copy(result.checkpoint))
         status.expect_partial()

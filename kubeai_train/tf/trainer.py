@@ -716,6 +716,14 @@ class _Trainer:
         export_dir = cfg.export_dir or self.dir.join("export")
         if result.checkpoint is None:
             raise TrainError(f"no checkpoint to export in {self.dir.display}")
+        if cfg.model_repo:
+            found = _export.find_published(
+                cfg.model_repo, cfg.model_name, self.model_dir, result.checkpoint, result.global_step
+            )
+            if found:
+                result.version, result.model_uri, result.metrics = found
+                result.seconds = time.perf_counter() - t_start
+                return result
         predictor = _export.Predictor(self.model, self.ckpts.local_copy(result.checkpoint), self.num_ps)
         try:
             local_export = write_export(export_dir, self.dir, predictor.export, cfg.storage_options)
