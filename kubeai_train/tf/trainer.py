@@ -135,16 +135,27 @@ def run(
     info = cluster.current()
     policy = placement or RoundRobinPlacement()
     read = read_fn or default_read_fn
-    log.info(
-        "[%s %d] kubeai_train.tf between-graph: rank %d/%d, ps %d, policy %s, config %s",
-        info.role,
-        info.index,
-        info.rank,
-        info.world_size,
-        len(info.cluster.get("ps", ())),
-        policy.name,
-        json.dumps(config.describe(), default=str, sort_keys=True),
-    )
+    if info.is_chief:  # the resolved config once per job; the other roles say what they do
+        log.info(
+            "[%s %d] kubeai_train.tf between-graph: rank %d/%d, ps %d, policy %s, config %s",
+            info.role,
+            info.index,
+            info.rank,
+            info.world_size,
+            len(info.cluster.get("ps", ())),
+            policy.name,
+            json.dumps(config.describe(), default=str, sort_keys=True),
+        )
+    elif info.role == "ps":
+        log.info("[ps %d] kubeai_train.tf between-graph: serving variables until the job is done", info.index)
+    else:
+        log.info(
+            "[%s %d] kubeai_train.tf between-graph: training rank %d/%d on its share of the data",
+            info.role,
+            info.index,
+            info.rank,
+            info.world_size,
+        )
     try:
         if info.framework != "tf":
             return _Trainer(model, config, info, policy, read).train()

@@ -63,6 +63,12 @@ def test_a_finished_job_run_again_publishes_once_and_then_reports_the_version(mo
 
     out1, first = run(tmp_path / "repo_a", 1)
     assert first["version"] == 1 and "already published" not in out1
+    # legible: the resolved config once (the chief), one line for each other role, no TF noise
+    lines = out1.splitlines()
+    assert sum('"train_data":' in ln for ln in lines) == 1, tail(out1)
+    assert sum("[ps 0] kubeai_train.tf" in ln for ln in lines) == 1
+    assert sum("[worker 0] kubeai_train.tf" in ln for ln in lines) == 1
+    assert not [ln for ln in lines if any(w in ln for w in ("cuda", "cuInit", "absl::InitializeLog"))]
     trained = json.loads((model_dir / "_TRAINED.json").read_text())
 
     out2, second = run(tmp_path / "repo_b", 2)
