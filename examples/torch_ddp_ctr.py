@@ -44,7 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--model-dir",
         default=None,
-        help="checkpoints (shared by all ranks: a shared volume or an fsspec URL such as oss://...)",
+        help="checkpoints (shared by all ranks: a shared volume or an fsspec URL such as oss://...; "
+        "default: a new directory for this job, printed by rank 0)",
     )
     p.add_argument(
         "--tensorboard-dir",
@@ -75,7 +76,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """This rank's part of the job; returns the result (the same metrics on every rank)."""
-    model_dir = args.model_dir or os.path.join(tempfile.gettempdir(), f"torch_ddp_ctr-{args.model_name}")
+    model_dir = args.model_dir or cluster.default_job_dir(f"torch_ddp_ctr-{args.model_name}")
     with kt.process_group(timeout_s=args.timeout) as ctx:
         torch.manual_seed(args.seed)  # DDP broadcasts rank 0's initial weights anyway
         features = kt.CTRFeatures(buckets=args.hash_buckets)

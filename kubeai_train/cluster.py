@@ -13,12 +13,23 @@ Precedence: ``TF_CONFIG`` when set and non-empty; else the torch variables
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["ClusterError", "ClusterInfo", "current", "from_env", "parse_tf_config"]
+__all__ = [
+    "ClusterError",
+    "ClusterInfo",
+    "current",
+    "default_job_dir",
+    "from_env",
+    "job_id",
+    "parse_tf_config",
+]
 
 TF_ROLES = ("chief", "master", "worker", "ps", "evaluator")
 TORCH_ROLES = ("master", "worker")
@@ -251,3 +262,59 @@ def current() -> ClusterInfo:
     """This process's cluster, read from ``os.environ`` now (cheap; not cached, so a test or a
     launcher that changes the environment sees the change)."""
     return from_env(os.environ)
+
+
+def job_id(env: Mapping[str, str] | None = None) -> str | None:
+    """12 hex digits naming this job, the same in every process of it, or None without a cluster.
+
+    Derived from what every process of one job is given and no other job shares: the TF cluster
+    spec (only its ``ps`` tasks when there are some, because in the operator's sparse
+    ``enableDynamicWorker`` shape a worker sees only the PS and itself), or torch's
+    ``MASTER_ADDR:MASTER_PORT:WORLD_SIZE``. A replica restarted with the same environment gets the
+    same id; the local launcher picks fresh ports per launch, so a new launch gets a new one.
+
+    Raises:
+        ClusterError: a malformed cluster environment (see :func:`from_env`).
+    """
+    info = from_env(env)
+    if info.framework == "tf":
+        spec = info.cluster_spec()
+        key = json.dumps({"ps": spec["ps"]} if spec.get("ps") else spec, sort_keys=True)
+    elif info.framework == "torch":
+        key = f"{info.master_addr}:{info.master_port}:{info.world_size}"
+    else:
+        return None
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def default_job_dir(name: str, env: Mapping[str, str] | None = None) -> str:
+    """A model directory of its own for this job, created, when the user gave none.
+
+    ``<temp dir>/kubeai_train/<name>-<job_id()>`` in a cluster (every process derives the same
+    path without talking; a restarted replica finds it again), a fresh ``mkdtemp`` in one local
+    process. The chief (rank 0) prints it once to stderr, so resuming it is an explicit choice.
+
+    Args:
+        name: what the directory is named after (e.g. ``tf_ps_ctr-ctr``); path separators are
+            not allowed.
+        env: the environment (default ``os.environ``).
+
+    Raises:
+        ClusterError: a malformed cluster environment, or a ``name`` with a path separator.
+    """
+    if not name or "/" in name or os.sep in name:
+        raise ClusterError(f"job dir name must be a plain name without '/', got {name!r}")
+    root = os.path.join(tempfile.gettempdir(), "kubeai_train")
+    os.makedirs(root, exist_ok=True)
+    jid = job_id(env)
+    if jid is None:
+        path = tempfile.mkdtemp(prefix=f"{name}-", dir=root)
+    else:
+        path = os.path.join(root, f"{name}-{jid}")
+        os.makedirs(path, exist_ok=True)
+    if from_env(env).is_chief:
+        print(
+            f"kubeai_train: model_dir {path} (new for this job; --model-dir {path} resumes it)",
+            file=sys.stderr,
+        )
+    return path

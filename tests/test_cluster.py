@@ -141,3 +141,39 @@ def test_core_does_not_import_frameworks():
     code = "import sys, kubeai_train, kubeai_train.cluster; print('tensorflow' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"
+
+
+def _tf_env(role: str, index: int, ps: tuple[str, ...] = ("p0:1", "p1:1")) -> dict[str, str]:
+    spec = {"chief": ["c:1"], "ps": list(ps), "worker": ["w0:1", "w1:1"]}
+    return {"TF_CONFIG": json.dumps({"cluster": spec, "task": {"type": role, "index": index}})}
+
+
+def test_job_id_is_the_same_in_every_process_of_a_job_and_differs_between_jobs():
+    roles = [("chief", 0), ("ps", 0), ("ps", 1), ("worker", 0), ("worker", 1)]
+    ids = {cluster.job_id(_tf_env(r, i)) for r, i in roles}
+    assert len(ids) == 1 and len(ids.pop()) == 12
+    assert cluster.job_id(_tf_env("chief", 0)) != cluster.job_id(_tf_env("chief", 0, ps=("p0:2", "p1:1")))
+    # the operator's sparse shape: a worker that sees only the PS and itself agrees with the chief
+    sparse = '{"cluster":{"worker":{"1":"w1:1"},"ps":["p0:1","p1:1"]},"task":{"type":"worker","index":1}}'
+    assert cluster.job_id({"TF_CONFIG": sparse}) == cluster.job_id(_tf_env("chief", 0))
+    torch = {"MASTER_ADDR": "m", "MASTER_PORT": "29500", "WORLD_SIZE": "2"}
+    t0, t1 = cluster.job_id({**torch, "RANK": "0"}), cluster.job_id({**torch, "RANK": "1"})
+    assert t0 == t1 and t0 != cluster.job_id({**torch, "RANK": "0", "MASTER_PORT": "29501"})
+    assert cluster.job_id({}) is None
+
+
+def test_default_job_dir_is_shared_by_a_job_new_without_a_cluster_and_printed_by_the_chief(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(cluster.tempfile, "tempdir", None)  # re-read TMPDIR
+    chief = cluster.default_job_dir("ctr", _tf_env("chief", 0))
+    assert capsys.readouterr().err.count(chief) == 2  # one line: the path and how to resume it
+    assert cluster.default_job_dir("ctr", _tf_env("ps", 1)) == chief  # a restarted replica too
+    assert capsys.readouterr().err == ""  # only the chief prints
+    assert chief == str(tmp_path / "kubeai_train" / f"ctr-{cluster.job_id(_tf_env('chief', 0))}")
+    assert (tmp_path / "kubeai_train").is_dir() and (tmp_path / chief).is_dir()
+    a, b = cluster.default_job_dir("ctr", {}), cluster.default_job_dir("ctr", {})
+    assert a != b and all(p.startswith(str(tmp_path / "kubeai_train" / "ctr-")) for p in (a, b))
+    with pytest.raises(ClusterError, match="'a/b'"):
+        cluster.default_job_dir("a/b", {})

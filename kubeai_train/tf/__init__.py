@@ -15,13 +15,9 @@ a SavedModel taking raw features and publishes it to the model repository.
 Importing this package imports TensorFlow.
 """
 
-import os
-
-# TensorFlow's C++ INFO/WARNING lines (rendezvous cancellations at every PS shutdown, ...) drown
-# the training log; errors still show. Takes effect when TensorFlow is not imported yet; set
-# TF_CPP_MIN_LOG_LEVEL=0 yourself to see everything.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+# first: imports TensorFlow once, quietly (TF_CPP_MIN_LOG_LEVEL=2 unless set, no CPU-only CUDA /
+# absl start-up lines; see _tf); every module below finds it in sys.modules
+from kubeai_train.tf import _tf  # noqa: F401  # isort: skip
 from kubeai_train.tf import coordinator
 from kubeai_train.tf.entry import MODES, run
 from kubeai_train.tf.features import CtrFeatures, partitioner

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
+from kubeai_train import cluster
 from kubeai_train.tf.features import CtrFeatures
 from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
 from kubeai_train.tf.types import PlacementPolicy, StepInfo, TrainConfig
@@ -66,7 +65,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--model-dir",
         default=None,
         help="checkpoints + summaries: a path shared by all processes, gs://, or any fsspec URL "
-        "such as oss://bucket/dir (default: a directory named after the job under the temp dir)",
+        "such as oss://bucket/dir (default: a new directory for this job, printed by the chief)",
     )
     p.add_argument(
         "--staging-dir",
@@ -115,7 +114,7 @@ def config_from_args(
     Args:
         args: parsed arguments (see :func:`add_common_args`).
         name: the script's name: recorded as ``params["example"]``; the default ``--model-dir``
-            is ``<temp dir>/<name>-<model name>``.
+            is a directory of this job's own (``cluster.default_job_dir("<name>-<model name>")``).
         hooks: step callbacks (``TrainConfig.hooks``).
         **extra: the mode's own ``TrainConfig`` fields (``sync=``, ``ready_timeout=``, ...).
 
@@ -123,7 +122,7 @@ def config_from_args(
         The configuration (validated by ``TrainConfig``).
     """
     return TrainConfig(
-        model_dir=args.model_dir or os.path.join(tempfile.gettempdir(), f"{name}-{args.model_name}"),
+        model_dir=args.model_dir or cluster.default_job_dir(f"{name}-{args.model_name}"),
         train_data=args.train_data,
         eval_data=args.eval_data,
         batch_size=args.batch_size,

@@ -153,16 +153,24 @@ def run(
     info = cluster.current()
     policy = placement or RoundRobinPlacement()
     read = read_fn or default_read_fn
-    log.info(
-        "[%s %d] kubeai_train.tf coordinator mode: ps %d, workers %d, policy %s, options %s, config %s",
-        info.role,
-        info.index,
-        len(info.cluster.get("ps", ())),
-        len(info.cluster.get("worker", ())),
-        policy.name,
-        json.dumps(opts.__dict__, sort_keys=True, default=str),
-        json.dumps(config.describe(), default=str, sort_keys=True),
-    )
+    if info.is_chief or info.framework != "tf":  # the resolved config once per job
+        log.info(
+            "[%s %d] kubeai_train.tf coordinator mode: ps %d, workers %d, policy %s, options %s, config %s",
+            info.role,
+            info.index,
+            len(info.cluster.get("ps", ())),
+            len(info.cluster.get("worker", ())),
+            policy.name,
+            json.dumps(opts.__dict__, sort_keys=True, default=str),
+            json.dumps(config.describe(), default=str, sort_keys=True),
+        )
+    else:
+        log.info(
+            "[%s %d] kubeai_train.tf coordinator mode: %s until the job is done",
+            info.role,
+            info.index,
+            "serving variables" if info.role == "ps" else "running the steps the chief schedules",
+        )
     if info.framework != "tf":
         return _Trainer(model, config, opts, info, policy, read, model_dir).train()
     if info.role in ("ps", "worker"):
@@ -724,6 +732,16 @@ class _Trainer:
         export_dir = cfg.export_dir or self.dir.join("export")
         if result.checkpoint is None:
             raise TrainError(f"no checkpoint to export in {self.dir.display}")
+        if cfg.model_repo:
+            found = _export.find_published(
+                cfg.model_repo, cfg.model_name, self.model_dir, result.checkpoint, result.global_step
+            )
+            if found:
+                result.version, result.model_uri, result.metrics = found
+                result.seconds = time.perf_counter() - t_start
+                if self.distributed:
+                    self.dir.write_json(DONE_MARKER, {"time": time.time()})
+                return result
         local = self.model.build()
         status = tf.train.Checkpoint(model=local).restore(self.ckpts.local_copy(result.checkpoint))
         status.expect_partial()

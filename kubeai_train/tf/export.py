@@ -37,6 +37,7 @@ __all__ = [
     "Predictor",
     "evaluate",
     "export_saved_model",
+    "find_published",
     "model_metadata",
     "publish",
     "publish_once",
@@ -72,7 +73,10 @@ class Predictor:
             saver = tf.compat.v1.train.Saver(tf.compat.v1.global_variables())
         self.session = tf.compat.v1.Session(graph=self.graph)
         try:
-            saver.restore(self.session, checkpoint)
+            # inside the graph: Saver.restore decides graph vs eager mode by the calling context,
+            # and a chief that skips training (a restart after _TRAINED.json) calls this eagerly
+            with self.graph.as_default():
+                saver.restore(self.session, checkpoint)
         except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
             raise TrainError(f"cannot restore the model from checkpoint {checkpoint!r}: {e.message}") from e
 
@@ -179,6 +183,40 @@ def publish(repo_uri: str, name: str, export_dir: str, metadata: Mapping[str, An
     return mv
 
 
+def find_published(
+    repo_uri: str, name: str, model_dir: str, checkpoint: str, global_step: int
+) -> tuple[int, str, dict[str, Any]] | None:
+    """The version of ``name`` the repository already holds from this ``model_dir``'s ``checkpoint``.
+
+    A job restarted after it trained (an ExitCode restart, a re-run pipeline) finds the version its
+    earlier run published by the version's recorded lineage (``model_dir``, ``checkpoint``), so it
+    neither exports again nor publishes a duplicate; it logs one line saying where it is.
+
+    Returns:
+        (version, uri, eval metrics) of the newest such version, or None when there is none.
+    """
+    from kubeai_train.repository import ModelRepository
+
+    want = (redact_uri(model_dir), redact_uri(checkpoint))
+    for mv in reversed(ModelRepository(repo_uri).versions(name)):
+        lineage = mv.metadata.get("lineage") or {}
+        if (lineage.get("model_dir"), lineage.get("checkpoint")) == want:
+            log.info(
+                "%s/%s already published from %s checkpoint %d: %s",
+                name,
+                mv.version,
+                want[0],
+                global_step,
+                mv.uri,
+            )
+            return (
+                int(mv.version),
+                str(mv.uri),
+                dict(mv.metadata.get("eval") or mv.metadata.get("metrics") or {}),
+            )
+    return None
+
+
 def publish_once(
     model_dir: str | ModelDir,
     repo_uri: str,
@@ -187,7 +225,7 @@ def publish_once(
     checkpoint: str | None,
     metadata: Callable[[], Mapping[str, Any]],
 ) -> tuple[int, str]:
-    """Publish ``export_dir`` unless ``checkpoint`` was published already (PUBLISHED_MARKER).
+    """Publish ``export_dir`` unless ``checkpoint`` was published to ``repo_uri`` already (PUBLISHED_MARKER).
 
     Args:
         model_dir: the job's model directory (holds the marker; a path, URL or ModelDir).
@@ -202,12 +240,15 @@ def publish_once(
     """
     d = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
     published = d.read_json(PUBLISHED_MARKER)
-    if published and published.get("checkpoint") == checkpoint:
+    # the marker counts only for the repository it names: the same job pointed at another
+    # repository publishes there
+    repo = redact_uri(repo_uri)
+    if published and published.get("checkpoint") == checkpoint and published.get("repo") == repo:
         log.info("%s already published as version %s", redact_uri(checkpoint), published["version"])
         return int(published["version"]), str(published["uri"])
     mv = publish(repo_uri, name, export_dir, metadata())
     version, uri = int(mv.version), str(mv.uri)
-    d.write_json(PUBLISHED_MARKER, {"version": version, "uri": uri, "checkpoint": checkpoint})
+    d.write_json(PUBLISHED_MARKER, {"version": version, "uri": uri, "checkpoint": checkpoint, "repo": repo})
     return version, uri
 
 

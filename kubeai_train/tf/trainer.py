@@ -135,16 +135,27 @@ def run(
     info = cluster.current()
     policy = placement or RoundRobinPlacement()
     read = read_fn or default_read_fn
-    log.info(
-        "[%s %d] kubeai_train.tf between-graph: rank %d/%d, ps %d, policy %s, config %s",
-        info.role,
-        info.index,
-        info.rank,
-        info.world_size,
-        len(info.cluster.get("ps", ())),
-        policy.name,
-        json.dumps(config.describe(), default=str, sort_keys=True),
-    )
+    if info.is_chief:  # the resolved config once per job; the other roles say what they do
+        log.info(
+            "[%s %d] kubeai_train.tf between-graph: rank %d/%d, ps %d, policy %s, config %s",
+            info.role,
+            info.index,
+            info.rank,
+            info.world_size,
+            len(info.cluster.get("ps", ())),
+            policy.name,
+            json.dumps(config.describe(), default=str, sort_keys=True),
+        )
+    elif info.role == "ps":
+        log.info("[ps %d] kubeai_train.tf between-graph: serving variables until the job is done", info.index)
+    else:
+        log.info(
+            "[%s %d] kubeai_train.tf between-graph: training rank %d/%d on its share of the data",
+            info.role,
+            info.index,
+            info.rank,
+            info.world_size,
+        )
     try:
         if info.framework != "tf":
             return _Trainer(model, config, info, policy, read).train()
@@ -716,6 +727,14 @@ class _Trainer:
         export_dir = cfg.export_dir or self.dir.join("export")
         if result.checkpoint is None:
             raise TrainError(f"no checkpoint to export in {self.dir.display}")
+        if cfg.model_repo:
+            found = _export.find_published(
+                cfg.model_repo, cfg.model_name, self.model_dir, result.checkpoint, result.global_step
+            )
+            if found:
+                result.version, result.model_uri, result.metrics = found
+                result.seconds = time.perf_counter() - t_start
+                return result
         predictor = _export.Predictor(self.model, self.ckpts.local_copy(result.checkpoint), self.num_ps)
         try:
             local_export = write_export(export_dir, self.dir, predictor.export, cfg.storage_options)

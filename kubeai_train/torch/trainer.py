@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -174,13 +175,21 @@ class Trainer:
         self._epoch = 0  # the epoch a restored checkpoint was in
         self._epoch_done = False  # ... and whether this rank had taken all its batches of it
         self._resumed_from: int | None = None
-        log.info(
-            "trainer: rank %d/%d device=%s %s",
-            self.ctx.rank,
-            self.ctx.world_size,
-            self.ctx.device,
-            self.config,
-        )
+        if self.ctx.is_chief:  # the resolved config once per job (URIs without user:password@)
+            log.info(
+                "trainer: rank %d/%d device=%s %s",
+                self.ctx.rank,
+                self.ctx.world_size,
+                self.ctx.device,
+                re.sub(r"//[^/@'\s]*@", "//***@", repr(self.config)),
+            )
+        else:
+            log.info(
+                "trainer: rank %d/%d device=%s training its share of the data",
+                self.ctx.rank,
+                self.ctx.world_size,
+                self.ctx.device,
+            )
 
     # ---------------------------------------------------------------------------- resume
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 
 import pytest
 
@@ -44,7 +45,8 @@ def test_bad_placement_and_missing_data_are_rejected(capsys):
     assert "--train-data" in capsys.readouterr().err
 
 
-def test_model_config_and_report_from_the_common_args(tmp_path, capsys):
+def test_model_config_and_report_from_the_common_args(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the default model_dir goes there
     out = tmp_path / "result.json"
     args = _parser().parse_args(
         [
@@ -67,7 +69,10 @@ def test_model_config_and_report_from_the_common_args(tmp_path, capsys):
         assert isinstance(model, cls) and model.hparams.embedding_dim == 4
         assert model.features.hash_buckets == 300 and model.hparams.learning_rate == 0.2
     cfg = cli.config_from_args(args, name="job", sync=True)
-    assert cfg.model_dir.endswith("job-ctr") and cfg.params == {"example": "job"}
+    # without --model-dir: a new directory of this job's own, named after it (cluster.default_job_dir)
+    assert cfg.model_dir.startswith(str(tmp_path / "kubeai_train" / "job-ctr-")) and cfg.params == {
+        "example": "job"
+    }
     assert cfg.sync and not cfg.shuffle and cfg.batch_size == 512 and cfg.train_data == "/d/train"
     assert cfg.staging_dir == "/scratch"
     res = RunResult(
