@@ -196,6 +196,7 @@ def find_published(
         (version, uri, eval metrics) of the newest such version, or None when there is none.
     """
     from kubeai_train.repository import ModelRepository
+    from kubeai_train.repository.announce import announce
 
     want = (redact_uri(model_dir), redact_uri(checkpoint))
     for mv in reversed(ModelRepository(repo_uri).versions(name)):
@@ -209,6 +210,7 @@ def find_published(
                 global_step,
                 mv.uri,
             )
+            announce(mv, existing=True)
             return (
                 int(mv.version),
                 str(mv.uri),
@@ -245,6 +247,13 @@ def publish_once(
     repo = redact_uri(repo_uri)
     if published and published.get("checkpoint") == checkpoint and published.get("repo") == repo:
         log.info("%s already published as version %s", redact_uri(checkpoint), published["version"])
+        from kubeai_train.repository import ModelRepository, RepositoryError
+        from kubeai_train.repository.announce import announce
+
+        try:
+            announce(ModelRepository(repo_uri).get(name, version=int(published["version"])), existing=True)
+        except RepositoryError:  # the report is a courtesy; the marker already answered
+            pass
         return int(published["version"]), str(published["uri"])
     mv = publish(repo_uri, name, export_dir, metadata())
     version, uri = int(mv.version), str(mv.uri)

@@ -69,6 +69,10 @@ def test_a_finished_job_run_again_publishes_once_and_then_reports_the_version(mo
     assert sum("[ps 0] kubeai_train.tf" in ln for ln in lines) == 1
     assert sum("[worker 0] kubeai_train.tf" in ln for ln in lines) == 1
     assert not [ln for ln in lines if any(w in ln for w in ("cuda", "cuInit", "absl::InitializeLog"))]
+    assert (
+        lines[-1].startswith("[launch] job ")
+        and f"; published ctr/1 (auc {first['metrics']['auc']:.4f}" in lines[-1]
+    )
     trained = json.loads((model_dir / "_TRAINED.json").read_text())
 
     out2, second = run(tmp_path / "repo_b", 2)
@@ -80,10 +84,12 @@ def test_a_finished_job_run_again_publishes_once_and_then_reports_the_version(mo
 
     out3, third = run(tmp_path / "repo_b", 3)
     line = f"ctr/1 already published from {model_dir} checkpoint {trained['global_step']}: {mv.uri}"
-    assert [ln for ln in out3.splitlines() if "already published" in ln] == [
-        ln for ln in out3.splitlines() if ln.endswith(line)
-    ]
+    assert [
+        ln for ln in out3.splitlines() if "already published" in ln and not ln.startswith("[launch]")
+    ] == [ln for ln in out3.splitlines() if ln.endswith(line)]
     assert sum(ln.endswith(line) for ln in out3.splitlines()) == 1, tail(out3)
     assert [v.version for v in ModelRepository(str(tmp_path / "repo_b")).versions("ctr")] == [1]
     assert third["version"] == 1 and third["model_uri"] == mv.uri
+    assert out3.splitlines()[-1].endswith(f"; already published ctr/1 (auc {first['metrics']['auc']:.4f}, "
+                                          f"logloss {first['metrics']['logloss']:.4f}) at {mv.uri}"), tail(out3)  # fmt: skip
     assert third["metrics"]["auc"] == pytest.approx(first["metrics"]["auc"], abs=1e-6)
