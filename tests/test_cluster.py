@@ -132,12 +132,3 @@ def test_errors_pickle():
 
     err = ClusterError("TF_CONFIG bad")
     assert str(pickle.loads(pickle.dumps(err))) == "TF_CONFIG bad"
-
-
-def test_core_does_not_import_frameworks():
-    import subprocess
-    import sys
-
-    code = "import sys, kubeai_train, kubeai_train.cluster; print('tensorflow' in sys.modules, 'torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False False"
