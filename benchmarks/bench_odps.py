@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args(argv)
 
-    from kubeai_train.data.odps import OdpsSource, _FastArrowDownload
+    from kubeai_train.data.odps import OdpsSource
+    from kubeai_train.data.odps.tunnel import FastArrowDownload
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = split.num_rows
 
             def wire() -> int:
-                dl = _FastArrowDownload(sess, 0, rows, None, None, 120.0)
+                dl = FastArrowDownload(sess, 0, rows, None, None, 120.0)
                 resp = dl._request()
                 fp = resp.raw._fp
                 buf = bytearray(4 << 20)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
             def plain_get() -> int:
                 # the same signed request through requests, body read whole (Response.content)
-                dl = _FastArrowDownload(sess, 0, rows, None, None, 120.0)
+                dl = FastArrowDownload(sess, 0, rows, None, None, 120.0)
                 resp = dl._request()
                 n = len(resp.content)
                 resp.close()

@@ -39,16 +39,39 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from kubeai_train.data.types import ReaderId, StateError
 
-if TYPE_CHECKING:
-    from kubeai_train.data.dataset import Dataset
-
 __all__ = ["state_from_tf", "to_tf", "to_torch", "worker_positions"]
+
+
+class Dataset(Protocol):
+    """What the adapters use of a :class:`kubeai_train.data.dataset.Dataset`, named here so that
+    the adapters sit below the dataset (which offers them as ``to_tf`` / ``to_torch``)."""
+
+    options: Any
+    plans: Any
+    reader: ReaderId
+    _epoch: int
+    _rows: int
+
+    @property
+    def epoch(self) -> int: ...
+
+    def output_spec(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def with_reader(self, reader: ReaderId) -> Dataset: ...
+
+    def _epoch_rows(self) -> int: ...
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+
+    def __len__(self) -> int: ...
 
 
 def to_tf(ds: Dataset, with_state: bool = False) -> Any:

@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 
 from kubeai_train import cluster
+from kubeai_train.data import adapters
 from kubeai_train.data._retry import RetryPolicy
 from kubeai_train.data.assignment import StaticAssignment, share_bounds, slice_rows
 from kubeai_train.data.convert import ColumnPlan, HashMemo, convert, plan_columns, prehash
@@ -621,12 +622,8 @@ class Dataset:
                 after the batch (a scalar ``tf.string``), exact however much tf.data buffers
                 ahead; resume with ``load_state_dict(data.state_from_tf(state))``.
         """
-        from kubeai_train.data.adapters import to_tf
-
-        return to_tf(self, with_state=with_state)
+        return adapters.to_tf(self, with_state=with_state)
 
     def to_torch(self) -> Any:
         """A ``torch.utils.data.IterableDataset`` splitting this rank's share across workers."""
-        from kubeai_train.data.adapters import to_torch
-
-        return to_torch(self)
+        return adapters.to_torch(self)

@@ -3,7 +3,7 @@
 The files source reads ``oss://bucket/prefix/...`` through fsspec; this module supplies what it
 needs (registered in :mod:`kubeai_train.data.registry` as the ``oss`` storage-options provider):
 
-* Endpoint and credentials from the environment names of ../shared/DESIGN.md (``OSS_ENDPOINT``,
+* Endpoint and credentials from the environment (``OSS_ENDPOINT``,
   ``OSS_ACCESS_KEY_ID``, ``OSS_ACCESS_KEY_SECRET``, ``OSS_SESSION_TOKEN``); explicit storage
   options win. Secrets never appear in logs or errors.
 * Exact byte ranges. ossfs opens files with fsspec's ``readahead`` cache, which reads every miss

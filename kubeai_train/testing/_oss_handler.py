@@ -17,16 +17,14 @@ import uuid
 from collections.abc import Iterator
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from . import _oss_xml as xml
 from ._oss_auth import verify
 from ._oss_faults import Fault
+from ._oss_httpd import OSSHTTPServer
 from ._oss_store import ObjectMeta, StoreError
-
-if TYPE_CHECKING:
-    from .oss_server import _HTTPServer
 
 logger = logging.getLogger("kubeai_train.testing.oss_server")
 
@@ -50,7 +48,7 @@ class OSSRequestHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     server_version = "AliyunOSS"
     sys_version = ""
-    server: _HTTPServer
+    server: OSSHTTPServer
 
     # ------------------------------------------------------------------ plumbing
     def log_message(self, format: str, *args: Any) -> None:

@@ -34,16 +34,15 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import sys
 import threading
 import urllib.request
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 from ._oss_auth import Credentials
 from ._oss_faults import ByteCounter, Fault, FaultBook
 from ._oss_handler import OSSRequestHandler
+from ._oss_httpd import OSSHTTPServer
 from ._oss_store import ObjectStore, StoreError
 
 __all__ = ["Credentials", "Fault", "OSSServer", "main"]
@@ -52,51 +51,6 @@ logger = logging.getLogger("kubeai_train.testing.oss_server")
 
 DEFAULT_ACCESS_KEY_ID = "kubeai-local-id"
 DEFAULT_ACCESS_KEY_SECRET = "kubeai-local-secret"
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    store: ObjectStore
-    credentials: Credentials | None
-    faults: FaultBook
-    counter: ByteCounter
-    host_id: str
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._conns_lock:
-            self._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._conns_lock:
-            self._conns.discard(request)
-        super().shutdown_request(request)
-
-    def close_connections(self) -> None:
-        """Hang up on every client (kept-alive connections would otherwise outlive the server)."""
-        with self._conns_lock:
-            conns = list(self._conns)
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients hanging up (or tests resetting connections) are routine; anything else is a bug.
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            return
-        logger.exception("local OSS server: error while serving %s", client_address)
 
 
 class OSSServer:
@@ -139,7 +93,7 @@ class OSSServer:
         self.counter = ByteCounter()
         self._host = host
         self._port = port
-        self._httpd: _HTTPServer | None = None
+        self._httpd: OSSHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -147,7 +101,7 @@ class OSSServer:
         """Bind and serve in a background thread; returns self."""
         if self._httpd is not None:
             return self
-        httpd = _HTTPServer((self._host, self._port), OSSRequestHandler)
+        httpd = OSSHTTPServer((self._host, self._port), OSSRequestHandler)
         httpd.store = self.store
         httpd.credentials = self.credentials
         httpd.faults = self.faults

@@ -1,6 +1,7 @@
-"""The odps:// source through the real pyodps client against the local ODPS server: the shared
+"""OdpsSource through the real pyodps client against the local ODPS server: the shared
 conformance suite, one shared download session per partition across 3 ranks x 2 loader workers,
-faults (reset, 503, bad CRC, expiry, changed table), credentials, missing table / partition."""
+faults (reset, 503, bad CRC, expiry, changed table), credentials, missing table / partition, and
+``create_sessions`` / ``python -m kubeai_train.data.odps sessions``."""
 
 from __future__ import annotations
 
@@ -26,69 +27,13 @@ from kubeai_train.data.odps import (
     create_sessions,
     main,
 )
-from kubeai_train.testing.odps_server import OdpsServer
 
-from .conformance import ConformanceSpec, SourceConformance, ids_of
+from ..conformance import ConformanceSpec, SourceConformance, ids_of
+from ._tables import PARTS, TOTAL, all_ids, rows
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-# partition -> (rows, first id): uneven sizes
-PARTS = {("20260101", "00"): (700, 0), ("20260101", "01"): (333, 700), ("20260102", "00"): (1100, 1033)}
-TOTAL = sum(n for n, _ in PARTS.values())
-
-
-def _rows(n: int, first: int) -> pa.Table:
-    ids = np.arange(first, first + n, dtype=np.int64)
-    cols = {"id": ids, "label": (ids % 2).astype(np.int64)}
-    for i in range(4):
-        cols[f"d{i}"] = ids * (i + 1) * 0.25
-    return pa.table(cols)
-
-
-def _write_parted(root: Path, name: str) -> None:
-    for (ds, hh), (n, first) in PARTS.items():
-        d = root / "proj" / name / f"ds={ds}" / f"hh={hh}"
-        d.mkdir(parents=True, exist_ok=True)
-        pq.write_table(_rows(n, first), d / "part-0.parquet")
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("odps-data")
-    _write_parted(root, "events")
-    _write_parted(root, "scratch")  # tests that rewrite data use this one
-    plain = root / "proj" / "plain"
-    plain.mkdir(parents=True)
-    pq.write_table(_rows(1500, 0).slice(0, 900), plain / "a.parquet")
-    pq.write_table(_rows(1500, 0).slice(900), plain / "b.parquet")
-    empty = root / "proj" / "empty"
-    empty.mkdir(parents=True)
-    pq.write_table(_rows(0, 0), empty / "a.parquet")
-    return root
-
-
-@pytest.fixture(scope="module")
-def server(root):
-    with OdpsServer(root, project="proj", chunk_size=2048, batch_rows=128) as srv:
-        yield srv
-
-
-@pytest.fixture
-def env(server, monkeypatch):
-    server.clear_faults()
-    for k, v in server.env("proj").items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.delenv(SESSIONS_ENV, raising=False)
-    return server
-
-
-def _all_ids(src: OdpsSource, columns=None) -> list[int]:
-    out: list[int] = []
-    for split in src.splits():
-        for b in src.read(split, columns=columns):
-            out.extend(b.column("id").to_pylist())
-    return out
+REPO = Path(__file__).resolve().parents[3]
 
 
 # ------------------------------------------------------------------ the shared conformance suite
@@ -122,7 +67,7 @@ def test_reads_every_row_once(env, reader, compression):
     src = OdpsSource("odps://proj/tables/events", reader=reader, compression=compression, split_rows=300)
     assert src.partitions() == ["ds=20260101,hh=00", "ds=20260101,hh=01", "ds=20260102,hh=00"]
     assert src.schema().names == ["id", "label", "d0", "d1", "d2", "d3", "ds", "hh"]
-    assert _all_ids(src) == list(range(TOTAL))
+    assert all_ids(src) == list(range(TOTAL))
 
 
 def test_partial_spec_projection_partition_columns_and_offset(env):
@@ -141,7 +86,7 @@ def test_partial_spec_projection_partition_columns_and_offset(env):
 
 def test_parallel_range_readers_keep_order(env):
     src = OdpsSource("odps://proj/tables/plain", split_rows=1500, parallel=4)
-    assert _all_ids(src) == list(range(1500))
+    assert all_ids(src) == list(range(1500))
 
 
 def test_data_read_non_partitioned(env):
@@ -166,7 +111,7 @@ def test_faults_reopen_at_the_exact_row(env, fault, reader):
     src = OdpsSource("odps://proj/tables/events", split_rows=2000, reader=reader, backoff=0.01)
     src.splits()
     env.inject(count=2, **fault)
-    assert _all_ids(src) == list(range(TOTAL))  # no row lost or duplicated
+    assert all_ids(src) == list(range(TOTAL))  # no row lost or duplicated
     assert env.stats.snapshot()["faults_fired"][fault["kind"]] >= 2
     assert not env.pending_faults()
 
@@ -204,7 +149,7 @@ def test_changed_table_after_expiry_is_a_clear_error(env, root):
     splits = src.splits()
     list(src.read(splits[0]))
     part = root / "proj" / "scratch" / "ds=20260101" / "hh=01"
-    pq.write_table(_rows(50, 5000), part / "part-1.parquet")  # the partition is rewritten
+    pq.write_table(rows(50, 5000), part / "part-1.parquet")  # the partition is rewritten
     try:
         env.expire_sessions()
         with pytest.raises(
@@ -274,7 +219,7 @@ def test_sessions_from_environment_are_reused(env, monkeypatch, capsys):
     monkeypatch.setenv(SESSIONS_ENV, json.dumps(ids))
     before = env.stats.snapshot()["sessions_created"]
     src = OdpsSource("odps://proj/tables/events")
-    assert _all_ids(src) == list(range(TOTAL))
+    assert all_ids(src) == list(range(TOTAL))
     assert env.stats.snapshot()["sessions_created"] == before
     assert src.session_ids() == ids
 
@@ -319,118 +264,6 @@ def test_three_ranks_two_loader_workers_one_session_per_partition(env, tmp_path)
     assert env.stats.snapshot()["sessions_created"] - before == len(PARTS)
 
 
-def test_crc_combination_matches_a_second_pass():
-    import crc32c
-
-    from kubeai_train.data.odps import _crc_shift_tables
-
-    rng = np.random.default_rng(1)
-    a, b = rng.bytes(1000), rng.bytes(4096)
-    t0, t1, t2, t3 = _crc_shift_tables(len(b))
-    ca, cb = crc32c.crc32c(a), crc32c.crc32c(b)
-    combined = t0[ca & 255] ^ t1[(ca >> 8) & 255] ^ t2[(ca >> 16) & 255] ^ t3[ca >> 24] ^ cb
-    assert combined == crc32c.crc32c(a + b)
-
-
-@pytest.mark.parametrize("compression", [None, "lz4"])
-def test_storage_api_reader(env, compression):
-    src = OdpsSource("odps://proj/tables/events", reader="storage", split_rows=300, compression=compression)
-    assert _all_ids(src) == list(range(TOTAL))
-    split = src.splits()[1]
-    got = pa.Table.from_batches(list(src.read(split, columns=["hh", "id"], offset=7)))
-    assert got.column_names == ["hh", "id"] and got.column("id").to_pylist() == list(range(307, 600))
-
-
-def test_storage_api_reader_recovers_from_a_reset_and_an_expired_read_session(env):
-    src = OdpsSource("odps://proj/tables/events", reader="storage", split_rows=2000, backoff=0.01)
-    splits = src.splits()
-    env.inject("reset", after_bytes=3000)
-    got = [i for b in src.read(splits[0]) for i in b.column("id").to_pylist()]
-    env.expire_sessions()
-    got += [i for s in splits[1:] for b in src.read(s) for i in b.column("id").to_pylist()]
-    assert got == list(range(TOTAL))
-
-
-def _framed(n_rows: int, chunk: int, corrupt: int | None = None) -> tuple[bytes, pa.Table]:
-    from kubeai_train.testing._odps_wire import encode_arrow_batches, frame_arrow
-
-    t = _rows(n_rows, 0)
-    return frame_arrow(encode_arrow_batches(t.to_batches(max_chunksize=50)), chunk, corrupt_chunk=corrupt), t
-
-
-class _SockResponse:
-    """What the decoders need of an http.client response: .fp (buffered socket file), .length."""
-
-    chunked = False
-
-    def __init__(self, body: bytes) -> None:
-        import socket
-        import threading
-
-        a, b = socket.socketpair()
-        self._keep = a
-        threading.Thread(target=lambda: (a.sendall(body), a.shutdown(socket.SHUT_WR)), daemon=True).start()
-        b.settimeout(10)
-        self.sock = b
-        self.fp = b.makefile("rb")
-        self.length = len(body)
-
-    def readinto(self, buf) -> int:
-        return self.fp.readinto(buf)
-
-
-@pytest.mark.parametrize("path", ["scatter", "blocks", "stream"])
-@pytest.mark.parametrize("chunk", [64, 1000, 4096])
-def test_body_decoders_verify_every_crc(path, chunk):
-    from kubeai_train.data.odps import (
-        ChecksumMismatch,
-        _raw_socket,
-        _scatter_batches,
-        _stream_batches,
-        _zero_copy_batches,
-    )
-
-    def decode(body: bytes, length: int | None = None) -> pa.Table:
-        schema = _rows(0, 0).schema
-        if path == "stream":  # unknown length (compressed / chunked): blocks of any size
-            sizes = np.random.default_rng(len(body)).integers(1, 3 * chunk, 10_000)
-            cuts = np.minimum(np.cumsum(sizes), len(body))
-            blocks = [body[a:b] for a, b in zip([0, *cuts[:-1]], cuts, strict=True) if b > a]
-            return pa.Table.from_batches(list(_stream_batches(iter(blocks), schema)), schema=schema)
-        resp = _SockResponse(body)
-        if path == "scatter":
-            assert _raw_socket(resp) is resp.sock
-            batches = list(_scatter_batches(resp.sock, resp, length or len(body), schema))
-        else:
-            batches = list(_zero_copy_batches(resp, length or len(body), schema))
-        return pa.Table.from_batches(batches, schema=schema)
-
-    body, table = _framed(777, chunk)
-    assert decode(body).equals(table)
-    for k in (0, 3):
-        with pytest.raises(ChecksumMismatch):
-            decode(_framed(777, chunk, corrupt=k)[0])
-    with pytest.raises(ChecksumMismatch):
-        decode(body[: len(body) // 2], length=len(body))  # truncated: the connection ends early
-    # a body whose data is an exact multiple of the chunk size ends with an empty final chunk
-    from kubeai_train.testing._odps_wire import encode_arrow_batches, frame_arrow
-
-    data = encode_arrow_batches(table.to_batches(max_chunksize=50))
-    exact = frame_arrow(data + b"\0" * (-len(data) % chunk), chunk)
-    assert decode(exact).equals(table)
-
-
-def test_fallback_reader_without_socket_access(env, monkeypatch):
-    import kubeai_train.data.odps as odps_mod
-
-    monkeypatch.setattr(odps_mod, "_raw_socket", lambda fp: None)
-    src = OdpsSource("odps://proj/tables/events", split_rows=1000, backoff=0.01)
-    src.splits()
-    env.inject("bad_crc", chunk=1)
-    env.inject("truncate", after_bytes=4000)
-    assert _all_ids(src) == list(range(TOTAL))
-
-
 @pytest.mark.parametrize("compression", ["zstd", "lz4"])
 def test_compressed_reads_recover_from_faults(env, compression):
     src = OdpsSource("odps://proj/tables/events", split_rows=1000, compression=compression, backoff=0.01)
@@ -438,5 +271,5 @@ def test_compressed_reads_recover_from_faults(env, compression):
     env.inject("bad_crc", chunk=2)
     env.inject("truncate", after_bytes=3000)
     env.inject("reset", after_bytes=100)
-    assert _all_ids(src) == list(range(TOTAL))
+    assert all_ids(src) == list(range(TOTAL))
     assert not env.pending_faults()
