@@ -26,7 +26,7 @@ def test_crc_combination_matches_a_second_pass():
 
 
 def _framed(n_rows: int, chunk: int, corrupt: int | None = None) -> tuple[bytes, pa.Table]:
-    from kubeai_train.testing._odps_wire import encode_arrow_batches, frame_arrow
+    from kubeai_train.testing.odps_server.wire import encode_arrow_batches, frame_arrow
 
     t = rows(n_rows, 0)
     return frame_arrow(encode_arrow_batches(t.to_batches(max_chunksize=50)), chunk, corrupt_chunk=corrupt), t
@@ -87,7 +87,7 @@ def test_body_decoders_verify_every_crc(path, chunk):
     with pytest.raises(ChecksumMismatch):
         decode(body[: len(body) // 2], length=len(body))  # truncated: the connection ends early
     # a body whose data is an exact multiple of the chunk size ends with an empty final chunk
-    from kubeai_train.testing._odps_wire import encode_arrow_batches, frame_arrow
+    from kubeai_train.testing.odps_server.wire import encode_arrow_batches, frame_arrow
 
     data = encode_arrow_batches(table.to_batches(max_chunksize=50))
     exact = frame_arrow(data + b"\0" * (-len(data) % chunk), chunk)

@@ -16,9 +16,9 @@ import pytest
 from odps import ODPS, errors
 from odps.tunnel import TableTunnel
 
-from kubeai_train.testing._odps_auth import AuthFailure, Credentials, check_signature
-from kubeai_train.testing._odps_wire import encode_records, frame_arrow
 from kubeai_train.testing.odps_server import Fault, OdpsServer
+from kubeai_train.testing.odps_server.auth import AuthFailure, Credentials, check_signature
+from kubeai_train.testing.odps_server.wire import encode_records, frame_arrow
 
 pytestmark = pytest.mark.integration
 
