@@ -26,8 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 from kubeai_train.tf import metrics
-from kubeai_train.tf.inputs import ReadFn, clean_batch, reader_options
 from kubeai_train.tf.model_dir import ModelDir
+from kubeai_train.tf.reading import ReadFn, clean_batch, reader_options
 from kubeai_train.tf.types import Model, TrainError
 
 __all__ = [

@@ -31,7 +31,6 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ import tensorflow as tf
 from kubeai_train import cluster
 from kubeai_train.tf import checkpoints as _checkpoints
 from kubeai_train.tf import export as _export
-from kubeai_train.tf.inputs import ReadFn, default_read_fn, make_dataset
+from kubeai_train.tf.between_graph.input import ReadFn, default_read_fn, make_dataset
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
 from kubeai_train.tf.placement import (
     PlanStrategy,
@@ -55,6 +54,7 @@ from kubeai_train.tf.types import (
     Model,
     PlacementPolicy,
     ReadyTimeoutError,
+    RunResult,
     StepInfo,
     TrainConfig,
     TrainError,
@@ -81,29 +81,6 @@ _RETRYABLE = (
     tf.errors.FailedPreconditionError,
     tf.errors.NotFoundError,
 )
-
-
-@dataclass
-class RunResult:
-    """What ``run`` returns in this process (the chief's has metrics and the published version)."""
-
-    role: str
-    rank: int
-    local_steps: int = 0
-    examples: int = 0
-    global_step: int = 0
-    seconds: float = 0.0
-    checkpoint: str | None = None
-    export_dir: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    version: int | None = None
-    model_uri: str | None = None
-    placement: dict[str, Any] | None = None
-    ready_seconds: float = 0.0
-    ready_at: float = 0.0
-    train_seconds: float = 0.0
-    first_step_seconds: float = 0.0
-    first_step_examples: int = 0
 
 
 def run(

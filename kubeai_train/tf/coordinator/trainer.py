@@ -8,11 +8,11 @@
   TFJob end cleanly), or until killed.
 * **chief**: sets ``GRPC_FAIL_FAST=use_caller``, connects (``TFConfigClusterResolver``; retried
   up to ``connect_timeout`` while servers come up), builds the user's ``tf.Module`` under the
-  strategy with variables placed by the placement policy (see ``_coord_placement``) and large
+  strategy with variables placed by the placement policy (see ``.placement``) and large
   tables sharded by ``MinSizePartitioner`` / ``FixedShardsPartitioner``, restores the latest
   checkpoint if there is one, and schedules training steps onto whichever worker is free.
   Input comes from the chief's readers (``input="chief"``: each batch travels with its step) or
-  from ``tf.data`` file readers on the workers (``input="workers"``); see ``_coord_input``.
+  from ``tf.data`` file readers on the workers (``input="workers"``); see ``.input``.
 * no cluster: the same model, optimizer and step function in one process (the baseline).
 
 Failures: a worker that dies is absorbed by the coordinator (its closures run on the other
@@ -28,7 +28,7 @@ exports a SavedModel whose serving signature takes the raw features, evaluates e
 ``model_dir`` is a path TensorFlow writes (local, a shared volume, gs://: each PS writes its own
 checkpoint shard there, through ``tf.train.CheckpointManager``) or any fsspec URL (oss://...:
 the chief reads every variable and writes the checkpoint into its local staging, then uploads
-it; see ``_coord_checkpoints`` for the commit order and the chief's memory cost). Markers, the
+it; see ``.checkpoints`` for the commit order and the chief's memory cost). Markers, the
 placement report, the eval sample, the export and the done marker go through the same
 :class:`~kubeai_train.tf.model_dir.ModelDir`, so every role needs the store's credentials.
 """
@@ -51,8 +51,8 @@ import tensorflow as tf
 
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
-from kubeai_train.tf._coord_checkpoints import chief_io_device, object_checkpoints
-from kubeai_train.tf._coord_input import (
+from kubeai_train.tf.coordinator.checkpoints import chief_io_device, object_checkpoints
+from kubeai_train.tf.coordinator.input import (
     ChiefReader,
     list_native,
     native_counts,
@@ -60,18 +60,18 @@ from kubeai_train.tf._coord_input import (
     worker_dataset_fn,
     write_native,
 )
-from kubeai_train.tf._coord_models import DeepFMModule, DeepFMModuleModel
-from kubeai_train.tf._coord_optim import Adagrad
-from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
-from kubeai_train.tf._coord_types import CoordinatorOptions, ModuleModel
-from kubeai_train.tf.inputs import ReadFn, default_read_fn
+from kubeai_train.tf.coordinator.models import DeepFMModule, DeepFMModuleModel
+from kubeai_train.tf.coordinator.optim import Adagrad
+from kubeai_train.tf.coordinator.placement import PlanApplier, infos, snapshot_build, verify
+from kubeai_train.tf.coordinator.types import CoordinatorOptions, ModuleModel
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
 from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
-from kubeai_train.tf.trainer import RunResult
+from kubeai_train.tf.reading import ReadFn, default_read_fn
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,
     ClusterUnavailableError,
     PlacementPolicy,
+    RunResult,
     StepInfo,
     TrainConfig,
     TrainError,
