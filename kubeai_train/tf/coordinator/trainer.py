@@ -36,7 +36,6 @@ placement report, the eval sample, the export and the done marker go through the
 from __future__ import annotations
 
 import collections
-import io
 import json
 import logging
 import math
@@ -51,6 +50,7 @@ import tensorflow as tf
 
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
+from kubeai_train.tf.checkpoints import RETRYABLE_ERRORS
 from kubeai_train.tf.coordinator.checkpoints import chief_io_device, object_checkpoints
 from kubeai_train.tf.coordinator.input import (
     ChiefReader,
@@ -95,17 +95,9 @@ DONE_MARKER = "_COORD_DONE.json"
 TRAINED_MARKER = _export.TRAINED_MARKER
 PUBLISHED_MARKER = _export.PUBLISHED_MARKER
 PLACEMENT_REPORT = "placement.json"
-EVAL_SAMPLE = "eval_sample.npz"
+EVAL_SAMPLE = _export.EVAL_SAMPLE
 
-# Errors from schedule / join / fetch that mean "the cluster lost state": restart and restore.
-_RETRYABLE = (
-    tf.errors.UnavailableError,
-    tf.errors.AbortedError,
-    tf.errors.CancelledError,
-    tf.errors.DeadlineExceededError,
-    tf.errors.FailedPreconditionError,
-    tf.errors.NotFoundError,
-)
+_RETRYABLE = RETRYABLE_ERRORS
 
 
 def run(
@@ -729,28 +721,20 @@ class _Trainer:
     # ----------------------------------------------------------------------------- export
     def _finish(self, result: RunResult, t_start: float) -> RunResult:
         cfg = self.config
+        checkpoint = _export.checkpoint_to_export(cfg, self.dir, self.model_dir, result)
+        if checkpoint is None:  # published already (a re-run of a finished job)
+            result.seconds = time.perf_counter() - t_start
+            if self.distributed:
+                self.dir.write_json(DONE_MARKER, {"time": time.time()})
+            return result
         export_dir = cfg.export_dir or self.dir.join("export")
-        if result.checkpoint is None:
-            raise TrainError(f"no checkpoint to export in {self.dir.display}")
-        if cfg.model_repo:
-            found = _export.find_published(
-                cfg.model_repo, cfg.model_name, self.model_dir, result.checkpoint, result.global_step
-            )
-            if found:
-                result.version, result.model_uri, result.metrics = found
-                result.seconds = time.perf_counter() - t_start
-                if self.distributed:
-                    self.dir.write_json(DONE_MARKER, {"time": time.time()})
-                return result
         local = self.model.build()
-        status = tf.train.Checkpoint(model=local).restore(self.ckpts.local_copy(result.checkpoint))
+        status = tf.train.Checkpoint(model=local).restore(self.ckpts.local_copy(checkpoint))
         status.expect_partial()
         try:
             status.assert_existing_objects_matched()
         except AssertionError as e:
-            raise TrainError(
-                f"checkpoint {self._shown(result.checkpoint)!r} does not hold this model: {e}"
-            ) from e
+            raise TrainError(f"checkpoint {self._shown(checkpoint)!r} does not hold this model: {e}") from e
         serving = _Serving(local, self.raw)
         # the SavedModel is written on local disk (renamed into place), then copied when
         # export_dir is elsewhere (gs://, oss://, ...)
@@ -775,26 +759,8 @@ class _Trainer:
                 # predicted again as one batch, so a consumer feeding exactly these rows as one
                 # batch gets bit-identical results (a different batch size may change the last ulp)
                 sample["__prediction__"] = predictor.predict(sample)
-            buf = io.BytesIO()
-            np.savez(buf, **sample)  # type: ignore[arg-type]
-            self.dir.write_bytes(EVAL_SAMPLE, buf.getvalue())
-            log.info(
-                "%s eval on %s: auc %.4f logloss %.4f (%d rows)",
-                self.tag,
-                cfg.eval_data,
-                result.metrics["auc"],
-                result.metrics["logloss"],
-                result.metrics["rows"],
-            )
-        if cfg.model_repo:
-            result.version, result.model_uri = _export.publish_once(
-                self.dir,
-                cfg.model_repo,
-                cfg.model_name,
-                local_export,
-                result.checkpoint,
-                lambda: self._metadata(result),
-            )
+            _export.record_eval(self.dir, self.tag, cfg.eval_data, result.metrics, sample)
+        _export.publish_result(self.dir, cfg, local_export, result, lambda: self._metadata(result))
         result.seconds = time.perf_counter() - t_start
         if self.distributed:
             self.dir.write_json(DONE_MARKER, {"time": time.time()})
@@ -802,14 +768,11 @@ class _Trainer:
 
     def _metadata(self, result: RunResult) -> dict[str, Any]:
         native = self.opts.native_data if self.opts.input == "workers" else None
-        return _export.model_metadata(
+        return _export.result_metadata(
+            result,
             mode=MODE,
             model=self.model,
             config=self.config,
-            metrics=result.metrics,
-            checkpoint=result.checkpoint,
-            global_step=result.global_step,
-            placement=result.placement,
             model_dir=self.model_dir,
             cluster_spec=self.info.cluster,
             params={"input": self.opts.input},
