@@ -84,8 +84,8 @@ def main() -> int:
     from kubeai_train.launch import run_processes
     from kubeai_train.testing import ctr
     from kubeai_train.tf import CtrFeatures
-    from kubeai_train.tf._coord_models import DeepFMModuleModel
     from kubeai_train.tf.coordinator import write_native
+    from kubeai_train.tf.coordinator.models import DeepFMModuleModel
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_tf_input-"))
     data = out / "data"

@@ -23,7 +23,6 @@ from kubeai_train.tf.entry import MODES, run
 from kubeai_train.tf.features import CtrFeatures, partitioner
 from kubeai_train.tf.models import DeepFM, DeepFMParams
 from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
-from kubeai_train.tf.trainer import RunResult
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,
     ClusterUnavailableError,
@@ -32,6 +31,7 @@ from kubeai_train.tf.types import (
     PlacementPlan,
     PlacementPolicy,
     ReadyTimeoutError,
+    RunResult,
     StepInfo,
     TrainConfig,
     TrainError,

@@ -36,6 +36,7 @@ from kubeai_train.tf.model_dir import ModelDir
 from kubeai_train.tf.types import TrainError
 
 __all__ = [
+    "RETRYABLE_ERRORS",
     "CheckpointCorruptError",
     "NativeCheckpoints",
     "StagedCheckpoints",
@@ -48,6 +49,16 @@ __all__ = [
 ]
 
 log = logging.getLogger("kubeai_train.tf")
+
+#: Errors meaning "a PS (or its state) went away": both modes restart and restore the checkpoint.
+RETRYABLE_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.AbortedError,
+    tf.errors.CancelledError,
+    tf.errors.DeadlineExceededError,
+    tf.errors.FailedPreconditionError,
+    tf.errors.NotFoundError,
+)
 
 STATE_FILE = "checkpoint"  # TensorFlow's own name for the CheckpointState text proto
 PREFIX = "model.ckpt"

@@ -1,6 +1,6 @@
 """The one entry point of ``kubeai_train.tf``: ``run(model, config, mode=...)`` for both modes.
 
-``mode="between_graph"`` (the default) runs :func:`kubeai_train.tf.trainer.run` (TF1-style graphs,
+``mode="between_graph"`` (the default) runs :func:`kubeai_train.tf.between_graph.run` (TF1-style graphs,
 every worker reads its own data); ``mode="coordinator"`` runs
 :func:`kubeai_train.tf.coordinator.run` (TF2 ParameterServerStrategy + ClusterCoordinator). This
 module imports both (the coordinator imports the trainer), so neither has to import the other's
@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubeai_train.tf import coordinator, trainer
-from kubeai_train.tf._coord_types import CoordinatorOptions
-from kubeai_train.tf.inputs import ReadFn
-from kubeai_train.tf.trainer import RunResult
-from kubeai_train.tf.types import PlacementPolicy, TrainConfig, TrainError
+from kubeai_train.tf import coordinator
+from kubeai_train.tf.between_graph import trainer
+from kubeai_train.tf.coordinator.types import CoordinatorOptions
+from kubeai_train.tf.reading import ReadFn
+from kubeai_train.tf.types import PlacementPolicy, RunResult, TrainConfig, TrainError
 
 __all__ = ["MODES", "run"]
 

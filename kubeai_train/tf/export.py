@@ -13,6 +13,7 @@ Shared by both modes (between-graph ``trainer`` and ``coordinator``): :func:`mod
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -26,9 +27,9 @@ import numpy as np
 import tensorflow as tf
 
 from kubeai_train.tf import metrics
-from kubeai_train.tf.inputs import ReadFn, clean_batch, reader_options
 from kubeai_train.tf.model_dir import ModelDir
-from kubeai_train.tf.types import Model, TrainError
+from kubeai_train.tf.reading import ReadFn, clean_batch, reader_options
+from kubeai_train.tf.types import Model, RunResult, TrainConfig, TrainError
 
 __all__ = [
     "PUBLISHED_MARKER",
@@ -259,6 +260,97 @@ def publish_once(
     version, uri = int(mv.version), str(mv.uri)
     d.write_json(PUBLISHED_MARKER, {"version": version, "uri": uri, "checkpoint": checkpoint, "repo": repo})
     return version, uri
+
+
+#: the eval rows and their predictions, in the model dir (both modes)
+EVAL_SAMPLE = "eval_sample.npz"
+
+
+def checkpoint_to_export(
+    config: TrainConfig, store: ModelDir, model_dir: str, result: RunResult
+) -> str | None:
+    """The finish step's first check in both modes: the checkpoint to export, unless published.
+
+    A re-run of a finished job returns the version it published instead of exporting again.
+
+    Returns:
+        The checkpoint to export, or None when it is published already (``result`` then carries
+        the published version, its URI and metrics).
+
+    Raises:
+        TrainError: there is no checkpoint to export.
+    """
+    if result.checkpoint is None:
+        raise TrainError(f"no checkpoint to export in {store.display}")
+    if config.model_repo:
+        found = find_published(
+            config.model_repo, config.model_name, model_dir, result.checkpoint, result.global_step
+        )
+        if found:
+            result.version, result.model_uri, result.metrics = found
+            return None
+    return result.checkpoint
+
+
+def record_eval(store: ModelDir, tag: str, eval_data: str, metrics: Mapping[str, float], sample: Any) -> None:
+    """Write the eval sample into the model dir and log the eval metrics (both modes)."""
+    buf = io.BytesIO()
+    np.savez(buf, **sample)
+    store.write_bytes(EVAL_SAMPLE, buf.getvalue())
+    log.info(
+        "%s eval on %s: auc %.4f logloss %.4f (%d rows)",
+        tag,
+        eval_data,
+        metrics["auc"],
+        metrics["logloss"],
+        metrics["rows"],
+    )
+
+
+def publish_result(
+    store: ModelDir,
+    config: TrainConfig,
+    local_export: str,
+    result: RunResult,
+    metadata: Callable[[], Mapping[str, Any]],
+) -> None:
+    """Publish the export once when the job has a model repository (both modes' last step)."""
+    if config.model_repo:
+        result.version, result.model_uri = publish_once(
+            store,
+            config.model_repo,
+            config.model_name,
+            local_export,
+            result.checkpoint,
+            metadata,
+        )
+
+
+def result_metadata(
+    result: RunResult,
+    *,
+    mode: str,
+    model: Any,
+    config: Any,
+    model_dir: str,
+    cluster_spec: Mapping[str, Sequence[str]],
+    params: Mapping[str, Any],
+    lineage: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`model_metadata` for a run's result (what both trainers record)."""
+    return model_metadata(
+        mode=mode,
+        model=model,
+        config=config,
+        metrics=result.metrics,
+        checkpoint=result.checkpoint,
+        global_step=result.global_step,
+        placement=result.placement,
+        model_dir=model_dir,
+        cluster_spec=cluster_spec,
+        params=params,
+        lineage=lineage,
+    )
 
 
 def model_metadata(

@@ -40,13 +40,18 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 import tensorflow as tf
 
 from kubeai_train import cluster
-from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
-from kubeai_train.tf._coord_types import CoordinatorOptions
-from kubeai_train.tf.coordinator import DONE_MARKER, PLACEMENT_REPORT, _cluster_spec, _serve, _setup_logging
+from kubeai_train.tf.coordinator.placement import PlanApplier, infos, snapshot_build, verify
+from kubeai_train.tf.coordinator.trainer import (
+    DONE_MARKER,
+    PLACEMENT_REPORT,
+    _cluster_spec,
+    _serve,
+    _setup_logging,
+)
+from kubeai_train.tf.coordinator.types import CoordinatorOptions
 from kubeai_train.tf.model_dir import ModelDir, redact, tf_writes, write_export
 from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
-from kubeai_train.tf.trainer import RunResult
-from kubeai_train.tf.types import PlacementPolicy, TrainError
+from kubeai_train.tf.types import PlacementPolicy, RunResult, TrainError
 
 __all__ = ["FitConfig", "fit", "legacy_keras"]
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "RunResult",
     "RETRYABLE_EXIT_CODE",
     "ClusterUnavailableError",
     "Model",
@@ -316,3 +317,26 @@ class Model(ABC):
     def params(self) -> dict[str, Any]:
         """Hyper-parameters recorded in the published lineage."""
         return {}
+
+
+@dataclass
+class RunResult:
+    """What ``run`` returns in this process (the chief's has metrics and the published version)."""
+
+    role: str
+    rank: int
+    local_steps: int = 0
+    examples: int = 0
+    global_step: int = 0
+    seconds: float = 0.0
+    checkpoint: str | None = None
+    export_dir: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    version: int | None = None
+    model_uri: str | None = None
+    placement: dict[str, Any] | None = None
+    ready_seconds: float = 0.0
+    ready_at: float = 0.0
+    train_seconds: float = 0.0
+    first_step_seconds: float = 0.0
+    first_step_examples: int = 0

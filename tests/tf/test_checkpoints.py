@@ -323,7 +323,7 @@ def test_a_failed_periodic_save_does_not_stop_training(tmp_path, mem_dir, clean_
 def test_periodic_saves_failing_in_a_row_fail_the_job(tmp_path, mem_dir, clean_cluster_env):
     from kubeai_train import tf as ktf
     from kubeai_train.testing import ctr
-    from kubeai_train.tf.trainer import MAX_FAILED_SAVES
+    from kubeai_train.tf.between_graph.trainer import MAX_FAILED_SAVES
 
     ctr.generate(2000, tmp_path / "d", seed=1, files=1)
 

@@ -1,4 +1,4 @@
-"""Object-based checkpoints of the coordinator mode (kubeai_train.tf._coord_checkpoints).
+"""Object-based checkpoints of the coordinator mode (kubeai_train.tf.coordinator.checkpoints).
 
 Unit tests: one process, real ``tf.train.Checkpoint`` saves; the fsspec-only model directory is
 memory:// (each test its own root) or the local OSS server (also across processes: a chief
@@ -50,7 +50,7 @@ def _bump(m, step, data, pos: str) -> None:
 
 
 def _staged(d, ckpt, **kw):
-    from kubeai_train.tf._coord_checkpoints import StagedObjectCheckpoints
+    from kubeai_train.tf.coordinator.checkpoints import StagedObjectCheckpoints
 
     return StagedObjectCheckpoints(d, ckpt, **kw)
 
@@ -65,7 +65,7 @@ def _equal(a, b) -> bool:  # also run as a script (the cluster job): no import f
 
 
 def test_kind_follows_the_model_dir(tmp_path, mem_dir):
-    from kubeai_train.tf._coord_checkpoints import (
+    from kubeai_train.tf.coordinator.checkpoints import (
         NativeObjectCheckpoints,
         StagedObjectCheckpoints,
         object_checkpoints,
@@ -178,7 +178,7 @@ def test_a_torn_save_with_another_shard_count_does_not_mix_into_a_later_one(mem_
 
 @pytest.mark.parametrize("kind", ["staged", "native"])
 def test_damaged_latest_falls_back_to_the_one_before(kind, mem_dir, tmp_path, caplog):
-    from kubeai_train.tf._coord_checkpoints import NativeObjectCheckpoints
+    from kubeai_train.tf.coordinator.checkpoints import NativeObjectCheckpoints
     from kubeai_train.tf.model_dir import ModelDir
     from kubeai_train.tf.types import TrainError
 
@@ -252,7 +252,7 @@ _KILLED_SAVE = textwrap.dedent(
     import os, signal, sys
     sys.path.insert(0, sys.argv[2])
     from test_coord_checkpoints import _bump, _state
-    from kubeai_train.tf._coord_checkpoints import StagedObjectCheckpoints
+    from kubeai_train.tf.coordinator.checkpoints import StagedObjectCheckpoints
     from kubeai_train.tf.model_dir import ModelDir
 
     m, step, data, ckpt = _state()
@@ -322,9 +322,9 @@ def _cluster_job() -> int:
     import tensorflow as tf
 
     from kubeai_train import cluster
-    from kubeai_train.tf._coord_checkpoints import StagedObjectCheckpoints, chief_io_device
-    from kubeai_train.tf._coord_types import CoordinatorOptions
-    from kubeai_train.tf.coordinator import DONE_MARKER, _serve
+    from kubeai_train.tf.coordinator.checkpoints import StagedObjectCheckpoints, chief_io_device
+    from kubeai_train.tf.coordinator.trainer import DONE_MARKER, _serve
+    from kubeai_train.tf.coordinator.types import CoordinatorOptions
     from kubeai_train.tf.model_dir import ModelDir
 
     out = ModelDir(sys.argv[1])

@@ -14,10 +14,10 @@ import tensorflow as tf
 from kubeai_train.testing import ctr
 from kubeai_train.tf import CtrFeatures, GreedyBytesPlacement, RoundRobinPlacement, TrainConfig, TrainError
 from kubeai_train.tf import coordinator as coord
-from kubeai_train.tf._coord_input import ChiefReader, native_counts, worker_dataset_fn, write_native
-from kubeai_train.tf._coord_optim import Adagrad
-from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
-from kubeai_train.tf.inputs import default_read_fn
+from kubeai_train.tf.coordinator.input import ChiefReader, native_counts, worker_dataset_fn, write_native
+from kubeai_train.tf.coordinator.optim import Adagrad
+from kubeai_train.tf.coordinator.placement import PlanApplier, infos, snapshot_build, verify
+from kubeai_train.tf.reading import default_read_fn
 
 FEATS = CtrFeatures(hash_buckets=2000)
 
@@ -299,7 +299,7 @@ def test_local_run_trains_exports_and_evaluates(small, tmp_path, clean_cluster_e
 
 
 def test_cluster_loss_classification():
-    from kubeai_train.tf.coordinator import _is_cluster_loss
+    from kubeai_train.tf.coordinator.trainer import _is_cluster_loss
 
     assert _is_cluster_loss(tf.errors.UnavailableError(None, None, "ps gone"))
     assert _is_cluster_loss(tf.errors.NotFoundError(None, None, "Resource does not exist"))
@@ -311,7 +311,7 @@ def test_cluster_loss_classification():
 
 
 def test_encoded_examples_parse_to_the_protos_tensorflow_builds():
-    from kubeai_train.tf._coord_input import encode_examples
+    from kubeai_train.tf.coordinator.input import encode_examples
 
     cols = {
         "C1": np.array(["a", "", "ü€x" * 50], dtype=object),

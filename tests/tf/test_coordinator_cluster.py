@@ -128,8 +128,8 @@ def _steps(model_dir: Path) -> list[dict]:
 def test_cluster_matches_single_process_places_by_policy_and_exports_exactly(data, tmp_path):
     from kubeai_train.repository import ModelRepository
     from kubeai_train.tf import CtrFeatures, GreedyBytesPlacement
-    from kubeai_train.tf._coord_models import DeepFMModuleModel
-    from kubeai_train.tf._coord_placement import infos, snapshot_build
+    from kubeai_train.tf.coordinator.models import DeepFMModuleModel
+    from kubeai_train.tf.coordinator.placement import infos, snapshot_build
 
     # the single-process baseline: the same script without a cluster, in its own process
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG",)}
@@ -237,8 +237,8 @@ def test_ps_killed_makes_the_job_restore_from_its_checkpoint(data, tmp_path):
 
 def test_native_files_are_read_on_the_workers(data, tmp_path):
     from kubeai_train.tf import CtrFeatures
-    from kubeai_train.tf._coord_input import write_native
-    from kubeai_train.tf._coord_models import DeepFMModuleModel
+    from kubeai_train.tf.coordinator.input import write_native
+    from kubeai_train.tf.coordinator.models import DeepFMModuleModel
 
     model = DeepFMModuleModel(features=CtrFeatures(hash_buckets=BUCKETS))
     kinds = {**model.raw_features(), "label": "int64"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kubeai_train.testing import ctr
-from kubeai_train.tf.inputs import clean_batch, default_read_fn, make_dataset
+from kubeai_train.tf.between_graph.input import clean_batch, default_read_fn, make_dataset
 
 
 def test_clean_batch_nulls():

@@ -8,11 +8,11 @@
   TFJob end cleanly), or until killed.
 * **chief**: sets ``GRPC_FAIL_FAST=use_caller``, connects (``TFConfigClusterResolver``; retried
   up to ``connect_timeout`` while servers come up), builds the user's ``tf.Module`` under the
-  strategy with variables placed by the placement policy (see ``_coord_placement``) and large
+  strategy with variables placed by the placement policy (see ``.placement``) and large
   tables sharded by ``MinSizePartitioner`` / ``FixedShardsPartitioner``, restores the latest
   checkpoint if there is one, and schedules training steps onto whichever worker is free.
   Input comes from the chief's readers (``input="chief"``: each batch travels with its step) or
-  from ``tf.data`` file readers on the workers (``input="workers"``); see ``_coord_input``.
+  from ``tf.data`` file readers on the workers (``input="workers"``); see ``.input``.
 * no cluster: the same model, optimizer and step function in one process (the baseline).
 
 Failures: a worker that dies is absorbed by the coordinator (its closures run on the other
@@ -28,7 +28,7 @@ exports a SavedModel whose serving signature takes the raw features, evaluates e
 ``model_dir`` is a path TensorFlow writes (local, a shared volume, gs://: each PS writes its own
 checkpoint shard there, through ``tf.train.CheckpointManager``) or any fsspec URL (oss://...:
 the chief reads every variable and writes the checkpoint into its local staging, then uploads
-it; see ``_coord_checkpoints`` for the commit order and the chief's memory cost). Markers, the
+it; see ``.checkpoints`` for the commit order and the chief's memory cost). Markers, the
 placement report, the eval sample, the export and the done marker go through the same
 :class:`~kubeai_train.tf.model_dir.ModelDir`, so every role needs the store's credentials.
 """
@@ -36,7 +36,6 @@ placement report, the eval sample, the export and the done marker go through the
 from __future__ import annotations
 
 import collections
-import io
 import json
 import logging
 import math
@@ -51,8 +50,9 @@ import tensorflow as tf
 
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
-from kubeai_train.tf._coord_checkpoints import chief_io_device, object_checkpoints
-from kubeai_train.tf._coord_input import (
+from kubeai_train.tf.checkpoints import RETRYABLE_ERRORS
+from kubeai_train.tf.coordinator.checkpoints import chief_io_device, object_checkpoints
+from kubeai_train.tf.coordinator.input import (
     ChiefReader,
     list_native,
     native_counts,
@@ -60,18 +60,18 @@ from kubeai_train.tf._coord_input import (
     worker_dataset_fn,
     write_native,
 )
-from kubeai_train.tf._coord_models import DeepFMModule, DeepFMModuleModel
-from kubeai_train.tf._coord_optim import Adagrad
-from kubeai_train.tf._coord_placement import PlanApplier, infos, snapshot_build, verify
-from kubeai_train.tf._coord_types import CoordinatorOptions, ModuleModel
-from kubeai_train.tf.inputs import ReadFn, default_read_fn
+from kubeai_train.tf.coordinator.models import DeepFMModule, DeepFMModuleModel
+from kubeai_train.tf.coordinator.optim import Adagrad
+from kubeai_train.tf.coordinator.placement import PlanApplier, infos, snapshot_build, verify
+from kubeai_train.tf.coordinator.types import CoordinatorOptions, ModuleModel
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
 from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
-from kubeai_train.tf.trainer import RunResult
+from kubeai_train.tf.reading import ReadFn, default_read_fn
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,
     ClusterUnavailableError,
     PlacementPolicy,
+    RunResult,
     StepInfo,
     TrainConfig,
     TrainError,
@@ -95,17 +95,9 @@ DONE_MARKER = "_COORD_DONE.json"
 TRAINED_MARKER = _export.TRAINED_MARKER
 PUBLISHED_MARKER = _export.PUBLISHED_MARKER
 PLACEMENT_REPORT = "placement.json"
-EVAL_SAMPLE = "eval_sample.npz"
+EVAL_SAMPLE = _export.EVAL_SAMPLE
 
-# Errors from schedule / join / fetch that mean "the cluster lost state": restart and restore.
-_RETRYABLE = (
-    tf.errors.UnavailableError,
-    tf.errors.AbortedError,
-    tf.errors.CancelledError,
-    tf.errors.DeadlineExceededError,
-    tf.errors.FailedPreconditionError,
-    tf.errors.NotFoundError,
-)
+_RETRYABLE = RETRYABLE_ERRORS
 
 
 def run(
@@ -729,28 +721,20 @@ class _Trainer:
     # ----------------------------------------------------------------------------- export
     def _finish(self, result: RunResult, t_start: float) -> RunResult:
         cfg = self.config
+        checkpoint = _export.checkpoint_to_export(cfg, self.dir, self.model_dir, result)
+        if checkpoint is None:  # published already (a re-run of a finished job)
+            result.seconds = time.perf_counter() - t_start
+            if self.distributed:
+                self.dir.write_json(DONE_MARKER, {"time": time.time()})
+            return result
         export_dir = cfg.export_dir or self.dir.join("export")
-        if result.checkpoint is None:
-            raise TrainError(f"no checkpoint to export in {self.dir.display}")
-        if cfg.model_repo:
-            found = _export.find_published(
-                cfg.model_repo, cfg.model_name, self.model_dir, result.checkpoint, result.global_step
-            )
-            if found:
-                result.version, result.model_uri, result.metrics = found
-                result.seconds = time.perf_counter() - t_start
-                if self.distributed:
-                    self.dir.write_json(DONE_MARKER, {"time": time.time()})
-                return result
         local = self.model.build()
-        status = tf.train.Checkpoint(model=local).restore(self.ckpts.local_copy(result.checkpoint))
+        status = tf.train.Checkpoint(model=local).restore(self.ckpts.local_copy(checkpoint))
         status.expect_partial()
         try:
             status.assert_existing_objects_matched()
         except AssertionError as e:
-            raise TrainError(
-                f"checkpoint {self._shown(result.checkpoint)!r} does not hold this model: {e}"
-            ) from e
+            raise TrainError(f"checkpoint {self._shown(checkpoint)!r} does not hold this model: {e}") from e
         serving = _Serving(local, self.raw)
         # the SavedModel is written on local disk (renamed into place), then copied when
         # export_dir is elsewhere (gs://, oss://, ...)
@@ -775,26 +759,8 @@ class _Trainer:
                 # predicted again as one batch, so a consumer feeding exactly these rows as one
                 # batch gets bit-identical results (a different batch size may change the last ulp)
                 sample["__prediction__"] = predictor.predict(sample)
-            buf = io.BytesIO()
-            np.savez(buf, **sample)  # type: ignore[arg-type]
-            self.dir.write_bytes(EVAL_SAMPLE, buf.getvalue())
-            log.info(
-                "%s eval on %s: auc %.4f logloss %.4f (%d rows)",
-                self.tag,
-                cfg.eval_data,
-                result.metrics["auc"],
-                result.metrics["logloss"],
-                result.metrics["rows"],
-            )
-        if cfg.model_repo:
-            result.version, result.model_uri = _export.publish_once(
-                self.dir,
-                cfg.model_repo,
-                cfg.model_name,
-                local_export,
-                result.checkpoint,
-                lambda: self._metadata(result),
-            )
+            _export.record_eval(self.dir, self.tag, cfg.eval_data, result.metrics, sample)
+        _export.publish_result(self.dir, cfg, local_export, result, lambda: self._metadata(result))
         result.seconds = time.perf_counter() - t_start
         if self.distributed:
             self.dir.write_json(DONE_MARKER, {"time": time.time()})
@@ -802,14 +768,11 @@ class _Trainer:
 
     def _metadata(self, result: RunResult) -> dict[str, Any]:
         native = self.opts.native_data if self.opts.input == "workers" else None
-        return _export.model_metadata(
+        return _export.result_metadata(
+            result,
             mode=MODE,
             model=self.model,
             config=self.config,
-            metrics=result.metrics,
-            checkpoint=result.checkpoint,
-            global_step=result.global_step,
-            placement=result.placement,
             model_dir=self.model_dir,
             cluster_spec=self.info.cluster,
             params={"input": self.opts.input},

@@ -31,7 +31,6 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,7 +39,7 @@ import tensorflow as tf
 from kubeai_train import cluster
 from kubeai_train.tf import checkpoints as _checkpoints
 from kubeai_train.tf import export as _export
-from kubeai_train.tf.inputs import ReadFn, default_read_fn, make_dataset
+from kubeai_train.tf.between_graph.input import ReadFn, default_read_fn, make_dataset
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
 from kubeai_train.tf.placement import (
     PlanStrategy,
@@ -55,6 +54,7 @@ from kubeai_train.tf.types import (
     Model,
     PlacementPolicy,
     ReadyTimeoutError,
+    RunResult,
     StepInfo,
     TrainConfig,
     TrainError,
@@ -67,43 +67,12 @@ log = logging.getLogger("kubeai_train.tf")
 TRAINED_MARKER = _export.TRAINED_MARKER
 PUBLISHED_MARKER = _export.PUBLISHED_MARKER
 PLACEMENT_REPORT = "placement.json"
-EVAL_SAMPLE = "eval_sample.npz"
+EVAL_SAMPLE = _export.EVAL_SAMPLE
 STATE_SCOPE = "kubeai"
 MAX_WORKER_RECOVERIES = 10
 MAX_FAILED_SAVES = 3  # periodic checkpoints that may fail in a row before the job fails
 
-# Errors meaning "a PS (or its state) went away": retry the job from its checkpoint.
-_RETRYABLE = (
-    tf.errors.UnavailableError,
-    tf.errors.AbortedError,
-    tf.errors.CancelledError,
-    tf.errors.DeadlineExceededError,
-    tf.errors.FailedPreconditionError,
-    tf.errors.NotFoundError,
-)
-
-
-@dataclass
-class RunResult:
-    """What ``run`` returns in this process (the chief's has metrics and the published version)."""
-
-    role: str
-    rank: int
-    local_steps: int = 0
-    examples: int = 0
-    global_step: int = 0
-    seconds: float = 0.0
-    checkpoint: str | None = None
-    export_dir: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    version: int | None = None
-    model_uri: str | None = None
-    placement: dict[str, Any] | None = None
-    ready_seconds: float = 0.0
-    ready_at: float = 0.0
-    train_seconds: float = 0.0
-    first_step_seconds: float = 0.0
-    first_step_examples: int = 0
+_RETRYABLE = _checkpoints.RETRYABLE_ERRORS
 
 
 def run(
@@ -725,17 +694,11 @@ class _Trainer:
     def _finish(self, result: RunResult, t_start: float) -> RunResult:
         cfg = self.config
         export_dir = cfg.export_dir or self.dir.join("export")
-        if result.checkpoint is None:
-            raise TrainError(f"no checkpoint to export in {self.dir.display}")
-        if cfg.model_repo:
-            found = _export.find_published(
-                cfg.model_repo, cfg.model_name, self.model_dir, result.checkpoint, result.global_step
-            )
-            if found:
-                result.version, result.model_uri, result.metrics = found
-                result.seconds = time.perf_counter() - t_start
-                return result
-        predictor = _export.Predictor(self.model, self.ckpts.local_copy(result.checkpoint), self.num_ps)
+        checkpoint = _export.checkpoint_to_export(cfg, self.dir, self.model_dir, result)
+        if checkpoint is None:
+            result.seconds = time.perf_counter() - t_start
+            return result
+        predictor = _export.Predictor(self.model, self.ckpts.local_copy(checkpoint), self.num_ps)
         try:
             local_export = write_export(export_dir, self.dir, predictor.export, cfg.storage_options)
             result.export_dir = export_dir
@@ -744,46 +707,25 @@ class _Trainer:
                 result.metrics, sample = _export.evaluate(
                     predictor, self.read, cfg.eval_data, keep=cfg.eval_predictions, options=cfg.reader_options
                 )
-                buf = io.BytesIO()
-                np.savez(buf, **sample)  # type: ignore[arg-type]
-                self.dir.write_bytes(EVAL_SAMPLE, buf.getvalue())
+                _export.record_eval(self.dir, self.tag, cfg.eval_data, result.metrics, sample)
                 with tf.Graph().as_default():
                     writer = tf.compat.v1.summary.FileWriter(self.dir.writable("eval"))
                     values = {f"eval/{k}": result.metrics[k] for k in ("auc", "logloss")}
                     writer.add_summary(_summary(values), result.global_step)
                     writer.close()
                 self.dir.sync("eval")
-                log.info(
-                    "%s eval on %s: auc %.4f logloss %.4f (%d rows)",
-                    self.tag,
-                    cfg.eval_data,
-                    result.metrics["auc"],
-                    result.metrics["logloss"],
-                    result.metrics["rows"],
-                )
         finally:
             predictor.close()
         result.seconds = time.perf_counter() - t_start
-        if cfg.model_repo:
-            result.version, result.model_uri = _export.publish_once(
-                self.dir,
-                cfg.model_repo,
-                cfg.model_name,
-                local_export,
-                result.checkpoint,
-                lambda: self._metadata(result),
-            )
+        _export.publish_result(self.dir, cfg, local_export, result, lambda: self._metadata(result))
         return result
 
     def _metadata(self, result: RunResult) -> dict[str, Any]:
-        return _export.model_metadata(
+        return _export.result_metadata(
+            result,
             mode="between_graph",
             model=self.model,
             config=self.config,
-            metrics=result.metrics,
-            checkpoint=result.checkpoint,
-            global_step=result.global_step,
-            placement=result.placement,
             model_dir=self.model_dir,
             cluster_spec=self.info.cluster,
             params={"sync": self.config.sync},

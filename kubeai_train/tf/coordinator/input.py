@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 
 from kubeai_train._protowire import varint as _varint
-from kubeai_train.tf.inputs import ReadFn, clean_batch, reader_options
+from kubeai_train.tf.reading import ReadFn, clean_batch, reader_options
 from kubeai_train.tf.types import TrainError
 
 __all__ = ["ChiefReader", "list_native", "native_counts", "worker_dataset_fn", "write_native"]
@@ -220,7 +220,7 @@ def write_native(
     Returns:
         The written file paths.
     """
-    from kubeai_train.tf.inputs import default_read_fn
+    from kubeai_train.tf.reading import default_read_fn
 
     read = read_fn or default_read_fn
     if fmt not in ("tfrecord", "csv"):

@@ -15,7 +15,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from kubeai_train.tf._coord_types import ModuleModel
+from kubeai_train.tf.coordinator.types import ModuleModel
 from kubeai_train.tf.features import CtrFeatures
 from kubeai_train.tf.models import DeepFMBase
 
