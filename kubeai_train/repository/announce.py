@@ -3,20 +3,19 @@
 A launcher (``python -m kubeai_train.launch``) gives its processes ``KUBEAI_TRAIN_RESULT_FILE``;
 every publish (and a trainer that finds its model already published) appends one JSON line there
 — name, version, URI (credentials masked), metrics — so the launcher can close with one line
-saying what was published where. Without the variable nothing is written.
+saying what was published where (the launcher reads the lines itself: it imports no repository
+code). Without the variable nothing is written.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
-from typing import Any
 
 from kubeai_train.repository.config import redact_url
 from kubeai_train.repository.types import ModelVersion
 
-__all__ = ["RESULT_ENV", "announce", "read_announcements"]
+__all__ = ["RESULT_ENV", "announce"]
 
 RESULT_ENV = "KUBEAI_TRAIN_RESULT_FILE"
 
@@ -39,20 +38,3 @@ def announce(mv: ModelVersion, *, existing: bool = False) -> None:
             f.write(json.dumps(line, sort_keys=True) + "\n")
     except OSError:
         pass
-
-
-def read_announcements(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The announced versions in ``path``, in order (``[]`` when it does not exist)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError:
-        return []
-    out = []
-    for line in text.splitlines():
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue  # a line cut by a killed process
-        if isinstance(item, dict):
-            out.append(item)
-    return out
