@@ -456,6 +456,8 @@ class _Packing:
             for y1, s1 in inc:
                 if s0 + s1 > 0:
                     d = (y0 - y1) / (s0 + s1)
+                    if not math.isfinite(d):  # a denormal slope: the crossing is beyond any limit
+                        continue
                     for c in (math.floor(d), math.ceil(d)):
                         if 0 <= c <= limit:
                             cands.add(c)
