@@ -31,35 +31,9 @@ import numpy as np
 
 from kubeai_train.balance import Planner, VariableLoad, dense, embedding, lower_bound
 from kubeai_train.balance.types import max_over_mean
+from kubeai_train.testing.ctr import CRITEO_KAGGLE_CARDINALITIES
 
-CRITEO_KAGGLE = [
-    1460,
-    583,
-    10131227,
-    2202608,
-    305,
-    24,
-    12517,
-    633,
-    3,
-    93145,
-    5683,
-    8351593,
-    3194,
-    27,
-    14992,
-    5461306,
-    10,
-    5652,
-    2173,
-    4,
-    7046547,
-    18,
-    15,
-    286181,
-    105,
-    142572,
-]
+CRITEO_KAGGLE = CRITEO_KAGGLE_CARDINALITIES
 MIN_SLICE = 256 << 10
 SLOTS = 2  # Adam: m and v
 

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "CATEGORICAL",
+    "CRITEO_KAGGLE_CARDINALITIES",
     "DENSE",
     "LABEL",
     "CtrError",
@@ -58,6 +59,12 @@ __all__ = [
 LABEL = "label"
 DENSE = tuple(f"I{i}" for i in range(1, 14))
 CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
+# Distinct values of C1..C26 in the Criteo Kaggle display-advertising set (the counts DLRM's
+# benchmarks use): the embedding table sizes a real Criteo model has, for planning and benchmarks.
+CRITEO_KAGGLE_CARDINALITIES = (
+    1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
+    27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
+)  # fmt: skip
 REPORT_NAME = "_report.json"
 FORMATS = ("parquet",)
 
