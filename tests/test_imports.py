@@ -15,7 +15,7 @@ import kubeai_train
 
 PACKAGE_DIR = Path(kubeai_train.__file__).resolve().parent
 REPO = PACKAGE_DIR.parent
-CORE = ("cluster", "data", "repository", "launch", "testing")
+CORE = ("cluster", "data", "repository", "launch", "testing", "balance", "straggler")
 
 
 def _modules() -> dict[str, Path]:
