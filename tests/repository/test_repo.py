@@ -73,8 +73,8 @@ def test_versions_only_grow_and_latest_wins(repo: ModelRepository, tmp_path):
 
 def test_metadata_file_sits_inside_the_version_and_describes_it(repo: ModelRepository, export_dir):
     mv = repo.publish("ctr", export_dir, metadata={"signature": {"inputs": {"I1": "float32"}}})
-    fs = repo._store
-    record = json.loads(fs.read(fs.join(repo._vdir("ctr", 1), METADATA_FILE)))
+    fs = repo._tree.store
+    record = json.loads(fs.read(fs.join(repo._tree.vdir("ctr", 1), METADATA_FILE)))
     assert record["name"] == "ctr" and record["version"] == 1
     assert record["signature"] == {"inputs": {"I1": "float32"}}
     assert record["manifest"]["digest"] == mv.metadata["manifest_digest"]
@@ -126,7 +126,7 @@ def test_secrets_never_reach_metadata_or_logs(repo_root, export_dir, caplog):
         },
         dataset="oss://AKID:TOPSECRET-4@bucket/train/",
     )
-    raw = repo._store.read(repo._store.join(repo._vdir("ctr", mv.version), METADATA_FILE))
+    raw = repo._tree.store.read(repo._tree.store.join(repo._tree.vdir("ctr", mv.version), METADATA_FILE))
     text = raw.decode() + caplog.text + repr(repo) + repr(repo.config) + json.dumps(mv.to_json())
     for secret in ("TOPSECRET-1", "TOPSECRET-2", "TOPSECRET-3", "TOPSECRET-4", "AKID"):
         assert secret not in text
@@ -221,7 +221,7 @@ def test_gc_keeps_aliased_deployed_and_newest(repo: ModelRepository, tmp_path):
     assert sorted(report.removed_versions) == [("ctr", 3), ("ctr", 4)]
     assert sorted(report.kept) == [("ctr", 1, "alias:production"), ("ctr", 2, "deployed:rec-svc")]
     assert [mv.version for mv in repo.versions("ctr")] == [1, 2, 5]
-    assert repo._store.tree(repo._vdir("ctr", 3)) == {}
+    assert repo._tree.store.tree(repo._tree.vdir("ctr", 3)) == {}
     assert repo.publish("ctr", tmp_path / "e0").version == 6  # numbers never go back
     with pytest.raises(InvalidArgumentError, match="keep_last must be an int >= 1"):
         repo.gc(keep_last=0)
@@ -232,19 +232,19 @@ def test_gc_keeps_aliased_deployed_and_newest(repo: ModelRepository, tmp_path):
 def test_gc_reports_damaged_versions_and_leaves_them(repo: ModelRepository, tmp_path):
     for i in range(3):
         repo.publish("ctr", make_export(tmp_path / f"e{i}", seed=i))
-    repo._store.rm_file(repo._store.join(repo._vdir("ctr", 1), "saved_model.pb"))
+    repo._tree.store.rm_file(repo._tree.store.join(repo._tree.vdir("ctr", 1), "saved_model.pb"))
     report = repo.gc(keep_last=1, grace_seconds=0)
     assert report.damaged == [("ctr", 1, "file saved_model.pb is missing")]
     assert report.removed_versions == [("ctr", 2)]
-    assert repo._store.read(repo._store.join(repo._vdir("ctr", 1), METADATA_FILE)) is not None
+    assert repo._tree.store.read(repo._tree.store.join(repo._tree.vdir("ctr", 1), METADATA_FILE)) is not None
 
 
 # ------------------------------------------------------------------------------------ verify, download
 def test_verify_names_the_file_whose_checksum_changed(repo: ModelRepository, export_dir):
     mv = repo.publish("ctr", export_dir)
     assert repo.verify("ctr") == mv
-    target = repo._store.join(repo._vdir("ctr", 1), "variables/variables.index")
-    repo._store.fs.pipe_file(target, b"\xff" * 16)  # same size, different bytes
+    target = repo._tree.store.join(repo._tree.vdir("ctr", 1), "variables/variables.index")
+    repo._tree.store.fs.pipe_file(target, b"\xff" * 16)  # same size, different bytes
     assert [v.version for v in repo.versions("ctr")] == [1]  # listing checks sizes only
     with pytest.raises(
         IntegrityError, match=r"ctr/1: file variables/variables.index has sha256 [0-9a-f]{64}"
@@ -259,14 +259,14 @@ def test_verify_names_the_file_whose_checksum_changed(repo: ModelRepository, exp
 def test_missing_or_extra_files_fail_verify_and_hide_the_version(repo: ModelRepository, tmp_path):
     repo.publish("ctr", make_export(tmp_path / "a", seed=1))
     repo.publish("ctr", make_export(tmp_path / "b", seed=2))
-    store = repo._store
-    store.rm_file(store.join(repo._vdir("ctr", 1), "saved_model.pb"))
+    store = repo._tree.store
+    store.rm_file(store.join(repo._tree.vdir("ctr", 1), "saved_model.pb"))
     assert [v.version for v in repo.versions("ctr")] == [2]
     with pytest.raises(VersionNotFoundError, match=r"exists but is damaged: file saved_model.pb is missing"):
         repo.get("ctr", version=1)
     with pytest.raises(IntegrityError, match="file saved_model.pb is missing"):
         repo.verify("ctr", 1)
-    store.fs.pipe_file(store.join(repo._vdir("ctr", 2), "stray.txt"), b"x")
+    store.fs.pipe_file(store.join(repo._tree.vdir("ctr", 2), "stray.txt"), b"x")
     with pytest.raises(IntegrityError, match="file stray.txt is not in the manifest"):
         repo.verify("ctr", 2)
 
