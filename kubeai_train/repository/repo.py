@@ -55,7 +55,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from kubeai_train.repository import _aliases, _deployments, _gc, _integrity, _model_config, _publish
 from kubeai_train.repository._storage import Store
-from kubeai_train.repository._tree import KDIR, Tree, check_version, fmt_list, open_fs
+from kubeai_train.repository._tree import KDIR as KDIR  # where it was before the split
+from kubeai_train.repository._tree import Tree, check_version, fmt_list, open_fs
 from kubeai_train.repository.announce import announce
 from kubeai_train.repository.config import (
     RepositoryConfig,
@@ -83,7 +84,7 @@ from kubeai_train.repository.metadata import (
 from kubeai_train.repository.serving import MODEL_CONFIG_FILE
 from kubeai_train.repository.types import Deployment, FileEntry, GcReport, ModelVersion
 
-__all__ = ["KDIR", "ModelRepository"]
+__all__ = ["ModelRepository"]
 
 logger = logging.getLogger(__name__)
 
