@@ -96,7 +96,9 @@ def test_alias_deploy_verify_download_gc_commands(populated, capsys, tmp_path):
 
 def test_verify_failure_exits_1_naming_the_file(populated, capsys):
     root, repo = populated
-    repo._store.fs.pipe_file(repo._store.join(repo._vdir("ctr", 2), "saved_model.pb"), b"graph-X")
+    repo._tree.store.fs.pipe_file(
+        repo._tree.store.join(repo._tree.vdir("ctr", 2), "saved_model.pb"), b"graph-X"
+    )
     code, out, err = run(capsys, "verify", root.url, "ctr", "--all")
     assert code == 1
     assert "ctr/1: ok" in out and "ctr/2: FAILED" in out

@@ -5,17 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import re
-import threading
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kubeai_train.repository import (
     AliasNotFoundError,
-    IntegrityError,
     InvalidArgumentError,
     InvalidMetadataError,
     InvalidNameError,
@@ -74,8 +69,8 @@ def test_versions_only_grow_and_latest_wins(repo: ModelRepository, tmp_path):
 
 def test_metadata_file_sits_inside_the_version_and_describes_it(repo: ModelRepository, export_dir):
     mv = repo.publish("ctr", export_dir, metadata={"signature": {"inputs": {"I1": "float32"}}})
-    fs = repo._store
-    record = json.loads(fs.read(fs.join(repo._vdir("ctr", 1), METADATA_FILE)))
+    fs = repo._tree.store
+    record = json.loads(fs.read(fs.join(repo._tree.vdir("ctr", 1), METADATA_FILE)))
     assert record["name"] == "ctr" and record["version"] == 1
     assert record["signature"] == {"inputs": {"I1": "float32"}}
     assert record["manifest"]["digest"] == mv.metadata["manifest_digest"]
@@ -127,7 +122,7 @@ def test_secrets_never_reach_metadata_or_logs(repo_root, export_dir, caplog):
         },
         dataset="oss://AKID:TOPSECRET-4@bucket/train/",
     )
-    raw = repo._store.read(repo._store.join(repo._vdir("ctr", mv.version), METADATA_FILE))
+    raw = repo._tree.store.read(repo._tree.store.join(repo._tree.vdir("ctr", mv.version), METADATA_FILE))
     text = raw.decode() + caplog.text + repr(repo) + repr(repo.config) + json.dumps(mv.to_json())
     for secret in ("TOPSECRET-1", "TOPSECRET-2", "TOPSECRET-3", "TOPSECRET-4", "AKID"):
         assert secret not in text
@@ -137,165 +132,6 @@ def test_secrets_never_reach_metadata_or_logs(repo_root, export_dir, caplog):
         "db_password": "<redacted>",
     }
     assert mv.metadata["dataset"]["uri"] == "oss://bucket/train/"
-
-
-# ------------------------------------------------------------------------------------ aliases
-def test_aliases_move_atomically_and_resolve(repo: ModelRepository, tmp_path):
-    for i in range(3):
-        repo.publish("ctr", make_export(tmp_path / f"e{i}", seed=i))
-    assert repo.aliases("ctr") == {}
-    assert repo.set_alias("ctr", "production", 1).version == 1
-    repo.set_alias("ctr", "staging", 3)
-    assert repo.aliases("ctr") == {"production": 1, "staging": 3}
-    assert repo.get("ctr", alias="production").version == 1
-    repo.set_alias("ctr", "production", 2)  # move
-    assert repo.get("ctr", alias="production").version == 2
-    config = repo.model_config("ctr")
-    assert re.findall(r"versions: (\d+)", config) == ["2", "3"]  # newest + aliased, only committed
-    assert re.findall(r'key: "(\w+)"\s+value: (\d+)', config) == [("production", "2"), ("staging", "3")]
-    repo.remove_alias("ctr", "staging")
-    assert repo.aliases("ctr") == {"production": 2}
-    with pytest.raises(AliasNotFoundError, match=r"no alias 'staging'; aliases: production=2"):
-        repo.get("ctr", alias="staging")
-    with pytest.raises(AliasNotFoundError):
-        repo.remove_alias("ctr", "staging")
-
-
-def test_alias_readers_see_old_or_new_never_neither(repo_root, repo: ModelRepository, tmp_path):
-    for i in range(2):
-        repo.publish("ctr", make_export(tmp_path / f"e{i}", seed=i))
-    repo.set_alias("ctr", "production", 1)
-    stop = threading.Event()
-    seen: list = []
-    errors: list = []
-
-    def reader():
-        try:
-            r = ModelRepository(repo.config.root, dict(repo.config.storage_options), commit=repo.mode)
-            while not stop.is_set():
-                seen.append(r.get("ctr", alias="production").version)
-        except BaseException as e:  # reported by the test, not lost in a thread
-            errors.append(e)
-
-    t = threading.Thread(target=reader, daemon=True)
-    t.start()
-    # Flip until the reader has read across several flips: a fixed number of flips can all
-    # finish before a starved reader's first read (a 2-core machine under a full suite), and
-    # then nothing overlapped. The deadline covers one stalled request and its retry.
-    flips, reads_needed = (6, 3) if repo_root.remote else (20, 5)
-    deadline = time.monotonic() + 120
-    i = 0
-    while (i < flips or len(seen) < reads_needed) and not errors and time.monotonic() < deadline:
-        repo.set_alias("ctr", "production", 1 + (i % 2 == 0))
-        i += 1
-    stop.set()
-    t.join(60)
-    assert not t.is_alive(), f"the reader is stuck after {len(seen)} reads"
-    assert not errors, f"the reader failed after {len(seen)} reads: {errors[0]!r}"
-    assert len(seen) >= reads_needed and set(seen) <= {1, 2}, (len(seen), set(seen), i)
-
-
-# ------------------------------------------------------------------------------------ deployments
-def test_deployments_record_where_versions_run(repo: ModelRepository, export_dir):
-    for _ in range(3):
-        repo.publish("ctr", export_dir)
-    d = repo.record_deployment("ctr", 1, "rec-svc", environment="prod", endpoint="http://user:pw@rec:8500")
-    assert (d.version, d.service, d.status, d.environment) == (1, "rec-svc", "deployed", "prod")
-    assert d.endpoint == "http://rec:8500"
-    repo.record_deployment("ctr", 2, "rec-svc/canary", environment="prod")
-    repo.record_deployment("ctr", 3, "rec-svc", environment="staging")
-    now = {(x.service, x.environment): x.version for x in repo.deployments("ctr")}
-    assert now == {("rec-svc", "prod"): 1, ("rec-svc/canary", "prod"): 2, ("rec-svc", "staging"): 3}
-    repo.record_deployment("ctr", 2, "rec-svc", environment="prod")  # a rollout replaces the slot
-    repo.record_deployment("ctr", 2, "rec-svc/canary", environment="prod", status="undeployed")
-    now = {(x.service, x.environment): x.version for x in repo.deployments("ctr")}
-    assert now == {("rec-svc", "prod"): 2, ("rec-svc", "staging"): 3}
-    history = repo.deployments("ctr", history=True)
-    assert [(x.service, x.version, x.status) for x in history] == [
-        ("rec-svc", 1, "deployed"),
-        ("rec-svc/canary", 2, "deployed"),
-        ("rec-svc", 3, "deployed"),
-        ("rec-svc", 2, "deployed"),
-        ("rec-svc/canary", 2, "undeployed"),
-    ]
-
-
-# ------------------------------------------------------------------------------------ gc
-def test_gc_keeps_aliased_deployed_and_newest(repo: ModelRepository, tmp_path):
-    for i in range(5):
-        repo.publish("ctr", make_export(tmp_path / f"e{i}", seed=i))
-    repo.set_alias("ctr", "production", 1)
-    repo.record_deployment("ctr", 2, "rec-svc")
-    repo.record_deployment("ctr", 3, "old-svc")
-    repo.record_deployment("ctr", 3, "old-svc", status="undeployed")
-    dry = repo.gc(keep_last=1, dry_run=True)
-    assert sorted(dry.removed_versions) == [("ctr", 3), ("ctr", 4)]
-    assert [mv.version for mv in repo.versions("ctr")] == [1, 2, 3, 4, 5]
-    report = repo.gc(keep_last=1)
-    assert sorted(report.removed_versions) == [("ctr", 3), ("ctr", 4)]
-    assert sorted(report.kept) == [("ctr", 1, "alias:production"), ("ctr", 2, "deployed:rec-svc")]
-    assert [mv.version for mv in repo.versions("ctr")] == [1, 2, 5]
-    assert repo._store.tree(repo._vdir("ctr", 3)) == {}
-    assert repo.publish("ctr", tmp_path / "e0").version == 6  # numbers never go back
-    with pytest.raises(InvalidArgumentError, match="keep_last must be an int >= 1"):
-        repo.gc(keep_last=0)
-    with pytest.raises(InvalidArgumentError, match="grace_seconds must be >= 0"):
-        repo.gc(grace_seconds=-1)
-
-
-def test_gc_reports_damaged_versions_and_leaves_them(repo: ModelRepository, tmp_path):
-    for i in range(3):
-        repo.publish("ctr", make_export(tmp_path / f"e{i}", seed=i))
-    repo._store.rm_file(repo._store.join(repo._vdir("ctr", 1), "saved_model.pb"))
-    report = repo.gc(keep_last=1, grace_seconds=0)
-    assert report.damaged == [("ctr", 1, "file saved_model.pb is missing")]
-    assert report.removed_versions == [("ctr", 2)]
-    assert repo._store.read(repo._store.join(repo._vdir("ctr", 1), METADATA_FILE)) is not None
-
-
-# ------------------------------------------------------------------------------------ verify, download
-def test_verify_names_the_file_whose_checksum_changed(repo: ModelRepository, export_dir):
-    mv = repo.publish("ctr", export_dir)
-    assert repo.verify("ctr") == mv
-    target = repo._store.join(repo._vdir("ctr", 1), "variables/variables.index")
-    repo._store.fs.pipe_file(target, b"\xff" * 16)  # same size, different bytes
-    assert [v.version for v in repo.versions("ctr")] == [1]  # listing checks sizes only
-    with pytest.raises(
-        IntegrityError, match=r"ctr/1: file variables/variables.index has sha256 [0-9a-f]{64}"
-    ) as e:
-        repo.verify("ctr", 1)
-    assert e.value.path == "variables/variables.index" and e.value.version == 1
-    with pytest.raises(IntegrityError, match="variables/variables.index"):
-        repo.download("ctr", 1, Path(str(export_dir) + "-dl"))
-    assert not Path(str(export_dir) + "-dl").exists()
-
-
-def test_missing_or_extra_files_fail_verify_and_hide_the_version(repo: ModelRepository, tmp_path):
-    repo.publish("ctr", make_export(tmp_path / "a", seed=1))
-    repo.publish("ctr", make_export(tmp_path / "b", seed=2))
-    store = repo._store
-    store.rm_file(store.join(repo._vdir("ctr", 1), "saved_model.pb"))
-    assert [v.version for v in repo.versions("ctr")] == [2]
-    with pytest.raises(VersionNotFoundError, match=r"exists but is damaged: file saved_model.pb is missing"):
-        repo.get("ctr", version=1)
-    with pytest.raises(IntegrityError, match="file saved_model.pb is missing"):
-        repo.verify("ctr", 1)
-    store.fs.pipe_file(store.join(repo._vdir("ctr", 2), "stray.txt"), b"x")
-    with pytest.raises(IntegrityError, match="file stray.txt is not in the manifest"):
-        repo.verify("ctr", 2)
-
-
-def test_download_copies_a_verified_version(repo: ModelRepository, export_dir, tmp_path):
-    mv = repo.publish("ctr", export_dir)
-    repo.set_alias("ctr", "production", 1)
-    dest = repo.download("ctr", None, tmp_path / "dl", alias="production")
-    for f in mv.manifest:
-        assert (dest / f.path).read_bytes() == (export_dir / f.path).read_bytes()
-    assert json.loads((dest / METADATA_FILE).read_text())["version"] == 1
-    with pytest.raises(InvalidArgumentError, match="is not empty"):
-        repo.download("ctr", 1, dest)
-    assert repo.download("ctr", 1, dest, overwrite=True) == dest
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".dl")) == []
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -411,30 +247,6 @@ def test_publish_from_a_url(repo: ModelRepository, export_dir):
     }
     with pytest.raises(SourceNotFoundError, match="cannot open"):
         repo.publish("ctr", "nosuchproto://x/y")
-
-
-def test_gc_leaves_hand_made_version_directories_on_local_disks(tmp_path, export_dir):
-    repo = ModelRepository(tmp_path / "repo")
-    repo.publish("ctr", export_dir)
-    manual = tmp_path / "repo" / "ctr" / "7"
-    manual.mkdir()
-    (manual / "saved_model.pb").write_bytes(b"by hand")
-    report = repo.gc(grace_seconds=0)
-    assert report.removed_debris == [] and report.damaged[0][:2] == ("ctr", 7)
-    assert manual.exists()
-    assert [v.version for v in repo.versions("ctr")] == [1]
-    assert repo.publish("ctr", export_dir).version == 8  # numbering steps over it
-
-
-def test_gc_finishes_a_killed_gc(tmp_path, export_dir):
-    repo = ModelRepository(tmp_path / "repo")
-    repo.publish("ctr", export_dir)
-    leftover = tmp_path / "repo" / "ctr" / ".kubeai" / "trash" / "3-deadbeef" / "variables"
-    leftover.mkdir(parents=True)
-    (leftover / "x").write_bytes(b"x")
-    report = repo.gc()
-    assert report.removed_debris == [str(leftover.parent)]
-    assert not leftover.parent.exists()
 
 
 def test_republishing_a_downloaded_version_promotes_it(repo: ModelRepository, export_dir, tmp_path):

@@ -144,7 +144,7 @@ def test_racing_publishers_get_distinct_versions(repo_root: RepoRoot, commit: st
 
 # ------------------------------------------------------------------------------------ kill -9
 def _debris(repo: ModelRepository, name: str) -> dict[str, int]:
-    scan = repo._scan(name)
+    scan = repo._tree.scan(name)
     return {
         "staging": len(scan.staging),
         "uncommitted_files": sum(len(f) for f in scan.uncommitted.values()),
@@ -153,10 +153,10 @@ def _debris(repo: ModelRepository, name: str) -> dict[str, int]:
 
 
 def _has_partial_upload(repo: ModelRepository) -> bool:
-    store, mdir = repo._store, repo._mdir("ctr")
+    store, mdir = repo._tree.store, repo._tree.mdir("ctr")
     if repo.mode == "rename":
         return len(store.tree(Store.join(mdir, KDIR, "staging"))) >= 2
-    return any(v for v in repo._scan("ctr").uncommitted.values())
+    return any(v for v in repo._tree.scan("ctr").uncommitted.values())
 
 
 def test_publisher_killed_mid_upload_leaves_nothing_visible(
@@ -263,7 +263,7 @@ def test_poller_never_sees_a_partial_version(repo_root: RepoRoot, commit: str, t
     served_checked: set[int] = set()
     polls = 0
     deadline = time.monotonic() + 90
-    model_dir = repo._mdir("ctr")
+    model_dir = repo._tree.mdir("ctr")
     while True:
         alive = running()
         polls += 1

@@ -1,11 +1,15 @@
-"""Fault injection of the local ODPS server: what a fault is, which kinds and scopes exist."""
+"""Fault injection of the local ODPS server: what a fault is, which kinds and scopes exist, and
+how the faults a request fired delay or fail it."""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
-__all__ = ["Fault"]
+from kubeai_train.testing.odps_server.state import HttpError
+
+__all__ = ["Fault", "apply_faults"]
 
 logger = logging.getLogger("kubeai_train.testing.odps_server")
 
@@ -47,3 +51,19 @@ class Fault:
             raise ValueError("fault after_bytes, delay and chunk must be >= 0")
         if not 400 <= self.status <= 599:
             raise ValueError(f"fault status must be an HTTP error status 400..599, got {self.status}")
+
+
+def apply_faults(faults: list[Fault]) -> list[Fault]:
+    """Sleep for the ``slow`` faults among those a request fired, then raise the first ``status``
+    fault as its HTTP error; returns the faults for the body (reset, truncate, bad_crc) to apply."""
+    for f in faults:
+        if f.kind == "slow":
+            time.sleep(f.delay)
+    for f in faults:
+        if f.kind == "status":
+            raise HttpError(
+                f.status,
+                "ServiceUnavailable" if f.status == 503 else "InternalServerError",
+                f"injected fault: HTTP {f.status}",
+            )
+    return faults

@@ -1,6 +1,7 @@
 """The HTTP side of the local ODPS server: routing, the signature check, the REST metadata
-(project, table, partitions), TableTunnel sessions and downloads, the Storage API routes, the
-admin endpoint, and applying injected faults to responses."""
+(project, table, partitions), TableTunnel sessions and downloads, the admin endpoint, and
+applying injected faults to responses. The Storage API routes live in
+:mod:`kubeai_train.testing.odps_server.storage_api`; this handler sends their replies."""
 
 from __future__ import annotations
 
@@ -16,21 +17,20 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 from xml.sax.saxutils import escape
 
-import pyarrow as pa
-
+from kubeai_train.testing.odps_server import storage_api
 from kubeai_train.testing.odps_server.auth import AuthFailure, check_signature
 from kubeai_train.testing.odps_server.catalog import CatalogError, TableInfo
-from kubeai_train.testing.odps_server.faults import Fault
+from kubeai_train.testing.odps_server.faults import Fault, apply_faults
 from kubeai_train.testing.odps_server.state import (
     ROWRANGE,
     STORAGE_PREFIX,
     HttpError,
-    ReadSession,
     Session,
+    lookup_partition,
     parse_spec,
     rfc822,
-    spec_str,
 )
+from kubeai_train.testing.odps_server.storage_api import Reply
 from kubeai_train.testing.odps_server.wire import (
     ENCODINGS,
     END_RECORD_TAG,
@@ -130,7 +130,11 @@ class Handler(BaseHTTPRequestHandler):
                     odps.stats.auth_failures += 1
                 raise HttpError(e.status, e.code, e.message) from None
             if storage:
-                self._storage_route(raw)
+                self._reply(
+                    storage_api.route(
+                        odps, self.command, raw, self._req_body, self.headers.get("Accept-Encoding", "")
+                    )
+                )
             else:
                 self._route(raw)
         except HttpError as e:
@@ -151,18 +155,13 @@ class Handler(BaseHTTPRequestHandler):
             self.rfile.read(size + 2)
 
     def _apply_faults(self, scope: str) -> list[Fault]:
-        faults = self.server.odps._take_faults(scope)
-        for f in faults:
-            if f.kind == "slow":
-                time.sleep(f.delay)
-        for f in faults:
-            if f.kind == "status":
-                raise HttpError(
-                    f.status,
-                    "ServiceUnavailable" if f.status == 503 else "InternalServerError",
-                    f"injected fault: HTTP {f.status}",
-                )
-        return faults
+        return apply_faults(self.server.odps._take_faults(scope))
+
+    def _reply(self, reply: Reply) -> None:
+        if reply.faults is None:
+            self._send(reply.status, reply.body, reply.ctype)
+        else:
+            self._send_body(reply.body, reply.faults, None)
 
     # -- routes --------------------------------------------------------------------------------
     def _admin(self, raw: str) -> None:
@@ -240,149 +239,6 @@ class Handler(BaseHTTPRequestHandler):
             return
         raise HttpError(404, "NoSuchObject", f"no such resource {parts.path}")
 
-    # -- Storage API (odps.apis.storage_api): batch-read sessions and Arrow IPC streams ----------
-    def _storage_route(self, raw: str) -> None:
-        odps = self.server.odps
-        parts = urlsplit(raw)
-        segs = [unquote(x) for x in parts.path[len(STORAGE_PREFIX) :].strip("/").split("/") if x]
-        params = dict(parse_qsl(parts.query, keep_blank_values=True))
-        # projects/<p>/schemas/<s>/tables/<t>/(sessions[/<id>] | data)
-        if len(segs) < 7 or segs[0] != "projects" or segs[2] != "schemas" or segs[4] != "tables":
-            raise HttpError(404, "NoSuchObject", f"no such Storage API resource {parts.path}")
-        project, name, rest = segs[1], segs[5], segs[6:]
-        if not odps.catalog.project_exists(project):
-            raise HttpError(404, "NoSuchProject", f"project {project!r} does not exist")
-        table = odps.catalog.table(project, name)
-        if table is None:
-            raise HttpError(404, "NoSuchTable", f"table {project}.{name} does not exist")
-        if rest == ["sessions"] and self.command == "POST":
-            self._apply_faults("session")
-            self._storage_create(table)
-        elif len(rest) == 2 and rest[0] == "sessions" and self.command == "GET":
-            self._apply_faults("session")
-            self._storage_json(self._storage_session(rest[1], table), 200)
-        elif rest == ["data"] and self.command == "GET":
-            self._storage_data(table, params)
-        else:
-            raise HttpError(404, "NoSuchObject", f"no such Storage API resource {parts.path}")
-
-    def _storage_session(self, sid: str, table: TableInfo) -> ReadSession:
-        odps = self.server.odps
-        with odps._session_lock:
-            sess = odps._read_sessions.get(sid)
-        if sess is None or sess.table.name != table.name:
-            raise HttpError(
-                404, "NoSuchSession", f"read session {sid!r} not found for {table.project}.{table.name}"
-            )
-        if time.time() - sess.created > odps.session_ttl:
-            sess.expired = True
-        return sess
-
-    def _storage_create(self, table: TableInfo) -> None:
-        odps = self.server.odps
-        try:
-            req = json.loads(self._req_body or b"{}")
-        except ValueError as e:
-            raise HttpError(400, "InvalidArgument", f"read session request is not JSON: {e}") from None
-        known = [n for n, _ in table.columns]
-        columns = list(req.get("RequiredDataColumns") or known)
-        bad = [c for c in columns if c not in known]
-        pcols = list(req.get("RequiredPartitionColumns") or [])
-        bad += [c for c in pcols if c not in table.partition_keys]
-        if bad:
-            raise HttpError(
-                400, "InvalidColumnSpec", f"columns {bad} not in table {table.project}.{table.name}"
-            )
-        wanted = [parse_spec(x) for x in req.get("RequiredPartitions") or []]
-        specs = (
-            [self._lookup_partition(table, w) for w in wanted] if wanted else list(table.partitions or [()])
-        )
-        parts = [odps.catalog.read(table, sp) for sp in specs]
-        split = req.get("SplitOptions") or {}
-        mode = split.get("SplitMode", "Size")
-        number = int(split.get("SplitNumber") or 0)
-        total = sum(p.num_rows for p in parts)
-        row_bytes = max(1, sum(p.data.nbytes for p in parts) // max(1, total))
-        if mode == "RowOffset":
-            split_rows = 0
-        elif mode == "Parallelism":
-            split_rows = max(1, -(-total // max(1, number)))
-        elif mode == "Size":
-            split_rows = max(1, (number or 256 << 20) // row_bytes)
-        else:
-            raise HttpError(400, "InvalidArgument", f"split mode {mode!r} is not supported here")
-        sess = ReadSession(uuid.uuid4().hex.upper(), table, parts, columns, pcols, split_rows, time.time())
-        with odps._session_lock:
-            odps._read_sessions[sess.id] = sess
-        with odps.stats.lock:
-            odps.stats.sessions_created += 1
-        self._storage_json(sess, 201)
-
-    def _storage_json(self, sess: ReadSession, status: int) -> None:
-        ptypes = dict.fromkeys(sess.table.partition_keys, "string")
-        ctypes = dict(sess.table.columns)
-        total = sess.num_rows
-        body = {
-            "SessionId": sess.id,
-            "SessionType": "batch_read",
-            "SessionStatus": "EXPIRED" if sess.expired else "NORMAL",
-            "ExpirationTime": int((sess.created + self.server.odps.session_ttl) * 1000),
-            "SplitsCount": -(-total // sess.split_rows) if sess.split_rows else -1,
-            "RecordCount": total,
-            "DataSchema": {
-                "DataColumns": [
-                    {"Name": c, "Type": ctypes[c], "Comment": "", "Nullable": True} for c in sess.columns
-                ],
-                "PartitionColumns": [
-                    {"Name": k, "Type": ptypes[k], "Comment": "", "Nullable": True}
-                    for k in sess.partition_columns
-                ],
-            },
-            "SupportedDataFormat": [{"Type": "arrow", "Version": "v5"}],
-        }
-        self._send(status, json.dumps(body).encode(), "application/json")
-
-    def _storage_data(self, table: TableInfo, params: dict[str, str]) -> None:
-        odps = self.server.odps
-        sess = self._storage_session(params.get("session_id", ""), table)
-        if sess.expired:
-            raise HttpError(
-                400, "SessionExpired", f"read session {sess.id} has expired; create a new read session"
-            )
-        try:
-            split_index = int(params.get("split_index", "0"))
-            row_index = int(params.get("row_index", "0"))
-            row_count = int(params.get("row_count", "0"))
-            max_rows = max(1, int(params.get("max_batch_rows", "4096")))
-        except ValueError:
-            raise HttpError(
-                400, "InvalidArgument", "split_index, row_index, row_count must be integers"
-            ) from None
-        total = sess.num_rows
-        if sess.split_rows:
-            lo = split_index * sess.split_rows
-            hi = min(total, lo + sess.split_rows)
-            if split_index < 0 or lo >= max(total, 1) and total:
-                raise HttpError(400, "InvalidArgument", f"split_index {split_index} out of range")
-        else:
-            lo, hi = 0, total
-        start = lo + row_index
-        stop = hi if row_count <= 0 else min(hi, start + row_count)
-        if start > hi:
-            raise HttpError(400, "InvalidArgument", f"row_index {row_index} is beyond the split")
-        faults = self._apply_faults("data")
-        with odps.stats.lock:
-            odps.stats.data_requests += 1
-        data = sess.rows(start, stop - start)
-        accept = self.headers.get("Accept-Encoding", "").strip().upper()
-        codec = {"LZ4_FRAME": "lz4", "ZSTD": "zstd"}.get(accept)
-        sink = pa.BufferOutputStream()
-        opts = pa.ipc.IpcWriteOptions(compression=codec)
-        with pa.ipc.new_stream(sink, data.schema, options=opts) as writer:
-            for batch in data.to_batches(max_chunksize=max_rows):
-                writer.write_batch(batch)
-        self._send_body(sink.getvalue().to_pybytes(), faults, None)
-
     def _project_xml(self, project: str) -> None:
         now = rfc822(time.time())
         body = (
@@ -427,30 +283,6 @@ class Handler(BaseHTTPRequestHandler):
         )
         self._send(200, body.encode())
 
-    def _lookup_partition(self, table: TableInfo, spec: tuple[tuple[str, str], ...]) -> tuple:
-        if not table.partition_keys:
-            if spec:
-                raise HttpError(
-                    400,
-                    "InvalidPartitionSpec",
-                    f"table {table.project}.{table.name} is not partitioned; got {spec_str(spec)}",
-                )
-            return ()
-        if [k for k, _ in spec] != list(table.partition_keys):
-            raise HttpError(
-                400,
-                "InvalidPartitionSpec",
-                f"table {table.project}.{table.name} is partitioned by {','.join(table.partition_keys)}; "
-                f"a full partition spec is needed, got {spec_str(spec) or 'none'!r}",
-            )
-        if spec not in table.partitions:
-            raise HttpError(
-                404,
-                "NoSuchPartition",
-                f"partition {spec_str(spec)} of table {table.project}.{table.name} does not exist",
-            )
-        return spec
-
     def _partitions_xml(self, table: TableInfo, params: dict[str, str]) -> None:
         prefix = parse_spec(params.get("partition"))
         items = []
@@ -467,7 +299,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, body.encode())
 
     def _partition_xml(self, table: TableInfo, params: dict[str, str]) -> None:
-        spec = self._lookup_partition(table, parse_spec(params.get("partition")))
+        spec = lookup_partition(table, parse_spec(params.get("partition")))
         part = self.server.odps.catalog.read(table, spec)
         mtime = int(table.partition_dir(spec).stat().st_mtime)
         meta = {
@@ -495,17 +327,17 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, json.dumps(body).encode(), "application/json")
 
     def _create_session(self, table: TableInfo, params: dict[str, str]) -> None:
-        spec = self._lookup_partition(table, parse_spec(params.get("partition")))
+        spec = lookup_partition(table, parse_spec(params.get("partition")))
         part = self.server.odps.catalog.read(table, spec)
         self._session_json(self.server.odps._new_session(part))
 
     def _session_status(self, table: TableInfo, params: dict[str, str]) -> None:
-        spec = self._lookup_partition(table, parse_spec(params.get("partition")))
+        spec = lookup_partition(table, parse_spec(params.get("partition")))
         self._session_json(self.server.odps._get_session(params["downloadid"], table, spec))
 
     def _download(self, table: TableInfo, params: dict[str, str]) -> None:
         odps = self.server.odps
-        spec = self._lookup_partition(table, parse_spec(params.get("partition")))
+        spec = lookup_partition(table, parse_spec(params.get("partition")))
         sess = odps._get_session(params["downloadid"], table, spec)
         if sess.expired:
             raise HttpError(

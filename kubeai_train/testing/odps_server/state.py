@@ -21,6 +21,7 @@ __all__ = [
     "Stats",
     "ROWRANGE",
     "STORAGE_PREFIX",
+    "lookup_partition",
     "parse_spec",
     "record_rows",
     "rfc822",
@@ -133,6 +134,33 @@ def parse_spec(text: str | None) -> tuple[tuple[str, str], ...]:
 
 def spec_str(spec: tuple[tuple[str, str], ...]) -> str:
     return ",".join(f"{k}={v}" for k, v in spec)
+
+
+def lookup_partition(table: TableInfo, spec: tuple[tuple[str, str], ...]) -> tuple:
+    """``spec`` when it names an existing partition of ``table`` (``()`` for an unpartitioned
+    table), else the HTTP error ODPS answers with."""
+    if not table.partition_keys:
+        if spec:
+            raise HttpError(
+                400,
+                "InvalidPartitionSpec",
+                f"table {table.project}.{table.name} is not partitioned; got {spec_str(spec)}",
+            )
+        return ()
+    if [k for k, _ in spec] != list(table.partition_keys):
+        raise HttpError(
+            400,
+            "InvalidPartitionSpec",
+            f"table {table.project}.{table.name} is partitioned by {','.join(table.partition_keys)}; "
+            f"a full partition spec is needed, got {spec_str(spec) or 'none'!r}",
+        )
+    if spec not in table.partitions:
+        raise HttpError(
+            404,
+            "NoSuchPartition",
+            f"partition {spec_str(spec)} of table {table.project}.{table.name} does not exist",
+        )
+    return spec
 
 
 def rfc822(ts: float) -> str:
