@@ -187,14 +187,21 @@ class TrafficMeter:
         parts.extend(tf.constant(b, tf.int64) for _, b in self.extra)
         return self.counts.assign_add(tf.stack(parts))
 
-    def per_ps(self, num_ps: int) -> tuple[int, list[float]]:
-        """``(steps counted, mean bytes per step per PS task)``."""
-        counts = [int(c) for c in self.counts.numpy()]
+    def per_ps(
+        self, num_ps: int, counts: Sequence[int] | None = None, devices: Sequence[str] | None = None
+    ) -> tuple[int, list[float]]:
+        """``(steps counted, mean bytes per step per PS task)``.
+
+        ``counts`` defaults to the counter's value and ``devices`` (one per variable given, then
+        one per ``extra``) to the variables' real devices.
+        """
+        counts = [int(c) for c in (self.counts.numpy() if counts is None else counts)]
+        if devices is None:
+            devices = [v.device for v in self.variables] + [v.device for v, _ in self.extra]
         steps = counts[0]
         out = [0.0] * num_ps
-        owners = list(self.variables) + [v for v, _ in self.extra]
-        for v, c in zip(owners, counts[1:], strict=True):
-            task = _task(v.device)
+        for dev, c in zip(devices, counts[1:], strict=True):
+            task = _task(dev)
             if task is not None and 0 <= task < num_ps:
                 out[task] += c / steps if steps else 0.0
         return steps, out
