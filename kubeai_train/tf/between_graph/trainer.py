@@ -25,6 +25,7 @@ uninitialised variables, restores the last checkpoint (model and every reader po
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -39,11 +40,12 @@ import tensorflow as tf
 from kubeai_train import cluster
 from kubeai_train.tf import checkpoints as _checkpoints
 from kubeai_train.tf import export as _export
+from kubeai_train.tf.balanced import BalancedPlacement, placement_policy
+from kubeai_train.tf.between_graph.balanced import shard_counts_scope
 from kubeai_train.tf.between_graph.input import ReadFn, default_read_fn, make_dataset
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
 from kubeai_train.tf.placement import (
     PlanStrategy,
-    RoundRobinPlacement,
     check_plan,
     placement_report,
     snapshot,
@@ -58,6 +60,7 @@ from kubeai_train.tf.types import (
     StepInfo,
     TrainConfig,
     TrainError,
+    VariableInfo,
 )
 
 __all__ = ["RunResult", "run"]
@@ -79,7 +82,7 @@ def run(
     model: Model,
     config: TrainConfig,
     *,
-    placement: PlacementPolicy | None = None,
+    placement: PlacementPolicy | str | None = None,
     read_fn: ReadFn | None = None,
     exit_on_retryable: bool = True,
 ) -> RunResult:
@@ -88,7 +91,9 @@ def run(
     Args:
         model: the user's model (raw features -> logits, optimizer).
         config: the training configuration; every role must get the same one.
-        placement: the placement policy (default round-robin).
+        placement: the placement policy or its name (default round-robin; ``"balanced"``:
+            the planner decides the shard count of every ``get_variable`` embedding table,
+            overriding the model's partitioner, and each shard's PS).
         read_fn: the reader (default ``kubeai_train.data.read``).
         exit_on_retryable: on a lost PS, exit the process with RETRYABLE_EXIT_CODE (what a
             TFJob restart policy and the launcher expect) instead of raising ClusterUnavailableError.
@@ -102,7 +107,7 @@ def run(
     """
     _setup_logging()
     info = cluster.current()
-    policy = placement or RoundRobinPlacement()
+    policy = placement_policy(placement)
     read = read_fn or default_read_fn
     if info.is_chief:  # the resolved config once per job; the other roles say what they do
         log.info(
@@ -247,6 +252,7 @@ class _Trainer:
         )
         self.ckpts = _checkpoints.for_model_dir(self.dir, part_bytes=config.checkpoint_part_bytes)
         self.placement: dict[str, Any] | None = None
+        self.shard_counts: dict[str, int] = {}
         self.server: Any = None
         self.writer: Any = None
         self._failed_saves = 0
@@ -295,12 +301,24 @@ class _Trainer:
             feats = {
                 name: tf.compat.v1.placeholder(_tf_dtype(kind), [None]) for name, kind in self.kinds.items()
             }
-            self._model_and_train_op(feats)
+            with self._cuts(planning=True):
+                self._model_and_train_op(feats)
         self.snapshot = [
             v for v in snapshot(g, self.config.batch_size) if not v.name.startswith(f"{STATE_SCOPE}/")
         ]
         self.plan = self.policy.plan(self.snapshot, self.num_ps)
+        if isinstance(self.policy, BalancedPlacement) and self.policy.last is not None:
+            # the planning pass saw whole variables; the real graph cuts them at the plan's
+            # counts, so the snapshot the report and checks compare against is the cut one
+            self.shard_counts = self.policy.last.shard_counts()
+            self.snapshot = _cut_snapshot(self.snapshot, self.policy.last)
         check_plan(self.plan, self.snapshot, self.num_ps)
+
+    def _cuts(self, planning: bool = False) -> Any:
+        """The partitioner override of the balanced policy (nothing for the other policies)."""
+        if not isinstance(self.policy, BalancedPlacement):
+            return contextlib.nullcontext()
+        return shard_counts_scope(None if planning else self.shard_counts)
 
     def _build(self) -> None:
         self.graph = tf.Graph()
@@ -315,7 +333,7 @@ class _Trainer:
                     cluster=None,
                     ps_strategy=strategy,
                 )
-                with tf.compat.v1.device(setter):
+                with tf.compat.v1.device(setter), self._cuts():
                     self._build_body()
                 self.placement = placement_report(self.plan, self.snapshot, self.graph)
                 if strategy.unplanned:
@@ -740,3 +758,28 @@ def _summary(values: Mapping[str, float]) -> Any:
     return tf.compat.v1.Summary(
         value=[tf.compat.v1.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]
     )
+
+
+def _cut_snapshot(whole: Sequence[VariableInfo], plan: Any) -> list[VariableInfo]:
+    """``whole`` with every variable the balanced plan cuts replaced by its shards (pro rata rows)."""
+    rows = plan.rows()
+    out: list[VariableInfo] = []
+    for v in whole:
+        parts = rows.get(v.name, [])
+        if len(parts) <= 1:
+            out.append(v)
+            continue
+        total = sum(parts)
+        for i, r in enumerate(parts):
+            out.append(
+                VariableInfo(
+                    f"{v.name}/part_{i}",
+                    (r, *v.shape[1:]),
+                    v.dtype,
+                    v.nbytes * r // total,
+                    traffic=v.traffic * r / total,
+                    kind=v.kind,
+                    group=v.name,
+                )
+            )
+    return out
