@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kubeai_train.balance import Plan as BalancePlan
 from kubeai_train.balance import Planner
 from kubeai_train.balance.load import from_variable_infos
-from kubeai_train.balance.types import BalanceError, VariableLoad
+from kubeai_train.balance.types import BalanceError, VariableLoad, max_over_mean
 from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
 from kubeai_train.tf.types import PlacementError, PlacementPlan, PlacementPolicy, VariableInfo
 
-__all__ = ["POLICIES", "BalancedPlacement", "placement_policy"]
+__all__ = ["POLICIES", "BalancedPlacement", "load_report", "placement_policy"]
 
 #: Placement policies by name (``--placement``, ``run(placement="balanced")``).
 POLICIES = ("round_robin", "greedy_bytes", "balanced")
@@ -126,3 +127,33 @@ def placement_policy(policy: PlacementPolicy | str | None) -> PlacementPolicy:
     raise PlacementError(
         f"placement must be one of {', '.join(POLICIES)} or a PlacementPolicy, got {policy!r}"
     )
+
+
+def load_report(
+    report: Mapping[str, Any],
+    planned: tuple[Sequence[float], Sequence[float]],
+    measured: tuple[Sequence[float], Sequence[float]] | None,
+    steps: int = 0,
+) -> dict[str, Any]:
+    """``report`` with ``planned_bytes`` / ``planned_traffic`` (and the measured ones) per PS.
+
+    The ``ps`` entries keep their other keys; ``max_over_mean`` gets the planned and measured
+    ratios of both dimensions.
+    """
+    out = dict(report)
+    ps = []
+    for t, entry in enumerate(report["ps"]):
+        e = dict(entry)
+        e["planned_bytes"], e["planned_traffic"] = float(planned[0][t]), float(planned[1][t])
+        if measured is not None:
+            e["measured_bytes"], e["measured_traffic"] = float(measured[0][t]), float(measured[1][t])
+        ps.append(e)
+    out["ps"] = ps
+    ratios: dict[str, Any] = {
+        "planned": {"memory": max_over_mean(planned[0]), "traffic": max_over_mean(planned[1])}
+    }
+    if measured is not None:
+        ratios["measured"] = {"memory": max_over_mean(measured[0]), "traffic": max_over_mean(measured[1])}
+        out["measured"] = {"steps": steps, "method": "step-counted tensors per variable device"}
+    out["max_over_mean"] = ratios
+    return out

@@ -40,8 +40,8 @@ import tensorflow as tf
 from kubeai_train import cluster
 from kubeai_train.tf import checkpoints as _checkpoints
 from kubeai_train.tf import export as _export
-from kubeai_train.tf.balanced import BalancedPlacement, placement_policy
-from kubeai_train.tf.between_graph.balanced import shard_counts_scope
+from kubeai_train.tf.balanced import BalancedPlacement, load_report, placement_policy
+from kubeai_train.tf.between_graph.balanced import TrafficCounter, resident_bytes, shard_counts_scope
 from kubeai_train.tf.between_graph.input import ReadFn, default_read_fn, make_dataset
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
 from kubeai_train.tf.placement import (
@@ -253,6 +253,9 @@ class _Trainer:
         self.ckpts = _checkpoints.for_model_dir(self.dir, part_bytes=config.checkpoint_part_bytes)
         self.placement: dict[str, Any] | None = None
         self.shard_counts: dict[str, int] = {}
+        self.planned_loads: tuple[list[float], list[float]] = ([], [])
+        self.resident: list[int] = []
+        self.traffic: TrafficCounter | None = None
         self.server: Any = None
         self.writer: Any = None
         self._failed_saves = 0
@@ -289,7 +292,9 @@ class _Trainer:
                 total_num_replicas=self.world,
             )
             self.sync_opt = opt
-        self.train_op = opt.minimize(self.loss, global_step=self.global_step)
+        # minimize() in its two halves: the per-variable gradients are what the traffic count sees
+        self.grads_and_vars = opt.compute_gradients(self.loss)
+        self.train_op = opt.apply_gradients(self.grads_and_vars, global_step=self.global_step)
         if self.sync_opt is not None:
             # built by SyncReplicasOptimizer for its hook; unused in the planning pass (quiet tf_should_use)
             getattr(self.sync_opt.ready_for_local_init_op, "mark_used", lambda: None)()
@@ -336,6 +341,14 @@ class _Trainer:
                 with tf.compat.v1.device(setter), self._cuts():
                     self._build_body()
                 self.placement = placement_report(self.plan, self.snapshot, self.graph)
+                self.planned_loads = (
+                    [float(e["bytes"]) for e in self.placement["ps"]],
+                    [float(e["traffic"]) for e in self.placement["ps"]],
+                )
+                self.resident = resident_bytes(self.graph, self.num_ps)
+                self.placement = load_report(self.placement, self.planned_loads, None)
+                if self.shard_counts:
+                    self.placement["shard_counts"] = self.shard_counts
                 if strategy.unplanned:
                     log.warning(
                         "%s %d variables created outside the planning pass were placed round-robin: %s",
@@ -369,7 +382,16 @@ class _Trainer:
         # the batch's position is written in the same session.run as its update, in parallel with
         # it (a control dependency would add a PS round trip to every step); a run either
         # completes both or fails, and a failed run on a lost PS is undone by the restore anyway
-        self.step_op = tf.group(self.train_op, self.positions[self.rank].assign(position, read_value=False))
+        counted = []
+        self.traffic = None
+        if self.distributed:
+            with tf.compat.v1.device(f"/job:{self.job}/task:{self.info.index}"):
+                # read + increment of the global step: 8 bytes each way per step
+                self.traffic = TrafficCounter(self.grads_and_vars, extra=[(self.global_step, 16)])
+            counted.append(self.traffic.update)
+        self.step_op = tf.group(
+            self.train_op, self.positions[self.rank].assign(position, read_value=False), *counted
+        )
         self.position_in = tf.compat.v1.placeholder(tf.string, [])
         self.set_position = self.positions[self.rank].assign(self.position_in, read_value=False)
         self.set_done = tf.group(*[v.assign(True, read_value=False) for v in self.job_done])
@@ -677,12 +699,31 @@ class _Trainer:
                 self._wait_workers(sess)
         gstep = int(sess.run(self.global_step))
         result.global_step = gstep
+        self._measured(sess, result)
         result.checkpoint = self._save(sess, gstep)
         self.dir.write_json(
             TRAINED_MARKER, {"checkpoint": result.checkpoint, "global_step": gstep, "time": time.time()}
         )
         if self.distributed:
             sess.run(self.set_done)
+
+    def _measured(self, sess: Any, result: RunResult) -> None:
+        """Add the measured per-PS load (the chief's steps) to the placement report; log, write it."""
+        if self.placement is None or self.traffic is None:
+            return
+        steps, traffic = self.traffic.per_ps(sess, self.num_ps)
+        self.placement = load_report(self.placement, self.planned_loads, (self.resident, traffic), steps)
+        self.dir.write_json(PLACEMENT_REPORT, self.placement)
+        result.placement = self.placement
+        keys = ("task", "planned_bytes", "planned_traffic", "measured_bytes", "measured_traffic")
+        log.info(
+            "%s placement %s measured over %d steps (max/mean %s): %s",
+            self.tag,
+            self.placement["policy"],
+            steps,
+            json.dumps(self.placement["max_over_mean"], sort_keys=True),
+            json.dumps([{k: e[k] for k in keys} for e in self.placement["ps"]]),
+        )
 
     def _wait_workers(self, sess: Any) -> None:
         t0 = time.monotonic()

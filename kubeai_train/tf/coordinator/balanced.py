@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
 
 from kubeai_train.balance import Plan as BalancePlan
-from kubeai_train.balance.types import VariableLoad, max_over_mean
+from kubeai_train.balance.types import VariableLoad
 from kubeai_train.tf.balanced import BalancedPlacement, loads_of
 from kubeai_train.tf.coordinator.placement import Planned, snapshot_build
 from kubeai_train.tf.types import PlacementError, PlacementPlan
@@ -39,7 +39,6 @@ from kubeai_train.tf.types import PlacementError, PlacementPlan
 __all__ = [
     "PlanPartitioner",
     "TrafficMeter",
-    "load_report",
     "plan_build",
     "planned_loads",
     "resident_bytes",
@@ -205,36 +204,6 @@ class TrafficMeter:
             if task is not None and 0 <= task < num_ps:
                 out[task] += c / steps if steps else 0.0
         return steps, out
-
-
-def load_report(
-    report: Mapping[str, Any],
-    planned: tuple[Sequence[float], Sequence[float]],
-    measured: tuple[Sequence[float], Sequence[float]] | None,
-    steps: int = 0,
-) -> dict[str, Any]:
-    """``report`` with ``planned_bytes`` / ``planned_traffic`` (and the measured ones) per PS.
-
-    The ``ps`` entries keep their other keys; ``max_over_mean`` gets the planned and measured
-    ratios of both dimensions.
-    """
-    out = dict(report)
-    ps = []
-    for t, entry in enumerate(report["ps"]):
-        e = dict(entry)
-        e["planned_bytes"], e["planned_traffic"] = float(planned[0][t]), float(planned[1][t])
-        if measured is not None:
-            e["measured_bytes"], e["measured_traffic"] = float(measured[0][t]), float(measured[1][t])
-        ps.append(e)
-    out["ps"] = ps
-    ratios: dict[str, Any] = {
-        "planned": {"memory": max_over_mean(planned[0]), "traffic": max_over_mean(planned[1])}
-    }
-    if measured is not None:
-        ratios["measured"] = {"memory": max_over_mean(measured[0]), "traffic": max_over_mean(measured[1])}
-        out["measured"] = {"steps": steps, "method": "step-counted tensors per variable device"}
-    out["max_over_mean"] = ratios
-    return out
 
 
 def planned_loads(

@@ -50,12 +50,11 @@ import tensorflow as tf
 
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
-from kubeai_train.tf.balanced import BalancedPlacement, placement_policy
+from kubeai_train.tf.balanced import BalancedPlacement, load_report, placement_policy
 from kubeai_train.tf.checkpoints import RETRYABLE_ERRORS
 from kubeai_train.tf.coordinator.balanced import (
     PlanPartitioner,
     TrafficMeter,
-    load_report,
     plan_build,
     planned_loads,
     resident_bytes,

@@ -11,13 +11,12 @@ import pytest
 import tensorflow as tf
 
 from kubeai_train.tf import PlacementError, RoundRobinPlacement
-from kubeai_train.tf.balanced import BalancedPlacement, placement_policy
+from kubeai_train.tf.balanced import BalancedPlacement, load_report, placement_policy
 from kubeai_train.tf.cli import PLACEMENTS
 from kubeai_train.tf.coordinator import TablesModel
 from kubeai_train.tf.coordinator.balanced import (
     PlanPartitioner,
     TrafficMeter,
-    load_report,
     plan_build,
     planned_loads,
     resident_bytes,
