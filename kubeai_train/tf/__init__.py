@@ -4,10 +4,11 @@ Write a :class:`Model` (raw columns in, logits out) and call :func:`run` from ev
 TF job: parameter servers serve, the chief and the workers each build the graph in their own
 process (between-graph replication), read their own share of the data through
 ``kubeai_train.data``, and train asynchronously (or synchronously). Variables are placed on the
-PS by one :class:`PlacementPolicy` (round-robin by default), embedding tables are sharded over
-the PS, start-up and shutdown never hang, the chief checkpoints (every reader's position
-included), a lost PS makes the job exit with a retryable code and restore, and the chief exports
-a SavedModel taking raw features and publishes it to the model repository.
+PS by one :class:`PlacementPolicy` (round-robin by default; :class:`BalancedPlacement` also
+decides how many shards each table gets; every run measures the per-PS load), embedding tables
+are sharded over the PS, start-up and shutdown never hang, the chief checkpoints (every
+reader's position included), a lost PS makes the job exit with a retryable code and restore, and
+the chief exports a SavedModel taking raw features and publishes it to the model repository.
 
 ``run(model, config, mode="coordinator", options=...)`` runs the TF2 coordinator mode instead
 (ParameterServerStrategy + ClusterCoordinator, a ``tf.Module`` model): see :mod:`.coordinator`.
@@ -19,6 +20,7 @@ Importing this package imports TensorFlow.
 # absl start-up lines; see _tf); every module below finds it in sys.modules
 from kubeai_train.tf import _tf  # noqa: F401  # isort: skip
 from kubeai_train.tf import coordinator
+from kubeai_train.tf.balanced import BalancedPlacement
 from kubeai_train.tf.entry import MODES, run
 from kubeai_train.tf.features import CtrFeatures, partitioner
 from kubeai_train.tf.models import DeepFM, DeepFMParams
@@ -41,6 +43,7 @@ from kubeai_train.tf.types import (
 __all__ = [
     "MODES",
     "RETRYABLE_EXIT_CODE",
+    "BalancedPlacement",
     "ClusterUnavailableError",
     "CtrFeatures",
     "DeepFM",

@@ -22,8 +22,8 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 from kubeai_train import cluster
+from kubeai_train.tf.balanced import POLICIES, placement_policy
 from kubeai_train.tf.features import CtrFeatures
-from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
 from kubeai_train.tf.types import PlacementPolicy, StepInfo, TrainConfig
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
 M = TypeVar("M")
 
 #: ``--placement`` choices.
-PLACEMENTS = ("round_robin", "greedy_bytes")
+PLACEMENTS = POLICIES
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,7 +47,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ``--train-data``, ``--eval-data``, ``--model-repo`` (required), ``--model-name`` (ctr),
     ``--model-dir``, ``--epochs`` (1), ``--batch-size`` (512), ``--learning-rate`` (0.2),
     ``--embedding-dim`` (8), ``--hash-buckets`` (10000), ``--checkpoint-steps`` (500),
-    ``--log-steps`` (100), ``--max-steps``, ``--placement`` (round_robin | greedy_bytes),
+    ``--log-steps`` (100), ``--max-steps``, ``--placement`` (round_robin | greedy_bytes | balanced),
     ``--no-shuffle``, ``--seed`` (0), ``--result-json``.
 
     Args:
@@ -88,8 +88,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def placement_from_args(args: argparse.Namespace) -> PlacementPolicy:
-    """The placement policy ``--placement`` names."""
-    return GreedyBytesPlacement() if args.placement == "greedy_bytes" else RoundRobinPlacement()
+    """The placement policy ``--placement`` names (``balanced``: see :mod:`kubeai_train.tf.balanced`)."""
+    return placement_policy(args.placement)
 
 
 def deepfm_from_args(cls: Callable[..., M], args: argparse.Namespace) -> M:

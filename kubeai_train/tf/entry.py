@@ -27,7 +27,7 @@ def run(
     config: TrainConfig,
     *,
     mode: str = "between_graph",
-    placement: PlacementPolicy | None = None,
+    placement: PlacementPolicy | str | None = None,
     read_fn: ReadFn | None = None,
     options: CoordinatorOptions | None = None,
     exit_on_retryable: bool = True,
@@ -39,7 +39,8 @@ def run(
             :class:`~kubeai_train.tf.coordinator.ModuleModel` (coordinator).
         config: the training configuration; every role must get the same one.
         mode: ``"between_graph"`` (default) or ``"coordinator"``.
-        placement: the placement policy (default round-robin).
+        placement: the placement policy or its name: ``"round_robin"`` (the default),
+            ``"greedy_bytes"`` or ``"balanced"`` (see :mod:`kubeai_train.tf.balanced`).
         read_fn: the reader (default ``kubeai_train.data.read``).
         options: coordinator-mode options (``mode="coordinator"`` only).
         exit_on_retryable: on a lost PS, exit with RETRYABLE_EXIT_CODE instead of raising.

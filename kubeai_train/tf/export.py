@@ -40,6 +40,7 @@ __all__ = [
     "export_saved_model",
     "find_published",
     "model_metadata",
+    "placement_load",
     "publish",
     "publish_once",
     "read_marker",
@@ -383,7 +384,9 @@ def model_metadata(
         lineage: the mode's own lineage entries.
 
     Returns:
-        A JSON-able dict: metrics, eval, framework, mode, params, signature, dataset, lineage.
+        A JSON-able dict: metrics, eval, framework, mode, params, signature, dataset, lineage,
+        and ``placement`` (planned vs measured per-PS load, see :func:`placement_load`) when the
+        report has per-PS loads.
         Data URIs never carry credentials.
     """
     summary = None
@@ -394,6 +397,7 @@ def model_metadata(
         }
         if "applied" in placement:
             summary["applied"] = placement["applied"]
+    load = placement_load(placement)
     common = {
         **model.params(),
         **config.params,
@@ -401,7 +405,7 @@ def model_metadata(
         "num_epochs": config.num_epochs,
         **(params or {}),
     }
-    return {
+    out = {
         "metrics": {k: v for k, v in metrics.items() if k in ("auc", "logloss")},
         "eval": dict(metrics),
         "framework": "tf",
@@ -424,6 +428,28 @@ def model_metadata(
             "placement": summary,
             **(lineage or {}),
         },
+    }
+    if load is not None:
+        out["placement"] = load
+    return out
+
+
+def placement_load(placement: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The planned vs measured per-PS load of a placement report, as published metadata records it.
+
+    Returns:
+        ``{"policy", "num_ps", "ps": [{"task", "planned_bytes", "planned_traffic",
+        "measured_bytes", "measured_traffic"}], "max_over_mean"}`` (measured keys only where the
+        report has them), or None for a report without per-PS planned loads.
+    """
+    if not placement or not placement.get("ps") or "planned_bytes" not in placement["ps"][0]:
+        return None
+    keys = ("task", "planned_bytes", "planned_traffic", "measured_bytes", "measured_traffic")
+    return {
+        "policy": placement.get("policy"),
+        "num_ps": placement.get("num_ps", len(placement["ps"])),
+        "ps": [{k: e[k] for k in keys if k in e} for e in placement["ps"]],
+        "max_over_mean": placement.get("max_over_mean"),
     }
 
 

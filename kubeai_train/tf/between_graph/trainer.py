@@ -25,6 +25,7 @@ uninitialised variables, restores the last checkpoint (model and every reader po
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -39,11 +40,12 @@ import tensorflow as tf
 from kubeai_train import cluster
 from kubeai_train.tf import checkpoints as _checkpoints
 from kubeai_train.tf import export as _export
+from kubeai_train.tf.balanced import BalancedPlacement, load_report, placement_policy
+from kubeai_train.tf.between_graph.balanced import TrafficCounter, resident_bytes, shard_counts_scope
 from kubeai_train.tf.between_graph.input import ReadFn, default_read_fn, make_dataset
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
 from kubeai_train.tf.placement import (
     PlanStrategy,
-    RoundRobinPlacement,
     check_plan,
     placement_report,
     snapshot,
@@ -58,6 +60,7 @@ from kubeai_train.tf.types import (
     StepInfo,
     TrainConfig,
     TrainError,
+    VariableInfo,
 )
 
 __all__ = ["RunResult", "run"]
@@ -79,7 +82,7 @@ def run(
     model: Model,
     config: TrainConfig,
     *,
-    placement: PlacementPolicy | None = None,
+    placement: PlacementPolicy | str | None = None,
     read_fn: ReadFn | None = None,
     exit_on_retryable: bool = True,
 ) -> RunResult:
@@ -88,7 +91,9 @@ def run(
     Args:
         model: the user's model (raw features -> logits, optimizer).
         config: the training configuration; every role must get the same one.
-        placement: the placement policy (default round-robin).
+        placement: the placement policy or its name (default round-robin; ``"balanced"``:
+            the planner decides the shard count of every ``get_variable`` embedding table,
+            overriding the model's partitioner, and each shard's PS).
         read_fn: the reader (default ``kubeai_train.data.read``).
         exit_on_retryable: on a lost PS, exit the process with RETRYABLE_EXIT_CODE (what a
             TFJob restart policy and the launcher expect) instead of raising ClusterUnavailableError.
@@ -102,7 +107,7 @@ def run(
     """
     _setup_logging()
     info = cluster.current()
-    policy = placement or RoundRobinPlacement()
+    policy = placement_policy(placement)
     read = read_fn or default_read_fn
     if info.is_chief:  # the resolved config once per job; the other roles say what they do
         log.info(
@@ -247,6 +252,10 @@ class _Trainer:
         )
         self.ckpts = _checkpoints.for_model_dir(self.dir, part_bytes=config.checkpoint_part_bytes)
         self.placement: dict[str, Any] | None = None
+        self.shard_counts: dict[str, int] = {}
+        self.planned_loads: tuple[list[float], list[float]] = ([], [])
+        self.resident: list[int] = []
+        self.traffic: TrafficCounter | None = None
         self.server: Any = None
         self.writer: Any = None
         self._failed_saves = 0
@@ -283,7 +292,9 @@ class _Trainer:
                 total_num_replicas=self.world,
             )
             self.sync_opt = opt
-        self.train_op = opt.minimize(self.loss, global_step=self.global_step)
+        # minimize() in its two halves: the per-variable gradients are what the traffic count sees
+        self.grads_and_vars = opt.compute_gradients(self.loss)
+        self.train_op = opt.apply_gradients(self.grads_and_vars, global_step=self.global_step)
         if self.sync_opt is not None:
             # built by SyncReplicasOptimizer for its hook; unused in the planning pass (quiet tf_should_use)
             getattr(self.sync_opt.ready_for_local_init_op, "mark_used", lambda: None)()
@@ -295,12 +306,24 @@ class _Trainer:
             feats = {
                 name: tf.compat.v1.placeholder(_tf_dtype(kind), [None]) for name, kind in self.kinds.items()
             }
-            self._model_and_train_op(feats)
+            with self._cuts(planning=True):
+                self._model_and_train_op(feats)
         self.snapshot = [
             v for v in snapshot(g, self.config.batch_size) if not v.name.startswith(f"{STATE_SCOPE}/")
         ]
         self.plan = self.policy.plan(self.snapshot, self.num_ps)
+        if isinstance(self.policy, BalancedPlacement) and self.policy.last is not None:
+            # the planning pass saw whole variables; the real graph cuts them at the plan's
+            # counts, so the snapshot the report and checks compare against is the cut one
+            self.shard_counts = self.policy.last.shard_counts()
+            self.snapshot = _cut_snapshot(self.snapshot, self.policy.last)
         check_plan(self.plan, self.snapshot, self.num_ps)
+
+    def _cuts(self, planning: bool = False) -> Any:
+        """The partitioner override of the balanced policy (nothing for the other policies)."""
+        if not isinstance(self.policy, BalancedPlacement):
+            return contextlib.nullcontext()
+        return shard_counts_scope(None if planning else self.shard_counts)
 
     def _build(self) -> None:
         self.graph = tf.Graph()
@@ -315,9 +338,17 @@ class _Trainer:
                     cluster=None,
                     ps_strategy=strategy,
                 )
-                with tf.compat.v1.device(setter):
+                with tf.compat.v1.device(setter), self._cuts():
                     self._build_body()
                 self.placement = placement_report(self.plan, self.snapshot, self.graph)
+                self.planned_loads = (
+                    [float(e["bytes"]) for e in self.placement["ps"]],
+                    [float(e["traffic"]) for e in self.placement["ps"]],
+                )
+                self.resident = resident_bytes(self.graph, self.num_ps)
+                self.placement = load_report(self.placement, self.planned_loads, None)
+                if self.shard_counts:
+                    self.placement["shard_counts"] = self.shard_counts
                 if strategy.unplanned:
                     log.warning(
                         "%s %d variables created outside the planning pass were placed round-robin: %s",
@@ -351,7 +382,16 @@ class _Trainer:
         # the batch's position is written in the same session.run as its update, in parallel with
         # it (a control dependency would add a PS round trip to every step); a run either
         # completes both or fails, and a failed run on a lost PS is undone by the restore anyway
-        self.step_op = tf.group(self.train_op, self.positions[self.rank].assign(position, read_value=False))
+        counted = []
+        self.traffic = None
+        if self.distributed:
+            with tf.compat.v1.device(f"/job:{self.job}/task:{self.info.index}"):
+                # read + increment of the global step: 8 bytes each way per step
+                self.traffic = TrafficCounter(self.grads_and_vars, extra=[(self.global_step, 16)])
+            counted.append(self.traffic.update)
+        self.step_op = tf.group(
+            self.train_op, self.positions[self.rank].assign(position, read_value=False), *counted
+        )
         self.position_in = tf.compat.v1.placeholder(tf.string, [])
         self.set_position = self.positions[self.rank].assign(self.position_in, read_value=False)
         self.set_done = tf.group(*[v.assign(True, read_value=False) for v in self.job_done])
@@ -659,12 +699,31 @@ class _Trainer:
                 self._wait_workers(sess)
         gstep = int(sess.run(self.global_step))
         result.global_step = gstep
+        self._measured(sess, result)
         result.checkpoint = self._save(sess, gstep)
         self.dir.write_json(
             TRAINED_MARKER, {"checkpoint": result.checkpoint, "global_step": gstep, "time": time.time()}
         )
         if self.distributed:
             sess.run(self.set_done)
+
+    def _measured(self, sess: Any, result: RunResult) -> None:
+        """Add the measured per-PS load (the chief's steps) to the placement report; log, write it."""
+        if self.placement is None or self.traffic is None:
+            return
+        steps, traffic = self.traffic.per_ps(sess, self.num_ps)
+        self.placement = load_report(self.placement, self.planned_loads, (self.resident, traffic), steps)
+        self.dir.write_json(PLACEMENT_REPORT, self.placement)
+        result.placement = self.placement
+        keys = ("task", "planned_bytes", "planned_traffic", "measured_bytes", "measured_traffic")
+        log.info(
+            "%s placement %s measured over %d steps (max/mean %s): %s",
+            self.tag,
+            self.placement["policy"],
+            steps,
+            json.dumps(self.placement["max_over_mean"], sort_keys=True),
+            json.dumps([{k: e[k] for k in keys} for e in self.placement["ps"]]),
+        )
 
     def _wait_workers(self, sess: Any) -> None:
         t0 = time.monotonic()
@@ -740,3 +799,28 @@ def _summary(values: Mapping[str, float]) -> Any:
     return tf.compat.v1.Summary(
         value=[tf.compat.v1.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]
     )
+
+
+def _cut_snapshot(whole: Sequence[VariableInfo], plan: Any) -> list[VariableInfo]:
+    """``whole`` with every variable the balanced plan cuts replaced by its shards (pro rata rows)."""
+    rows = plan.rows()
+    out: list[VariableInfo] = []
+    for v in whole:
+        parts = rows.get(v.name, [])
+        if len(parts) <= 1:
+            out.append(v)
+            continue
+        total = sum(parts)
+        for i, r in enumerate(parts):
+            out.append(
+                VariableInfo(
+                    f"{v.name}/part_{i}",
+                    (r, *v.shape[1:]),
+                    v.dtype,
+                    v.nbytes * r // total,
+                    traffic=v.traffic * r / total,
+                    kind=v.kind,
+                    group=v.name,
+                )
+            )
+    return out

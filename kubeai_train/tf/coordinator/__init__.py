@@ -2,11 +2,12 @@
 
 Modules: ``trainer`` (the run loop, serving, export), ``input`` (chief- and worker-side readers),
 ``checkpoints`` (object checkpoints, staged upload), ``placement`` (applying a placement plan),
-``models`` (``tf.Module`` models), ``optim`` (the optimizer), ``types`` (options and the model
+``balanced`` (the balanced plan's partitioner, per-PS load measured live), ``models``
+(``tf.Module`` models), ``optim`` (the optimizer), ``types`` (options and the model
 contract).
 """
 
-from kubeai_train.tf.coordinator.models import DeepFMModule, DeepFMModuleModel
+from kubeai_train.tf.coordinator.models import DeepFMModule, DeepFMModuleModel, TablesModel, TablesModule
 from kubeai_train.tf.coordinator.trainer import (
     DONE_MARKER,
     MODE,
@@ -32,6 +33,8 @@ __all__ = [
     "DeepFMModuleModel",
     "ModuleModel",
     "RunResult",
+    "TablesModel",
+    "TablesModule",
     "check_export_dir",
     "load_serving",
     "run",

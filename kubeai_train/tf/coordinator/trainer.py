@@ -50,7 +50,15 @@ import tensorflow as tf
 
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
+from kubeai_train.tf.balanced import BalancedPlacement, load_report, placement_policy
 from kubeai_train.tf.checkpoints import RETRYABLE_ERRORS
+from kubeai_train.tf.coordinator.balanced import (
+    PlanPartitioner,
+    TrafficMeter,
+    plan_build,
+    planned_loads,
+    resident_bytes,
+)
 from kubeai_train.tf.coordinator.checkpoints import chief_io_device, object_checkpoints
 from kubeai_train.tf.coordinator.input import (
     ChiefReader,
@@ -65,7 +73,7 @@ from kubeai_train.tf.coordinator.optim import Adagrad
 from kubeai_train.tf.coordinator.placement import PlanApplier, infos, snapshot_build, verify
 from kubeai_train.tf.coordinator.types import CoordinatorOptions, ModuleModel
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
-from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
+from kubeai_train.tf.placement import check_plan
 from kubeai_train.tf.reading import ReadFn, default_read_fn
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,
@@ -98,6 +106,7 @@ PLACEMENT_REPORT = "placement.json"
 EVAL_SAMPLE = _export.EVAL_SAMPLE
 
 _RETRYABLE = RETRYABLE_ERRORS
+_LOAD_KEYS = ("task", "planned_bytes", "planned_traffic", "measured_bytes", "measured_traffic")
 
 
 def run(
@@ -105,7 +114,7 @@ def run(
     config: TrainConfig,
     *,
     options: CoordinatorOptions | None = None,
-    placement: PlacementPolicy | None = None,
+    placement: PlacementPolicy | str | None = None,
     read_fn: ReadFn | None = None,
     exit_on_retryable: bool = True,
 ) -> RunResult:
@@ -116,7 +125,12 @@ def run(
         config: the shared training configuration (``sync`` / ``backup_workers`` do not apply:
             closures run asynchronously on whichever worker is free).
         options: coordinator-mode options (input path, reader threads, partitioner).
-        placement: the placement policy (default round-robin, as TensorFlow's own).
+        placement: the placement policy or its name (``"round_robin"``, the default as in
+            TensorFlow; ``"greedy_bytes"``; ``"balanced"``: the ``balance/`` planner decides
+            every embedding table's shard count and every shard's PS, replacing the
+            ``min_shard_bytes`` / ``fixed_shards`` partitioner). Whatever the policy, the chief
+            measures the per-PS resident bytes and per-step traffic and reports them beside the
+            plan's (log, ``placement.json``, the published version's ``"placement"``).
         read_fn: the reader (default ``kubeai_train.data.read``).
         exit_on_retryable: on a lost PS, the chief exits with RETRYABLE_EXIT_CODE (what a TFJob
             restart policy and the local launcher retry) instead of raising ClusterUnavailableError.
@@ -143,7 +157,7 @@ def run(
     )
     check_export_dir(config.export_dir, config.storage_options)
     info = cluster.current()
-    policy = placement or RoundRobinPlacement()
+    policy = placement_policy(placement)
     read = read_fn or default_read_fn
     if info.is_chief or info.framework != "tf":  # the resolved config once per job
         log.info(
@@ -346,11 +360,17 @@ class _Trainer:
         self.strategy: Any = None
         self.coordinator: Any = None
         self.placement: dict[str, Any] | None = None
+        self.meter: TrafficMeter | None = None
+        self.planned_loads: tuple[list[float], list[float]] = ([], [])
+        self.resident: list[int] = []
+        self.plan_partitioner = PlanPartitioner()
         self.dir.makedirs()
 
     # ----------------------------------------------------------------------------- set-up
     def _partitioner(self) -> Any:
         parts = tf.distribute.experimental.partitioners
+        if isinstance(self.policy, BalancedPlacement):
+            return self.plan_partitioner  # cuts at the plan's counts (bound in _build)
         if self.opts.fixed_shards:
             return parts.FixedShardsPartitioner(self.opts.fixed_shards)
         return parts.MinSizePartitioner(
@@ -391,10 +411,17 @@ class _Trainer:
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.optimizer = Adagrad(self.trainables, lr)
         else:
-            partitioner = self._partitioner()
-            planned = snapshot_build(self.model.build, partitioner)
-            snap = infos(planned, self.config.batch_size)
-            plan = self.policy.plan(snap, self.num_ps)
+            batch = self.config.batch_size
+            if isinstance(self.policy, BalancedPlacement):
+                planned, plan, bplan = plan_build(
+                    self.model.build, self.policy, self.plan_partitioner, self.num_ps, batch
+                )
+                snap = infos(planned, batch)
+            else:
+                planned = snapshot_build(self.model.build, self._partitioner())
+                snap = infos(planned, batch)
+                plan = self.policy.plan(snap, self.num_ps)
+                bplan = None
             check_plan(plan, snap, self.num_ps)
             applier = PlanApplier(planned, plan)
             with tf.variable_creator_scope(applier), self.strategy.scope():
@@ -407,9 +434,21 @@ class _Trainer:
                 self.optimizer = Adagrad(
                     self.trainables, lr, slot_scope=self.strategy.extended.colocate_vars_with
                 )
+                with applier.pinned(0):
+                    # read + increment of the step counter: 8 bytes each way per step
+                    self.meter = TrafficMeter(self.trainables, extra=[(self.step, 16)])
             report = plan.report(snap)
             report.update(verify(applier))
             report["mode"] = MODE
+            self.planned_loads = planned_loads(planned, plan, batch)
+            self.resident = resident_bytes(
+                [v for _, v in applier.created] + list(self.optimizer.accumulators) + [self.step],
+                self.num_ps,
+            )
+            report = load_report(report, self.planned_loads, None)
+            if bplan is not None:
+                report["shard_counts"] = bplan.shard_counts()
+                report["lower_bound"] = bplan.lower_bound
             report["slots"] = {
                 v.name: acc.device
                 for v, acc in zip(self.trainables, self.optimizer.accumulators, strict=True)
@@ -450,7 +489,8 @@ class _Trainer:
             loss = tf.reduce_sum(losses) / tf.cast(tf.maximum(n, 1), tf.float32)
         grads = tape.gradient(loss, self.trainables)
         update = self.optimizer.apply(grads, self.trainables)
-        with tf.control_dependencies([update]):
+        counted = [self.meter.record(grads)] if self.meter is not None else []
+        with tf.control_dependencies([update, *counted]):
             bump = self.step.assign_add(tf.cast(n > 0, tf.int64))
         with tf.control_dependencies([bump]):
             return tf.identity(loss), tf.identity(n)
@@ -516,6 +556,7 @@ class _Trainer:
             else:
                 self._train_chief(result, state)
             result.global_step = int(self.step.numpy())
+            self._measured(result)
             result.checkpoint = self._save(result.global_step)
         except tf.errors.OpError as e:
             if not self.distributed or not _is_cluster_loss(e):
@@ -541,6 +582,23 @@ class _Trainer:
             result.global_step,
         )
         return self._finish(result, t_start)
+
+    def _measured(self, result: RunResult) -> None:
+        """Add the measured per-PS load to the placement report; log it and write it."""
+        if self.placement is None or self.meter is None:
+            return
+        steps, traffic = self.meter.per_ps(self.num_ps)
+        self.placement = load_report(self.placement, self.planned_loads, (self.resident, traffic), steps)
+        self.dir.write_json(PLACEMENT_REPORT, self.placement)
+        result.placement = self.placement
+        log.info(
+            "%s placement %s measured over %d steps (max/mean %s): %s",
+            self.tag,
+            self.placement["policy"],
+            steps,
+            json.dumps(self.placement["max_over_mean"], sort_keys=True),
+            json.dumps([{k: e[k] for k in _LOAD_KEYS} for e in self.placement["ps"]]),
+        )
 
     def _shown(self, url: str) -> str:
         return self.dir.display + url[len(self.dir.url) :] if url.startswith(self.dir.url) else url
