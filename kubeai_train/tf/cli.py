@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from kubeai_train import cluster
 from kubeai_train.tf.features import CtrFeatures
-from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
+from kubeai_train.tf.placement_policies import GreedyBytesPlacement, RoundRobinPlacement
 from kubeai_train.tf.types import PlacementPolicy, StepInfo, TrainConfig
 
 __all__ = [

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kubeai_train.tf import checkpoints as ck
+from kubeai_train.tf.between_graph import checkpoints as ck
+from kubeai_train.tf.checkpoint_store import StagedStore
 from kubeai_train.tf.model_dir import ModelDir, check_url, tf_writes
 from kubeai_train.tf.types import TrainError
 
@@ -315,7 +316,7 @@ def test_a_failed_periodic_save_does_not_stop_training(tmp_path, mem_dir, clean_
         res = ktf.run(model, cfg)
     assert res.global_step == 20 and res.checkpoint == f"{mem_dir.url}/model.ckpt-20_1"
     assert "checkpoint at global step 4 failed (ConnectionResetError" in caplog.text
-    committed = ck.StagedStore(ModelDir(mem_dir.url)).committed()
+    committed = StagedStore(ModelDir(mem_dir.url)).committed()
     assert "model.ckpt-4" not in committed and committed[-1] == "model.ckpt-20_1"
     assert mem_dir.read_json("_TRAINED.json")["global_step"] == 20
 

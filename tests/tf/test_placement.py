@@ -7,16 +7,10 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kubeai_train.tf.between_graph.placement import PlanStrategy, actual_placement, placement_report, snapshot
 from kubeai_train.tf.features import CtrFeatures
 from kubeai_train.tf.models import DeepFM
-from kubeai_train.tf.placement import (
-    GreedyBytesPlacement,
-    PlanStrategy,
-    RoundRobinPlacement,
-    actual_placement,
-    placement_report,
-    snapshot,
-)
+from kubeai_train.tf.placement_policies import GreedyBytesPlacement, RoundRobinPlacement
 from kubeai_train.tf.types import PlacementError, PlacementPlan, VariableInfo
 
 sizes = st.lists(st.integers(0, 10_000), min_size=1, max_size=30)

@@ -50,7 +50,7 @@ import tensorflow as tf
 
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
-from kubeai_train.tf.checkpoints import RETRYABLE_ERRORS
+from kubeai_train.tf.checkpoint_store import RETRYABLE_ERRORS
 from kubeai_train.tf.coordinator.checkpoints import chief_io_device, object_checkpoints
 from kubeai_train.tf.coordinator.input import (
     ChiefReader,
@@ -65,7 +65,7 @@ from kubeai_train.tf.coordinator.optim import Adagrad
 from kubeai_train.tf.coordinator.placement import PlanApplier, infos, snapshot_build, verify
 from kubeai_train.tf.coordinator.types import CoordinatorOptions, ModuleModel
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
-from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
+from kubeai_train.tf.placement_policies import RoundRobinPlacement, check_plan
 from kubeai_train.tf.reading import ReadFn, default_read_fn
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,
