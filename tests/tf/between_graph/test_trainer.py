@@ -81,6 +81,17 @@ def _faulted(root: Path, model_dir: Path, env: dict[str, str], *extra: str):
     )
 
 
+def _dies_at_step_20(root: Path, model_dir: Path, who: str):
+    """:func:`_faulted` in which process ``who`` (``role:index``) SIGKILLs itself at its 20th
+    local step (checkpoints every 20 steps); every trainer audits the rows it reads."""
+    return _faulted(
+        root,
+        model_dir,
+        {"KT_DIE": f"{who}:20", "KT_STEP_SLEEP": "0.2"},
+        *("--log-steps", "10", "--checkpoint-steps", "20", "--audit-column", "row_id"),
+    )
+
+
 def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
     root, report = ctr_data
     train, ev = str(root / "train"), str(root / "eval")
@@ -196,12 +207,7 @@ def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
 def test_worker_killed_mid_run_rejoins_and_the_job_finishes(ctr_small, tmp_path):
     root, _ = ctr_small
     model_dir = tmp_path / "m"
-    res = _faulted(
-        root,
-        model_dir,
-        {"KT_DIE": "worker:0:20", "KT_STEP_SLEEP": "0.2"},
-        *("--log-steps", "10", "--checkpoint-steps", "20", "--audit-column", "row_id"),
-    )
+    res = _dies_at_step_20(root, model_dir, "worker:0")
     assert res.returncode == 0, tail(res.output)
     assert "worker:0 exited with code 137; restarting" in res.output
     assert (model_dir / "died-worker-0").exists()
@@ -222,12 +228,7 @@ def test_worker_killed_mid_run_rejoins_and_the_job_finishes(ctr_small, tmp_path)
 def test_chief_killed_restarts_on_the_live_model_and_the_job_finishes(ctr_small, tmp_path):
     root, _ = ctr_small
     model_dir = tmp_path / "m"
-    res = _faulted(
-        root,
-        model_dir,
-        {"KT_DIE": "chief:0:20", "KT_STEP_SLEEP": "0.2"},
-        *("--log-steps", "10", "--checkpoint-steps", "20", "--audit-column", "row_id"),
-    )
+    res = _dies_at_step_20(root, model_dir, "chief:0")
     assert res.returncode == 0, tail(res.output)
     assert "chief:0 exited with code 137; restarting" in res.output
     # the PS still hold the model, fresher than any checkpoint: the new chief keeps it
