@@ -78,7 +78,7 @@ def main() -> int:
 
     import tensorflow as tf
 
-    from kubeai_train.tf import checkpoints as ck
+    from kubeai_train.tf.between_graph import checkpoints as ck
     from kubeai_train.tf.model_dir import ModelDir
 
     work = tempfile.mkdtemp(prefix="bench-ckpt-")

@@ -156,3 +156,42 @@ def test_core_does_not_import_frameworks():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def _reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        for w in graph[todo.pop()] - seen:
+            seen.add(w)
+            todo.append(w)
+    return seen
+
+
+def test_a_tf_mode_never_imports_the_other():
+    """Not even through a module of the shared core (the compatibility modules re-export
+    between-graph names, so the coordinator must not import them)."""
+    modules = _modules()
+    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
+    modes = {"between_graph": "kubeai_train.tf.coordinator", "coordinator": "kubeai_train.tf.between_graph"}
+    for mode, other in modes.items():
+        for m in (m for m in modules if m.startswith(f"kubeai_train.tf.{mode}")):
+            crossing = sorted(w for w in _reaches(graph, m) if w == other or w.startswith(other + "."))
+            assert not crossing, f"{m} imports {crossing}"
+    assert graph["kubeai_train.tf.placement"] >= {
+        "kubeai_train.tf.between_graph.placement"
+    }  # the check sees one
+
+
+def test_names_of_the_modules_split_by_mode_import_from_where_they_were():
+    from kubeai_train.tf import checkpoint_store, checkpoints, placement, placement_policies
+    from kubeai_train.tf.between_graph import checkpoints as bg_checkpoints
+    from kubeai_train.tf.between_graph import placement as bg_placement
+
+    for old, homes in [
+        (placement, (placement_policies, bg_placement)),
+        (checkpoints, (checkpoint_store, bg_checkpoints)),
+    ]:
+        moved = {n: getattr(home, n) for home in homes for n in home.__all__}
+        assert set(old.__all__) == set(moved), old.__name__
+        assert all(getattr(old, n) is obj for n, obj in moved.items())

@@ -24,7 +24,7 @@ from kubeai_train.tf.balanced import BalancedPlacement
 from kubeai_train.tf.entry import MODES, run
 from kubeai_train.tf.features import CtrFeatures, partitioner
 from kubeai_train.tf.models import DeepFM, DeepFMParams
-from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
+from kubeai_train.tf.placement_policies import GreedyBytesPlacement, RoundRobinPlacement
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,
     ClusterUnavailableError,

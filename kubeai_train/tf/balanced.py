@@ -24,7 +24,7 @@ from kubeai_train.balance import Plan as BalancePlan
 from kubeai_train.balance import Planner
 from kubeai_train.balance.load import from_variable_infos
 from kubeai_train.balance.types import BalanceError, VariableLoad, max_over_mean
-from kubeai_train.tf.placement import GreedyBytesPlacement, RoundRobinPlacement
+from kubeai_train.tf.placement_policies import GreedyBytesPlacement, RoundRobinPlacement
 from kubeai_train.tf.types import PlacementError, PlacementPlan, PlacementPolicy, VariableInfo
 
 __all__ = ["POLICIES", "BalancedPlacement", "load_report", "placement_policy"]

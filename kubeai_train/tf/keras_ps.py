@@ -50,7 +50,7 @@ from kubeai_train.tf.coordinator.trainer import (
 )
 from kubeai_train.tf.coordinator.types import CoordinatorOptions
 from kubeai_train.tf.model_dir import ModelDir, redact, tf_writes, write_export
-from kubeai_train.tf.placement import RoundRobinPlacement, check_plan
+from kubeai_train.tf.placement_policies import RoundRobinPlacement, check_plan
 from kubeai_train.tf.types import PlacementPolicy, RunResult, TrainError
 
 __all__ = ["FitConfig", "fit", "legacy_keras"]

@@ -7,7 +7,7 @@ their files in either kind of place:
 
 * TF-native: TensorFlow writes checkpoints, summaries and markers there itself.
 * fsspec-only: TensorFlow writes into a local staging directory of this process and the files
-  are uploaded through fsspec (checkpoints: :mod:`kubeai_train.tf.checkpoints`).
+  are uploaded through fsspec (checkpoints: :mod:`kubeai_train.tf.checkpoint_store`).
 
 Small files (JSON markers, audit chunks, the eval sample) are written atomically in both: a
 temporary name renamed into place on TF-native paths, one PUT on object stores. Credentials come

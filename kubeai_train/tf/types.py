@@ -180,7 +180,7 @@ class TrainConfig:
             writes (local, gs://; shared by the chief and the PS, as on a TFJob volume: each PS
             writes its own checkpoint shard) or any fsspec URL (oss://bucket/dir: the chief
             writes checkpoints part by part through local staging, see
-            :mod:`kubeai_train.tf.checkpoints`).
+            :mod:`kubeai_train.tf.between_graph.checkpoints`).
         storage_options: fsspec options for an fsspec-only model_dir / export_dir (default: from
             the environment, e.g. ``OSS_ENDPOINT`` and the ``OSS_ACCESS_KEY_*`` variables).
         staging_dir: local scratch space for files bound for an fsspec-only model_dir (default:

@@ -14,15 +14,9 @@ from pathlib import Path
 import pytest
 
 from kubeai_train.repository import ModelRepository
-
-from .conftest import ROOT, launch, tail
+from tests.tf._cluster import EXAMPLES, launch, small_args, tail
 
 pytestmark = pytest.mark.integration
-
-EXAMPLES = {
-    "between_graph": ROOT / "examples" / "tf_ps_ctr.py",
-    "coordinator": ROOT / "examples" / "tf_coord_ctr.py",
-}
 
 
 @pytest.mark.parametrize("mode", sorted(EXAMPLES))
@@ -34,26 +28,17 @@ def test_a_finished_job_run_again_publishes_once_and_then_reports_the_version(mo
         result = tmp_path / f"result-{n}.json"
         res = launch(
             EXAMPLES[mode],
-            [
-                "--train-data",
-                str(root / "train"),
-                "--eval-data",
-                str(root / "eval"),
-                "--model-repo",
-                str(repo),
-                "--model-dir",
-                str(model_dir),
-                "--hash-buckets",
-                "1000",
-                "--batch-size",
-                "256",
+            small_args(
+                root,
+                repo,
+                model_dir,
                 "--max-steps",
                 "40",
                 "--checkpoint-steps",
                 "20",
                 "--result-json",
                 str(result),
-            ],
+            ),
             ps=1,
             workers=1,
             timeout=200,

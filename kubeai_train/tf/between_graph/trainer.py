@@ -38,18 +38,15 @@ import numpy as np
 import tensorflow as tf
 
 from kubeai_train import cluster
-from kubeai_train.tf import checkpoints as _checkpoints
 from kubeai_train.tf import export as _export
 from kubeai_train.tf.balanced import BalancedPlacement, load_report, placement_policy
+from kubeai_train.tf.between_graph import checkpoints as _checkpoints
 from kubeai_train.tf.between_graph.balanced import TrafficCounter, resident_bytes, shard_counts_scope
 from kubeai_train.tf.between_graph.input import ReadFn, default_read_fn, make_dataset
+from kubeai_train.tf.between_graph.placement import PlanStrategy, placement_report, snapshot
+from kubeai_train.tf.checkpoint_store import RETRYABLE_ERRORS
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
-from kubeai_train.tf.placement import (
-    PlanStrategy,
-    check_plan,
-    placement_report,
-    snapshot,
-)
+from kubeai_train.tf.placement_policies import check_plan
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,
     ClusterUnavailableError,
@@ -75,7 +72,7 @@ STATE_SCOPE = "kubeai"
 MAX_WORKER_RECOVERIES = 10
 MAX_FAILED_SAVES = 3  # periodic checkpoints that may fail in a row before the job fails
 
-_RETRYABLE = _checkpoints.RETRYABLE_ERRORS
+_RETRYABLE = RETRYABLE_ERRORS
 
 
 def run(

@@ -11,8 +11,9 @@ like any other.
   PS): ``tf.train.CheckpointManager`` itself; each PS writes the shard of the variables it holds.
 * :class:`StagedObjectCheckpoints` (an fsspec-only directory, e.g. oss://): the chief writes the
   whole checkpoint into its local staging and uploads it, in the same order and with the same
-  guarantees as the between-graph :class:`kubeai_train.tf.checkpoints.StagedCheckpoints`: data
-  files first, then the index, then the ``checkpoint`` state file with one PUT (the commit).
+  guarantees as the between-graph
+  :class:`~kubeai_train.tf.between_graph.checkpoints.StagedCheckpoints`: data files first, then
+  the index, then the ``checkpoint`` state file with one PUT (the commit).
 
 Restoring tries the newest committed checkpoint first and falls back to older ones, with a
 warning naming the checkpoint and the error, when a file is missing or damaged; an error that
@@ -30,7 +31,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from kubeai_train.tf.checkpoints import STATE_FILE, StagedStore, parse_state, restore_newest
+from kubeai_train.tf.checkpoint_store import STATE_FILE, StagedStore, parse_state, restore_newest
 from kubeai_train.tf.model_dir import ModelDir
 from kubeai_train.tf.types import TrainError
 
@@ -192,7 +193,7 @@ class StagedObjectCheckpoints(_Base):
     up to the whole checkpoint (every variable and optimizer slot of every PS) in memory, and
     staging needs room for all of it on local disk until it is uploaded. Restoring downloads the
     whole checkpoint into staging and reads it on the chief (the assignments run on the PS).
-    Between-graph checkpoints (:mod:`kubeai_train.tf.checkpoints`) bound this by part size; the
+    Between-graph checkpoints (:mod:`kubeai_train.tf.between_graph.checkpoints`) bound this by part size; the
     object-based saver cannot be split that way.
 
     Args:

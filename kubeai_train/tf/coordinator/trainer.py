@@ -51,7 +51,7 @@ import tensorflow as tf
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
 from kubeai_train.tf.balanced import BalancedPlacement, load_report, placement_policy
-from kubeai_train.tf.checkpoints import RETRYABLE_ERRORS
+from kubeai_train.tf.checkpoint_store import RETRYABLE_ERRORS
 from kubeai_train.tf.coordinator.balanced import (
     PlanPartitioner,
     TrafficMeter,
@@ -73,7 +73,7 @@ from kubeai_train.tf.coordinator.optim import Adagrad
 from kubeai_train.tf.coordinator.placement import PlanApplier, infos, snapshot_build, verify
 from kubeai_train.tf.coordinator.types import CoordinatorOptions, ModuleModel
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
-from kubeai_train.tf.placement import check_plan
+from kubeai_train.tf.placement_policies import check_plan
 from kubeai_train.tf.reading import ReadFn, default_read_fn
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,

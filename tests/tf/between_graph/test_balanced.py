@@ -9,8 +9,9 @@ import tensorflow as tf
 from kubeai_train.tf import CtrFeatures, DeepFM
 from kubeai_train.tf.balanced import BalancedPlacement
 from kubeai_train.tf.between_graph.balanced import shard_counts_scope
+from kubeai_train.tf.between_graph.placement import PlanStrategy, placement_report, snapshot
 from kubeai_train.tf.between_graph.trainer import _cut_snapshot
-from kubeai_train.tf.placement import PlanStrategy, check_plan, placement_report, snapshot
+from kubeai_train.tf.placement_policies import check_plan
 
 
 def _graph(model, counts, setter=None):

@@ -1,86 +1,34 @@
 """Coordinator mode on real local clusters (chief + 2 PS + 2 workers) through the launcher.
 
-Run as a script, this file is the job: ``examples/tf_coord_ctr.py`` with real fault injection.
-PS and worker processes write ``<state>/<role>-<index>.pid``; the chief's step hook appends
-a JSON line per hook call to ``<state>/steps.jsonl`` and, once per job (a marker file):
-
-* ``KT_KILL=<role>:<index>:<step>``: SIGKILLs that process at the chief's ``step``-th step;
-* ``KT_STEP_SLEEP=<seconds>``: sleeps in every hook call (so faults land mid-run).
-
-``<state>`` is ``KT_STATE_DIR`` if set (needed when ``--model-dir`` is a URL), else the model dir.
+The job is ``coordinator/_job.py``: ``examples/tf_coord_ctr.py`` with real fault injection
+(``KT_KILL``, ``KT_STEP_SLEEP``) and a step log in ``<state>/steps.jsonl``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "tf_coord_ctr.py"
+from tests.tf._cluster import (
+    EXAMPLES,
+    JOBS,
+    assert_loss_continued,
+    launch_on_oss,
+    read_jsonl,
+    run_cluster,
+    runs_by_pid,
+    single_process_env,
+    tail,
+)
+
+EXAMPLE, JOB = EXAMPLES["coordinator"], JOBS["coordinator"]
 ROWS, EVAL_ROWS, BUCKETS = 30000, 8000, 2000
 
-
-def _example():
-    spec = importlib.util.spec_from_file_location("tf_coord_ctr", EXAMPLE)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _job_main() -> int:
-    from kubeai_train import cluster
-
-    argv = sys.argv[1:]
-    model_dir = Path(os.environ.get("KT_STATE_DIR") or argv[argv.index("--model-dir") + 1])
-    model_dir.mkdir(parents=True, exist_ok=True)
-    info = cluster.current()
-    role = "chief" if info.role == "master" else info.role
-    if role in ("ps", "worker"):
-        (model_dir / f"{role}-{info.index}.pid").write_text(str(os.getpid()))
-    kill = os.environ.get("KT_KILL", "")
-    sleep = float(os.environ.get("KT_STEP_SLEEP", "0") or 0)
-
-    def hook(step) -> None:
-        with open(model_dir / "steps.jsonl", "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "pid": os.getpid(),
-                        "local_step": step.local_step,
-                        "global_step": step.global_step,
-                        "loss": step.loss,
-                        "examples": step.examples,
-                        "time": time.time(),
-                    }
-                )
-                + "\n"
-            )
-        if kill:
-            r, i, s = kill.split(":")
-            if step.local_step >= int(s):
-                try:
-                    fd = os.open(model_dir / f"killed-{r}-{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                except FileExistsError:
-                    fd = None
-                if fd is not None:
-                    os.close(fd)
-                    os.kill(int((model_dir / f"{r}-{i}.pid").read_text()), signal.SIGKILL)
-        if sleep:
-            time.sleep(sleep)
-
-    return _example().main(argv, hooks=[hook])
-
-
-# ----------------------------------------------------------------------------- the tests
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(320)]
 
 
@@ -103,15 +51,10 @@ def _args(data: Path, model_dir: Path, *extra: str) -> list[str]:
 
 
 def _cluster(data: Path, model_dir: Path, *extra: str, env=None, timeout: float = 200):
-    from kubeai_train.launch import run_processes
-
-    res = run_processes(
-        Path(__file__),
-        framework="tf",
-        workers=2,
-        ps=2,
-        args=_args(data, model_dir, *extra),
-        env={"TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})},
+    res = run_cluster(
+        JOB,
+        _args(data, model_dir, *extra),
+        env=env,
         timeout=timeout,
         restart_policy="ExitCode",
         backoff_limit=4,
@@ -122,7 +65,7 @@ def _cluster(data: Path, model_dir: Path, *extra: str, env=None, timeout: float 
 
 
 def _steps(model_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (model_dir / "steps.jsonl").read_text().splitlines()]
+    return read_jsonl(model_dir / "steps.jsonl")
 
 
 def test_cluster_matches_single_process_places_by_policy_and_exports_exactly(data, tmp_path):
@@ -132,10 +75,10 @@ def test_cluster_matches_single_process_places_by_policy_and_exports_exactly(dat
     from kubeai_train.tf.coordinator.placement import infos, snapshot_build
 
     # the single-process baseline: the same script without a cluster, in its own process
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CONFIG",)}
+    env = single_process_env()
     base = subprocess.run(
         [sys.executable, str(EXAMPLE), *_args(data, tmp_path / "single")],
-        env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True, timeout=150,
+        env=env, capture_output=True, text=True, timeout=150,
     )  # fmt: skip
     assert base.returncode == 0, base.stderr[-3000:]
     single = json.loads((tmp_path / "single.json").read_text())
@@ -178,7 +121,7 @@ def test_cluster_matches_single_process_places_by_policy_and_exports_exactly(dat
     )
     out = subprocess.run(
         [sys.executable, "-c", check, str(tmp_path / "m" / "eval_sample.npz"), result["export_dir"]],
-        env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True, timeout=120,
+        env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     same, n = out.stdout.split()[-2:]
@@ -214,8 +157,6 @@ def test_ps_killed_makes_the_job_restore_from_its_checkpoint(data, tmp_path):
         env={"KT_KILL": "ps:0:30", "KT_STEP_SLEEP": "0.08"},
         timeout=260,
     )
-    from .conftest import assert_loss_continued, runs_by_pid
-
     chief = next(e for e in res.exits if e.label == "chief:0")
     assert chief.restarts >= 1
     log_text = res.log("chief:0")
@@ -260,29 +201,20 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(data, tmp_pat
     from kubeai_train.repository import ModelRepository
     from kubeai_train.testing.oss_server import OSSServer
 
-    from .conftest import assert_loss_continued, launch, runs_by_pid, tail
-
     state = tmp_path / "state"
     with OSSServer(tmp_path / "oss", buckets=["jobs"]) as server:
-        env = server.env()
-        for k, v in env.items():  # the launcher's environment, as on a laptop with OSS credentials
-            monkeypatch.setenv(k, v)
         args = [
             "--train-data", str(data / "train"), "--eval-data", str(data / "eval"),
             "--model-repo", "oss://jobs/repo", "--model-dir", "oss://jobs/ctr",
             "--result-json", str(tmp_path / "result.json"), "--hash-buckets", str(BUCKETS),
             "--log-steps", "2", "--checkpoint-steps", "20",
         ]  # fmt: skip
-        res = launch(
-            Path(__file__),
+        res, env = launch_on_oss(
+            server,
+            monkeypatch,
+            JOB,
             args,
             env={"KT_STATE_DIR": str(state), "KT_KILL": "ps:0:30", "KT_STEP_SLEEP": "0.04"},
-            launcher_args=(
-                "--restart-policy",
-                "ExitCode",
-                "--secret-env",
-                "OSS_ACCESS_KEY_SECRET=oss/secret",
-            ),
             timeout=150,
         )
         assert res.returncode == 0, tail(res.output)
@@ -327,10 +259,3 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(data, tmp_pat
             and mv.metadata["lineage"]["checkpoint"] == result["checkpoint"]
         )
         assert env["OSS_ACCESS_KEY_SECRET"] not in json.dumps(mv.metadata)
-
-
-if __name__ == "__main__":
-    code = _job_main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

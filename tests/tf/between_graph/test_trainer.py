@@ -1,6 +1,6 @@
 """Between-graph PS training on real local clusters (chief, 2 PS, 2 workers) under the launcher.
 
-One cluster at a time, each with a hard timeout. Faults are real SIGKILLs (see _job.py).
+One cluster at a time, each with a hard timeout. Faults are real SIGKILLs (see between_graph/_job.py).
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,8 +19,24 @@ import pytest
 
 from kubeai_train import data
 from kubeai_train.repository import ModelRepository
+from tests.tf._cluster import (
+    EXAMPLES,
+    JOBS,
+    RESTART,
+    ROOT,
+    ROUNDS,
+    assert_loss_continued,
+    free_port,
+    launch,
+    launch_on_oss,
+    read_jsonl,
+    runs_by_pid,
+    single_process_env,
+    small_args,
+    tail,
+)
 
-from .conftest import EXAMPLE, JOB, ROOT, ROUNDS, assert_loss_continued, launch, runs_by_pid, tail
+EXAMPLE, JOB = EXAMPLES["between_graph"], JOBS["between_graph"]
 
 pytestmark = pytest.mark.integration
 
@@ -54,22 +69,27 @@ def _rank_rows(uri: str, rank: int, world: int, seed: int = 0) -> set[int]:
     return set(np.concatenate([b["row_id"] for b in ds]).tolist())
 
 
-def _small_args(root: Path, repo: str | Path, model_dir: str | Path) -> list[str]:
-    """The example's arguments on the small data set (1000 hash buckets, batches of 256)."""
-    return [
-        "--train-data",
-        str(root / "train"),
-        "--eval-data",
-        str(root / "eval"),
-        "--model-repo",
-        str(repo),
-        "--model-dir",
-        str(model_dir),
-        "--hash-buckets",
-        "1000",
-        "--batch-size",
-        "256",
-    ]
+def _faulted(root: Path, model_dir: Path, env: dict[str, str], *extra: str):
+    """The fault-injection job (``JOB``) on the small data, restarts on, the repository beside
+    ``model_dir``."""
+    return launch(
+        JOB,
+        small_args(root, model_dir.parent / "repo", model_dir, *extra),
+        env=env,
+        launcher_args=RESTART,
+        timeout=240,
+    )
+
+
+def _dies_at_step_20(root: Path, model_dir: Path, who: str):
+    """:func:`_faulted` in which process ``who`` (``role:index``) SIGKILLs itself at its 20th
+    local step (checkpoints every 20 steps); every trainer audits the rows it reads."""
+    return _faulted(
+        root,
+        model_dir,
+        {"KT_DIE": f"{who}:20", "KT_STEP_SLEEP": "0.2"},
+        *("--log-steps", "10", "--checkpoint-steps", "20", "--audit-column", "row_id"),
+    )
 
 
 def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
@@ -109,7 +129,6 @@ def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
     dist = json.loads((tmp_path / "dist.json").read_text())
 
     # the same model, data and epochs in one process (no TF_CONFIG)
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     local = subprocess.run(
         [
             sys.executable,
@@ -126,7 +145,7 @@ def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
         capture_output=True,
         text=True,
         timeout=240,
-        env=env,
+        env=single_process_env(),
     )
     assert local.returncode == 0, tail(local.stdout + local.stderr)
     single = json.loads((tmp_path / "local.json").read_text())
@@ -188,21 +207,7 @@ def test_example_end_to_end_matches_single_process(ctr_data, tmp_path):
 def test_worker_killed_mid_run_rejoins_and_the_job_finishes(ctr_small, tmp_path):
     root, _ = ctr_small
     model_dir = tmp_path / "m"
-    res = launch(
-        JOB,
-        [
-            *_small_args(root, str(tmp_path / "repo"), str(model_dir)),
-            "--log-steps",
-            "10",
-            "--checkpoint-steps",
-            "20",
-            "--audit-column",
-            "row_id",
-        ],
-        env={"KT_DIE": "worker:0:20", "KT_STEP_SLEEP": "0.2"},
-        launcher_args=("--restart-policy", "ExitCode"),
-        timeout=240,
-    )
+    res = _dies_at_step_20(root, model_dir, "worker:0")
     assert res.returncode == 0, tail(res.output)
     assert "worker:0 exited with code 137; restarting" in res.output
     assert (model_dir / "died-worker-0").exists()
@@ -223,21 +228,7 @@ def test_worker_killed_mid_run_rejoins_and_the_job_finishes(ctr_small, tmp_path)
 def test_chief_killed_restarts_on_the_live_model_and_the_job_finishes(ctr_small, tmp_path):
     root, _ = ctr_small
     model_dir = tmp_path / "m"
-    res = launch(
-        JOB,
-        [
-            *_small_args(root, str(tmp_path / "repo"), str(model_dir)),
-            "--log-steps",
-            "10",
-            "--checkpoint-steps",
-            "20",
-            "--audit-column",
-            "row_id",
-        ],
-        env={"KT_DIE": "chief:0:20", "KT_STEP_SLEEP": "0.2"},
-        launcher_args=("--restart-policy", "ExitCode"),
-        timeout=240,
-    )
+    res = _dies_at_step_20(root, model_dir, "chief:0")
     assert res.returncode == 0, tail(res.output)
     assert "chief:0 exited with code 137; restarting" in res.output
     # the PS still hold the model, fresher than any checkpoint: the new chief keeps it
@@ -251,18 +242,14 @@ def test_chief_killed_restarts_on_the_live_model_and_the_job_finishes(ctr_small,
 def test_ps_killed_job_restores_checkpoint_and_loss_continues(ctr_small, tmp_path):
     root, _ = ctr_small
     model_dir = tmp_path / "m"
-    res = launch(
-        JOB,
-        [
-            *_small_args(root, str(tmp_path / "repo"), str(model_dir)),
-            "--log-steps",
-            "2",
-            "--checkpoint-steps",
-            "20",
-        ],
-        env={"KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.04"},
-        launcher_args=("--restart-policy", "ExitCode"),
-        timeout=240,
+    res = _faulted(
+        root,
+        model_dir,
+        {"KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.04"},
+        "--log-steps",
+        "2",
+        "--checkpoint-steps",
+        "20",
     )
     assert res.returncode == 0, tail(res.output)
     assert "ps:1 exited with code 137; restarting" in res.output
@@ -271,7 +258,7 @@ def test_ps_killed_job_restores_checkpoint_and_loss_continues(ctr_small, tmp_pat
     assert restored, tail(res.output)
     ckpt_step = int(restored.group(1))
     assert ckpt_step >= 20
-    steps = [json.loads(ln) for ln in (model_dir / "steps.jsonl").read_text().splitlines()]
+    steps = read_jsonl(model_dir / "steps.jsonl")
     chief = [s for s in steps if s["role"] == "chief"]
     runs = runs_by_pid(chief)
     assert len(runs) == 2, "the chief should have run twice (before and after the PS loss)"
@@ -293,25 +280,14 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(ctr_small, tm
     root, _ = ctr_small
     state = tmp_path / "state"
     with OSSServer(tmp_path / "oss", buckets=["jobs"]) as server:
-        env = server.env()
-        for k, v in env.items():  # the launcher's environment, as on a laptop with OSS credentials
-            monkeypatch.setenv(k, v)
-        res = launch(
+        res, env = launch_on_oss(
+            server,
+            monkeypatch,
             JOB,
-            [
-                *_small_args(root, "oss://jobs/repo", "oss://jobs/ctr"),
-                "--log-steps",
-                "2",
-                "--checkpoint-steps",
-                "20",
-            ],
-            env={"KT_STATE_DIR": str(state), "KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.04"},
-            launcher_args=(
-                "--restart-policy",
-                "ExitCode",
-                "--secret-env",
-                "OSS_ACCESS_KEY_SECRET=oss/secret",
+            small_args(
+                root, "oss://jobs/repo", "oss://jobs/ctr", "--log-steps", "2", "--checkpoint-steps", "20"
             ),
+            env={"KT_STATE_DIR": str(state), "KT_KILL_PS": "1:30", "KT_STEP_SLEEP": "0.04"},
             timeout=240,
         )
         assert res.returncode == 0, tail(res.output)
@@ -321,7 +297,7 @@ def test_model_dir_on_oss_ps_killed_restores_from_the_object_store(ctr_small, tm
         restored = re.search(r"\[chief 0\] restored oss://jobs/ctr/model\.ckpt-(\d+)", res.output)
         assert restored, tail(res.output)
         ckpt_step = int(restored.group(1))
-        steps = [json.loads(ln) for ln in (state / "steps.jsonl").read_text().splitlines()]
+        steps = read_jsonl(state / "steps.jsonl")
         chief = [s for s in steps if s["role"] == "chief"]
         runs = runs_by_pid(chief)
         assert len(runs) == 2
@@ -375,7 +351,7 @@ def test_twenty_startups_back_to_back_never_hang(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, tail(res.output)
-    rounds = [json.loads(ln) for ln in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    rounds = read_jsonl(tmp_path / "rounds.jsonl")
     trainers = [r for r in rounds if r["role"] != "ps"]
     assert len(trainers) == 3 * n
     # every PS finished every round; in the last one the launcher may stop a PS (chief done = job
@@ -405,7 +381,7 @@ def test_sync_replicas_stop_together_at_max_steps(ctr_small, tmp_path):
     res = launch(
         EXAMPLE,
         [
-            *_small_args(root, str(tmp_path / "repo"), str(model_dir)),
+            *small_args(root, tmp_path / "repo", model_dir),
             "--sync",
             "--max-steps",
             "30",
@@ -433,7 +409,7 @@ def test_sync_backup_worker_leaves_a_straggler_behind_and_every_process_exits(ct
     res = launch(
         JOB,
         [
-            *_small_args(root, str(tmp_path / "repo"), str(model_dir)),
+            *small_args(root, tmp_path / "repo", model_dir),
             "--sync",
             "--backup-workers",
             "1",
@@ -452,24 +428,18 @@ def test_sync_backup_worker_leaves_a_straggler_behind_and_every_process_exits(ct
     assert "[worker 1] done:" in res.output and "[worker 0] done:" in res.output
     trained = json.loads((model_dir / "_TRAINED.json").read_text())
     assert 30 <= trained["global_step"] <= 32, (trained, tail(res.output))
-    steps = [json.loads(ln) for ln in (model_dir / "steps.jsonl").read_text().splitlines()]
+    steps = read_jsonl(model_dir / "steps.jsonl")
     last = {(s["role"], s["index"]): s["local_step"] for s in steps}
     fast = min(last[("chief", 0)], last[("worker", 0)])
     assert last[("worker", 1)] * 2 < fast, last
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_worker_without_a_chief_fails_with_a_clear_timeout(ctr_small, tmp_path):
     root, _ = ctr_small
     cluster = {
-        "chief": [f"127.0.0.1:{_free_port()}"],
-        "ps": [f"127.0.0.1:{_free_port()}"],
-        "worker": [f"127.0.0.1:{_free_port()}"],
+        "chief": [f"127.0.0.1:{free_port()}"],
+        "ps": [f"127.0.0.1:{free_port()}"],
+        "worker": [f"127.0.0.1:{free_port()}"],
     }
     args = [
         sys.executable,

@@ -1,7 +1,8 @@
-"""The example script with fault injection, run by the integration tests under the launcher.
+"""The between-graph example script with fault injection, run by the integration tests under the
+launcher.
 
 Faults are real: ``os.kill(pid, SIGKILL)`` of this process or of a parameter server, once per
-job (a marker file in the model dir), triggered from a step hook. Environment:
+job (a marker file in the state dir), triggered from a step hook. Environment:
 
 * ``KT_DIE=<role>:<index>:<step>``: that process kills itself at its ``step``-th local step.
 * ``KT_KILL_PS=<index>:<step>``: the chief kills PS ``index`` at its ``step``-th local step.
@@ -15,30 +16,18 @@ PS processes write ``<state>/ps-<index>.pid``. ``<state>`` is ``KT_STATE_DIR`` i
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 from kubeai_train import cluster
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("tf_ps_ctr", ROOT / "examples" / "tf_ps_ctr.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from tests.tf._cluster import append_jsonl, exit_now, load_example, once, state_dir
 
 
 def main() -> int:
     argv = sys.argv[1:]
-    model_dir = Path(os.environ.get("KT_STATE_DIR") or argv[argv.index("--model-dir") + 1])
-    model_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = state_dir(argv)
     info = cluster.current()
     role = "chief" if info.role == "master" else info.role
     if role == "ps":
@@ -50,48 +39,39 @@ def main() -> int:
     if slow_role == role and slow_index == str(info.index):
         sleep += float(slow_sleep)
 
-    def once(name: str) -> bool:
-        try:
-            fd = os.open(model_dir / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.close(fd)
-        return True
-
     def hook(step) -> None:
-        with open(model_dir / "steps.jsonl", "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "role": role,
-                        "index": info.index,
-                        "rank": step.rank,
-                        "pid": os.getpid(),
-                        "local_step": step.local_step,
-                        "global_step": step.global_step,
-                        "loss": step.loss,
-                        "time": time.time(),
-                    }
-                )
-                + "\n"
-            )
+        append_jsonl(
+            model_dir / "steps.jsonl",
+            {
+                "role": role,
+                "index": info.index,
+                "rank": step.rank,
+                "pid": os.getpid(),
+                "local_step": step.local_step,
+                "global_step": step.global_step,
+                "loss": step.loss,
+                "time": time.time(),
+            },
+        )
         if die:
             r, i, s = die.split(":")
-            if r == role and int(i) == info.index and step.local_step >= int(s) and once(f"died-{r}-{i}"):
+            if (
+                r == role
+                and int(i) == info.index
+                and step.local_step >= int(s)
+                and once(model_dir, f"died-{r}-{i}")
+            ):
                 os.kill(os.getpid(), signal.SIGKILL)
         if kill_ps and role == "chief":
             i, s = kill_ps.split(":")
-            if step.local_step >= int(s) and once(f"killed-ps-{i}"):
+            if step.local_step >= int(s) and once(model_dir, f"killed-ps-{i}"):
                 pid = int((model_dir / f"ps-{i}.pid").read_text())
                 os.kill(pid, signal.SIGKILL)
         if sleep:
             time.sleep(sleep)
 
-    return _example().main(argv, hooks=[hook])
+    return load_example("between_graph").main(argv, hooks=[hook])
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(main())

@@ -1,4 +1,5 @@
-"""Checkpoints in TF-native and fsspec-only model directories (kubeai_train.tf.checkpoints).
+"""Between-graph checkpoints (kubeai_train.tf.between_graph.checkpoints) in TF-native and
+fsspec-only model directories.
 
 Single process, real TensorFlow savers and checkpoints; the fsspec-only directory is memory://
 (every test its own root) and, for the real object-store path, the local OSS server.
@@ -13,11 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kubeai_train.tf import checkpoints as ck
-from kubeai_train.tf.model_dir import ModelDir, check_url, tf_writes
+from kubeai_train.tf.between_graph import checkpoints as ck
+from kubeai_train.tf.checkpoint_store import StagedStore
+from kubeai_train.tf.model_dir import ModelDir
 from kubeai_train.tf.types import TrainError
 
-from .conftest import values_equal
+from ..conftest import values_equal
 
 
 class _Graph:
@@ -66,30 +68,6 @@ def test_plan_parts_bounds_bytes_and_keeps_one_device_per_part():
     assert [v.name for v in parts[-1]] == ["v5:0"] or any([v.name for v in p] == ["big:0"] for p in parts)
     with pytest.raises(TrainError, match="checkpoint_part_bytes must be >= 1, got 0"):
         ck.plan_parts(vs, 0)
-
-
-def test_model_dir_kinds_and_bad_scheme(tmp_path, mem_dir):
-    assert tf_writes(str(tmp_path)) and tf_writes(f"file://{tmp_path}") and not tf_writes("oss://b/x")
-    for d in (ModelDir(str(tmp_path / "m")), mem_dir):
-        d.makedirs()
-        assert d.read_json("a.json") is None and not d.exists("a.json")
-        d.write_json("a.json", {"x": 1})
-        d.write_json("a.json", {"x": 2})
-        d.write_bytes("sub/b.bin", b"\x00\x01")
-        assert d.read_json("a.json") == {"x": 2} and d.read_bytes("sub/b.bin") == b"\x00\x01"
-        assert d.listdir() == ["a.json", "sub"] and d.listdir("missing") == []
-        d.remove("a.json")
-        d.remove("a.json")  # missing: not an error
-        assert not d.exists("a.json")
-    with pytest.raises(TrainError) as e:
-        ModelDir("nosuchscheme://user:pw@bucket/x")
-    msg = str(e.value)
-    assert "nosuchscheme://" in msg and "pw" not in msg and "\n" not in msg
-    check_url(None)
-    check_url(str(tmp_path))
-    check_url("memory://b/e", what="export_dir")
-    with pytest.raises(TrainError, match=r"^export_dir 'nosuchscheme://b/e': neither TensorFlow nor fsspec"):
-        check_url("nosuchscheme://b/e", what="export_dir")
 
 
 def test_between_graph_rejects_an_unwritable_export_dir_before_training(tmp_path, clean_cluster_env):
@@ -270,23 +248,6 @@ def test_staged_on_the_local_oss_server(tmp_path, monkeypatch):
         assert secret not in repr(d) and secret not in d.display
 
 
-def test_staging_of_processes_that_are_gone_is_swept(tmp_path):
-    import psutil
-
-    dead = next(p for p in range(4_000_000, 4_100_000) if not psutil.pid_exists(p))
-    gone = tmp_path / f"kubeai-model-dir-{dead}-x1y2"
-    (gone / "restore").mkdir(parents=True)
-    (gone / "restore" / "model.ckpt-9.index").write_bytes(b"left by a process that exited with os._exit")
-    alive = tmp_path / f"kubeai-model-dir-{os.getppid()}-a1b2"
-    alive.mkdir()
-    other = tmp_path / "someone-elses-dir"
-    other.mkdir()
-    d = ModelDir("memory://sweep/m", staging_dir=str(tmp_path))
-    mine = d.staging
-    assert os.path.basename(mine).startswith(f"kubeai-model-dir-{os.getpid()}-")
-    assert not gone.exists() and alive.exists() and other.exists()
-
-
 def test_a_failed_periodic_save_does_not_stop_training(tmp_path, mem_dir, clean_cluster_env, caplog):
     """model_dir on memory://, one process: the upload of the 2nd periodic checkpoint fails (a store
     that stays unreachable through its client's retries); training goes on, later checkpoints and
@@ -315,7 +276,7 @@ def test_a_failed_periodic_save_does_not_stop_training(tmp_path, mem_dir, clean_
         res = ktf.run(model, cfg)
     assert res.global_step == 20 and res.checkpoint == f"{mem_dir.url}/model.ckpt-20_1"
     assert "checkpoint at global step 4 failed (ConnectionResetError" in caplog.text
-    committed = ck.StagedStore(ModelDir(mem_dir.url)).committed()
+    committed = StagedStore(ModelDir(mem_dir.url)).committed()
     assert "model.ckpt-4" not in committed and committed[-1] == "model.ckpt-20_1"
     assert mem_dir.read_json("_TRAINED.json")["global_step"] == 20
 
@@ -338,29 +299,3 @@ def test_periodic_saves_failing_in_a_row_fail_the_job(tmp_path, mem_dir, clean_c
     with pytest.raises(ConnectionRefusedError):
         ktf.run(model, cfg)
     assert MAX_FAILED_SAVES == 3 and mem_dir.read_json("_TRAINED.json") is None
-
-
-def test_write_export_replaces_local_exports_whole_and_uploads_remote_ones(tmp_path, mem_dir):
-    from kubeai_train.tf.model_dir import write_export
-
-    def save(content):
-        def write(path):
-            os.makedirs(path)
-            with open(os.path.join(path, "saved_model.pb"), "w") as f:
-                f.write(content)
-
-        return write
-
-    target = tmp_path / "exp"
-    assert write_export(f"file://{target}", mem_dir, save("v1")) == str(target)
-    assert (target / "saved_model.pb").read_text() == "v1"
-
-    def broken(path):
-        os.makedirs(path)
-        raise RuntimeError("export failed midway")
-
-    with pytest.raises(RuntimeError):
-        write_export(str(target), mem_dir, broken)
-    assert (target / "saved_model.pb").read_text() == "v1"  # the old export is untouched
-    local = write_export(f"{mem_dir.url}/export", mem_dir, save("v2"))
-    assert local.startswith(mem_dir.staging) and mem_dir.read_bytes("export/saved_model.pb") == b"v2"

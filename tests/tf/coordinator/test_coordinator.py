@@ -175,20 +175,25 @@ def test_adagrad_matches_tf1_adagrad_dense_and_sparse():
 KINDS = {"C1": "string", "I1": "float32", "label": "int64", "row_id": "int64"}
 
 
+def _chief_reader(small, *, batch_size: int, shuffle: bool, seed: int, threads: int, state=None):
+    """One epoch of the small training data through ``ChiefReader``."""
+    return ChiefReader(
+        default_read_fn,
+        str(small / "train"),
+        KINDS,
+        batch_size=batch_size,
+        num_epochs=1,
+        shuffle=shuffle,
+        seed=seed,
+        options={},
+        threads=threads,
+        state=state,
+    )
+
+
 def test_chief_readers_read_every_row_once_and_resume_exactly(small):
     def reader(state=None):
-        return ChiefReader(
-            default_read_fn,
-            str(small / "train"),
-            KINDS,
-            batch_size=128,
-            num_epochs=1,
-            shuffle=True,
-            seed=1,
-            options={},
-            threads=3,
-            state=state,
-        )
+        return _chief_reader(small, batch_size=128, shuffle=True, seed=1, threads=3, state=state)
 
     first = reader()
     seen = []
@@ -207,18 +212,7 @@ def test_chief_readers_read_every_row_once_and_resume_exactly(small):
     assert sorted(ids.tolist()) == list(range(3000))
     assert rest.state()["done"] == [True, True, True]
     with pytest.raises(TrainError, match="reader_threads=3"):
-        ChiefReader(
-            default_read_fn,
-            str(small / "train"),
-            KINDS,
-            batch_size=128,
-            num_epochs=1,
-            shuffle=False,
-            seed=0,
-            options={},
-            threads=2,
-            state=state,
-        )
+        _chief_reader(small, batch_size=128, shuffle=False, seed=0, threads=2, state=state)
 
 
 @pytest.mark.parametrize("fmt", ["tfrecord", "csv"])
@@ -252,17 +246,7 @@ def test_worker_datasets_split_files_by_worker_skip_and_pad(small, tmp_path, fmt
     assert ids1.tolist() == list(range(1300, 2000))
     assert batches[0][0]["C1"].dtype == tf.string and batches[0][0]["I1"].dtype == tf.float32
     # nulls arrive as "" and NaN, as from the chief's reader
-    src = ChiefReader(
-        default_read_fn,
-        str(small / "train"),
-        KINDS,
-        batch_size=3000,
-        num_epochs=1,
-        shuffle=False,
-        seed=0,
-        options={},
-        threads=1,
-    )
+    src = _chief_reader(small, batch_size=3000, shuffle=False, seed=0, threads=1)
     whole = next(iter(src))[1]
     i1 = np.concatenate([b["I1"].numpy() for b in batches[0]])
     np.testing.assert_array_equal(np.isnan(i1), np.isnan(whole["I1"].numpy()[ids0]))

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.tf._cluster import ROOT, exit_now, run_cluster
 
 
 def _state(seed: int = 0):
@@ -251,7 +251,7 @@ _KILLED_SAVE = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, sys.argv[2])
-    from test_coord_checkpoints import _bump, _state
+    from tests.tf.coordinator.test_checkpoints import _bump, _state
     from kubeai_train.tf.coordinator.checkpoints import StagedObjectCheckpoints
     from kubeai_train.tf.model_dir import ModelDir
 
@@ -283,7 +283,7 @@ def test_chief_killed_mid_save_on_oss_keeps_the_previous_checkpoint(tmp_path, mo
             monkeypatch.setenv(k, v)
         url = "oss://ckpt/jobs/a"
         proc = subprocess.run(
-            [sys.executable, "-c", _KILLED_SAVE, url, str(Path(__file__).parent)],
+            [sys.executable, "-c", _KILLED_SAVE, url, str(ROOT)],
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         assert proc.returncode == -9, proc.stderr[-2000:]
@@ -379,18 +379,7 @@ def _cluster_job() -> int:
 @pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_staged_save_under_ps_strategy_does_all_io_on_the_chief(tmp_path):
-    from kubeai_train.launch import run_processes
-
-    run_processes(
-        Path(__file__),
-        framework="tf",
-        workers=1,
-        ps=2,
-        args=[str(tmp_path)],
-        env={"TF_CPP_MIN_LOG_LEVEL": "2"},
-        timeout=150,
-        log_dir=tmp_path / "logs",
-    )
+    run_cluster(Path(__file__), [str(tmp_path)], workers=1, timeout=150, log_dir=tmp_path / "logs")
     report = json.loads((tmp_path / "report.json").read_text())
     assert [d.split("/device")[0] for d in report["devices"]] == [
         "/job:ps/replica:0/task:0",
@@ -415,7 +404,4 @@ def test_staged_save_under_ps_strategy_does_all_io_on_the_chief(tmp_path):
 
 
 if __name__ == "__main__":
-    code = _cluster_job()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(_cluster_job())

@@ -7,12 +7,13 @@ Run as a script, this file is the job: a small tf-keras model (a sharded ``Embed
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.tf._cluster import exit_now, run_cluster, single_process_env
 
 VOCAB, DIM = 20000, 8
 
@@ -60,28 +61,14 @@ def _job() -> int:
 
 
 if __name__ == "__main__":
-    code = _job()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(_job())
 
 
 @pytest.mark.integration
 @pytest.mark.timeout(240)
 def test_legacy_keras_fit_trains_on_the_cluster_with_the_policy_placement(tmp_path):
-    from kubeai_train.launch import run_processes
-
     model_dir = tmp_path / "m"
-    run_processes(
-        Path(__file__),
-        framework="tf",
-        workers=2,
-        ps=2,
-        args=[str(model_dir)],
-        env={"TF_CPP_MIN_LOG_LEVEL": "2"},
-        timeout=200,
-        log_dir=tmp_path / "logs",
-    )
+    run_cluster(Path(__file__), [str(model_dir)], timeout=200, log_dir=tmp_path / "logs")
     result = json.loads((model_dir / "result.json").read_text())
     assert result["role"] == "chief" and result["global_step"] == 120
     assert result["metrics"]["loss"] < 0.5  # ln 2 = 0.69 at chance
@@ -102,19 +89,14 @@ def test_legacy_keras_fit_with_the_model_dir_on_oss(tmp_path, monkeypatch):
     the PS and workers wait for go through the store; Keras' BackupAndRestore cannot, one warning."""
     import fsspec
 
-    from kubeai_train.launch import run_processes
     from kubeai_train.testing.oss_server import OSSServer
 
     with OSSServer(tmp_path / "oss", buckets=["jobs"]) as server:
         for k, v in server.env().items():
             monkeypatch.setenv(k, v)
-        res = run_processes(
+        res = run_cluster(
             Path(__file__),
-            framework="tf",
-            workers=2,
-            ps=2,
-            args=["oss://jobs/keras", str(tmp_path / "result.json")],
-            env={"TF_CPP_MIN_LOG_LEVEL": "2"},
+            ["oss://jobs/keras", str(tmp_path / "result.json")],
             timeout=200,
             log_dir=tmp_path / "logs",
         )
@@ -142,10 +124,9 @@ def test_a_keras_callback_writing_where_tf_cannot_is_rejected_in_one_line(tmp_pa
         "except TrainError as e:\n"
         "    print('ERROR', e)\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     out = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "m")],
-        env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True, timeout=120,
+        env=single_process_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("ERROR ")]
     assert len(lines) == 1, out.stdout + out.stderr[-2000:]

@@ -10,14 +10,12 @@ TensorFlow import cost again. Every process appends one JSON line per round to
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 from pathlib import Path
 
 from kubeai_train import cluster
 from kubeai_train import tf as ktf
+from tests.tf._cluster import append_jsonl, exit_now
 
 
 def main() -> int:
@@ -43,26 +41,20 @@ def main() -> int:
             ready_poll=0.05,
         )
         res = ktf.run(model, cfg)
-        with open(root / "rounds.jsonl", "a") as f:
-            f.write(
-                json.dumps(
-                    {
-                        "role": info.role,
-                        "index": info.index,
-                        "round": k,
-                        "steps": res.local_steps,
-                        "ready": res.ready_seconds,
-                        "seconds": time.perf_counter() - t0,
-                        "global_step": res.global_step,
-                    }
-                )
-                + "\n"
-            )
+        append_jsonl(
+            root / "rounds.jsonl",
+            {
+                "role": info.role,
+                "index": info.index,
+                "round": k,
+                "steps": res.local_steps,
+                "ready": res.ready_seconds,
+                "seconds": time.perf_counter() - t0,
+                "global_step": res.global_step,
+            },
+        )
     return 0
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(main())
