@@ -128,7 +128,9 @@ class DynamicAssignment(Assignment):
         """The dispatcher's URL once attached."""
         return self._url
 
-    def _call(self, op: str, reader: ReaderId | None, **body: Any) -> dict[str, Any]:
+    def _call(
+        self, op: str, reader: ReaderId | None, _timeout: float | None = None, **body: Any
+    ) -> dict[str, Any]:
         if self._client is None or self._dataset is None:
             raise DispatchError(
                 "DynamicAssignment is not attached to a dataset (call attach or assign first)"
@@ -144,6 +146,8 @@ class DynamicAssignment(Assignment):
                 code, out = server.handle(op, body)
                 if code == 200:
                     return out
+        if _timeout is not None:
+            return srv.Client(self._client.url, timeout=_timeout).call(op, body)
         return self._client.call(op, body)
 
     def split_of(self, piece: Piece) -> Split:
@@ -166,7 +170,8 @@ class DynamicAssignment(Assignment):
         with self._lock:
             self._active.discard(reader_name(reader))
         try:
-            self._call("hello", reader, keep=keep.to_dict() if keep else None)
+            # best effort and quick: at the end of a job the host may be gone already
+            self._call("hello", reader, keep=keep.to_dict() if keep else None, _timeout=2.0)
         except DispatchError as e:  # leaving must not hide the error that ended the iteration
             log.warning("could not return unread pieces to the dispatcher: %s", e)
 
@@ -263,7 +268,7 @@ class DynamicAssignment(Assignment):
         return {"dispatcher": self._host.state_dict()} if self._host is not None else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """On the host, restore the dispatcher's state (in-flight rows become pending)."""
+        """On the host, restore the dispatcher's state (in-flight pieces stay reserved for their readers for one lease)."""
         st = state.get("dispatcher") if isinstance(state, Mapping) else None
         if st is None:
             return

@@ -14,7 +14,8 @@ Exactly once: a row is *done* only when the piece holding it is acknowledged. A 
 stops renewing its lease (``lease`` seconds without a call) or is :meth:`release` d has its
 in-flight pieces put back at the head of the queue, to be handed out again. A restarted reader
 that resumes a piece from its own checkpoint gets it back with :meth:`hello` (``keep``) if no
-other reader has taken it meanwhile.
+other reader has taken it meanwhile; after a restore, each reader's in-flight pieces are kept
+for it for one lease, so that a job restarted as a whole resumes without a race.
 
 End of an epoch: with nothing pending, a reader is told to *wait* while another reader that is
 still reading (not itself waiting or drained) holds pieces, since those pieces come back if it
@@ -24,6 +25,7 @@ other's held pieces (each holds the tail of a batch it cannot finish) are all to
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -37,6 +39,7 @@ from kubeai_train.data.types import DataError, Split, StateError, splits_fingerp
 __all__ = ["DispatchError", "Dispatcher", "Piece", "ReaderStats"]
 
 STATE_VERSION = 1
+log = logging.getLogger("kubeai_train.data.dispatch")
 
 
 class DispatchError(DataError):
@@ -192,6 +195,18 @@ class Dispatcher:
 
     def _finish(self, epoch: int) -> None:
         """Forget the details of a complete epoch (its statistics stay until the next one)."""
+        e = self._epochs[epoch]
+        for r, st in sorted(e.stats.items()):
+            d = st.to_dict()
+            log.info(
+                "dispatch epoch %d reader %s: %d rows in %d pieces, %s rows/s, tail %.3fs",
+                epoch,
+                r,
+                d["rows"],
+                d["pieces"],
+                d["rows_per_s"],
+                d["tail_s"],
+            )
         self._complete.add(epoch)
         for old in [n for n in self._epochs if n < epoch - 1 and n in self._complete]:
             del self._epochs[old]
@@ -337,6 +352,13 @@ class Dispatcher:
         with self._lock:
             self._expire(self._clock())
 
+    def busy(self, ignore: Callable[[str], bool] = lambda r: False) -> bool:
+        """Whether a reader whose lease is running holds pieces (its acks are still to come),
+        readers for which ``ignore`` says True aside."""
+        with self._lock:
+            self._expire(self._clock())
+            return any(not ignore(r) for e in self._epochs.values() for r in e.inflight.values())
+
     # -- inspection ------------------------------------------------------------------------------
     def stats(self, epoch: int) -> dict[str, Any]:
         """Per-reader statistics of ``epoch`` plus totals (JSON-serialisable)."""
@@ -386,7 +408,9 @@ class Dispatcher:
             }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`: done rows stay done, in-flight rows become pending.
+        """Restore :meth:`state_dict`: done rows stay done; in-flight pieces stay reserved for
+        their readers for one lease (a restarted reader resuming its piece gets it back, see
+        :meth:`hello`) and are re-queued after it, like any silent reader's.
 
         Raises:
             StateError: the state is of another dataset (fingerprint), seed or version.
@@ -404,7 +428,9 @@ class Dispatcher:
                 "resume with the same shuffle and seed"
             )
         with self._lock:
+            now = self._clock()
             self._epochs.clear()
+            self._seen.clear()
             self._complete = {int(n) for n in state.get("complete") or ()}
             for key, es in (state.get("epochs") or {}).items():
                 n = int(key)
@@ -414,18 +440,26 @@ class Dispatcher:
                 done: dict[int, list[tuple[int, int]]] = {}
                 for i, a, b in es.get("done") or ():
                     done.setdefault(int(i), []).append((int(a), int(b)))
+                inflight: dict[Piece, str] = {}
+                for i, a, b, r in es.get("inflight") or ():
+                    inflight[Piece(n, int(i), int(a), int(b))] = str(r)
+                    self._seen[str(r)] = now
+                taken: dict[int, list[tuple[int, int]]] = {i: list(iv) for i, iv in done.items()}
+                for p in inflight:
+                    taken.setdefault(p.split, []).append((p.start, p.stop))
                 pend: deque[tuple[int, int, int]] = deque()
-                done_rows = 0
+                done_rows = sum(b - a for iv in done.values() for a, b in _merge(iv))
                 for i in self._order(n):
                     s = self.splits[i]
                     pos = s.start
-                    for a, b in _merge(done.get(i, [])):
+                    for a, b in _merge(taken.get(i, [])):
                         if not (s.start <= a <= b <= s.stop):
                             raise StateError(f"dispatcher state has rows [{a}, {b}) outside split {i} {s!r}")
                         if a > pos:
                             pend.append((i, pos, a))
                         pos = max(pos, b)
-                        done_rows += b - a
                     if pos < s.stop:
                         pend.append((i, pos, s.stop))
-                self._epochs[n] = _Epoch(pending=pend, done=done, done_rows=done_rows, total_rows=self._total)
+                self._epochs[n] = _Epoch(
+                    pending=pend, inflight=inflight, done=done, done_rows=done_rows, total_rows=self._total
+                )

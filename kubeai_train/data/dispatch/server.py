@@ -25,6 +25,8 @@ The service has no authentication: it must only be reachable inside the job's ne
 
 from __future__ import annotations
 
+import atexit
+import http.client
 import json
 import logging
 import os
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("kubeai_train.data.dispatch")
-ADDRESS_ENV = "KUBEAI_TRAIN_DISPATCHER"
+ADDRESS_ENV = cluster.DISPATCHER_ENV
 
 
 def _split_hostport(value: str, what: str) -> tuple[str, int]:
@@ -226,7 +228,22 @@ def serve(env: Mapping[str, str] | None = None) -> DispatchServer:
             bind = host if host.startswith("127.") or host == "localhost" else ""
             _SERVER = DispatchServer(bind, port)
             log.info("dispatcher serving on %s:%d", host, _SERVER.port)
+            atexit.register(_drain_at_exit, _SERVER)
         return _SERVER
+
+
+def _drain_at_exit(server: DispatchServer, poll: float = 0.1) -> None:
+    """Keep serving while other readers still hold pieces: the host's own reading may end
+    before the last acknowledgements of the others (bounded by their leases). Rank 0's readers
+    (this process and its DataLoader workers) are ending with it and are not waited for."""
+    with server._lock:
+        ds = list(server._dispatchers.values())
+    if not ds:
+        return
+    deadline = time.monotonic() + max(d.lease for d in ds) + 1.0
+    while time.monotonic() < deadline and any(d.busy(lambda r: r.startswith("0.")) for d in ds):
+        time.sleep(poll)
+    time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))  # answer the readers' last goodbyes
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +285,8 @@ class Client:
                 if e.code != 404:
                     raise DispatchError(f"dispatcher at {self.url} refused {op}: {msg or e}") from None
                 last = f"HTTP 404: {msg}"
-            except (OSError, ValueError) as e:  # URLError, ConnectionError, timeouts, bad JSON
+            # refused, reset, cut short, timed out
+            except (OSError, ValueError, http.client.HTTPException) as e:
                 reason = getattr(e, "reason", e)
                 last = f"{type(reason).__name__}: {reason}"
             now = time.monotonic()

@@ -129,23 +129,34 @@ def test_hello_keeps_the_resumed_piece_and_requeues_the_rest() -> None:
     assert st["epochs"]["0"]["inflight"]
 
 
-def test_state_restore_inflight_becomes_pending() -> None:
+@pytest.mark.parametrize("comes_back", [True, False])
+def test_state_restore_keeps_inflight_for_its_reader_for_one_lease(comes_back: bool) -> None:
     splits = make_splits([50, 50, 50])
-    d = Dispatcher(splits, seed=1, min_rows=7, k=1)
+    clock = Clock()
+    d = Dispatcher(splits, seed=1, min_rows=7, k=1, lease=5.0, clock=clock)
     done = d.request("a", 0, 2)
     held = d.request("b", 0, 2)
     assert isinstance(done, Piece) and isinstance(held, Piece)
     d.ack("a", done)
     state = json.loads(json.dumps(d.state_dict()))
-    d2 = Dispatcher(splits, seed=1, min_rows=7, k=1)
+    d2 = Dispatcher(splits, seed=1, min_rows=7, k=1, lease=5.0, clock=clock)
     d2.load_state_dict(state)
     while True:
         p = d2.request("c", 0, 1)
         if isinstance(p, str):
             break
+        assert p.split != held.split or p.stop <= held.start or p.start >= held.stop  # reserved for b
         d2.ack("c", p)
-    got = sorted(rows_of(d2, 0))
-    assert got == all_rows(splits)
+    assert p == "wait"  # b holds a piece and may come back
+    if comes_back:
+        assert d2.hello("b", keep=held) and d2.ack("b", held)
+    else:
+        clock.t += 6.0
+        again = d2.request("c", 0, 1)
+        assert again == held
+        d2.ack("c", again)
+    assert d2.request("c", 0, 1) == "drained"
+    assert sorted(rows_of(d2, 0)) == all_rows(splits)
     with pytest.raises(StateError, match="fingerprint"):
         Dispatcher(make_splits([50, 50]), seed=1).load_state_dict(state)
     with pytest.raises(StateError, match="seed"):
@@ -197,8 +208,17 @@ def test_random_interleavings_ack_every_row_exactly_once(sizes, ops, seed, min_r
         if d.ack(r, p):
             acked[p.epoch].extend((p.split, x) for x in range(p.start, p.stop))
 
+    fresh: set[str] = set()  # restarted readers: their first call is hello (the protocol)
     for op, ri, ep in ops:
         r = f"r{ri}"
+        if r in fresh and op in ("request", "ack"):
+            fresh.discard(r)
+            keep = held[r][0] if held[r] else None
+            if keep is not None and not d.hello(r, keep):
+                keep = None
+            elif keep is None:
+                d.hello(r)
+            held[r] = [keep] if keep else []
         if op == "request":
             p = d.request(r, ep, 4)
             if isinstance(p, Piece):
@@ -221,7 +241,10 @@ def test_random_interleavings_ack_every_row_exactly_once(sizes, ops, seed, min_r
             state = json.loads(json.dumps(d.state_dict()))
             d = Dispatcher(splits, seed=seed, min_rows=min_rows, k=2, lease=10.0, clock=clock)
             d.load_state_dict(state)
-            held = {k: [] for k in held}  # the whole job restarted: nothing in flight
+            # the whole job restarted: each reader's checkpoint holds the piece it was partway
+            # through (its first); what it had read ahead is gone
+            held = {k: v[:1] for k, v in held.items()}
+            fresh = set(held)
     # drain: survivors ack what they hold (refused if re-queued meanwhile), then one reader finishes
     for r, ps in held.items():
         for p in ps:
