@@ -285,6 +285,7 @@ class Dataset:
         self._piece: Any = None
         self._piece_rows = 0
         self._epoch_done = False
+        self._unacked: list[Any] = []  # from a loaded state: delivered, acknowledgement unknown
         if self.lazy:
             self.assignment.attach(  # type: ignore[attr-defined]
                 self._splits, reader, options.seed if options.shuffle else None
@@ -318,7 +319,15 @@ class Dataset:
         return n - n % self.options.batch_size if self.options.drop_last else n
 
     def __len__(self) -> int:
-        """Batches per epoch for this reader."""
+        """Batches per epoch for this reader.
+
+        Raises:
+            TypeError: with a dynamic assignment, where a reader's share is decided while reading.
+        """
+        if self.lazy:
+            raise TypeError(
+                "a dataset read with a dynamic assignment has no length: readers take pieces as they go"
+            )
         n, b = self.num_rows, self.options.batch_size
         return n // b if self.options.drop_last else -(-n // b)
 
@@ -370,6 +379,8 @@ class Dataset:
             st["piece"] = self._piece.to_dict() if self._piece is not None else None
             st["piece_rows"] = self._piece_rows
             st["epoch_done"] = self._epoch_done
+            pending = self.assignment.unconfirmed(self.reader) + self._unacked  # type: ignore[attr-defined]
+            st["unacked"] = [p.to_dict() for p in pending]
         return st
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -417,6 +428,7 @@ class Dataset:
             self._piece = Piece.from_dict(ast["piece"]) if ast.get("piece") else None
             self._piece_rows = int(ast.get("piece_rows") or 0)
             self._epoch_done = bool(ast.get("epoch_done"))
+            self._unacked = [Piece.from_dict(p) for p in ast.get("unacked") or ()]
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -511,27 +523,33 @@ class Dataset:
     # -- dynamic assignment ------------------------------------------------------------------------
     def _iter_dynamic(self) -> Iterator[dict[str, np.ndarray]]:
         n = self.options.num_epochs
-        if self._epoch_done:
-            # a state taken after an epoch's last batch: that epoch is complete
-            self._epoch, self._rows = self._epoch + 1, 0
-            self._piece, self._piece_rows, self._epoch_done = None, 0, False
-            if n is not None and self._epoch % n == 0:
-                return
-        end = None if n is None else (self._epoch // n + 1) * n
         a: Any = self.assignment
-        keep = self._piece
-        if keep is not None and not a.hello(self.reader, keep):
+        # the piece this reader is partway through, and those delivered whose acknowledgement
+        # its state did not see confirmed: kept for it (and the latter acknowledged now)
+        keep = [self._piece] if self._piece is not None else []
+        unacked, self._unacked = self._unacked, []
+        oks = a.hello(self.reader, keep + unacked)
+        if keep and not oks[0]:
             log.warning(
                 "reader %d.%d: piece %s of its state was handed to another reader meanwhile; %d rows of it "
                 "already delivered may be read again",
                 self.reader.rank,
                 self.reader.worker,
-                keep.id,
+                keep[0].id,
                 self._piece_rows,
             )
             self._piece, self._piece_rows = None, 0
-        elif keep is None:
-            a.hello(self.reader)
+        for p, ok in zip(unacked, oks[len(keep) :], strict=True):
+            if ok:
+                a.ack_later(self.reader, p)
+        if self._epoch_done:
+            # a state taken after an epoch's last batch: that epoch is complete
+            self._epoch, self._rows = self._epoch + 1, 0
+            self._piece, self._piece_rows, self._epoch_done = None, 0, False
+            if n is not None and self._epoch % n == 0:
+                a.leave(self.reader)
+                return
+        end = None if n is None else (self._epoch // n + 1) * n
         try:
             if self.options.prefetch == 0:
                 for item in self._produce_dynamic(self._epoch, end):
@@ -545,7 +563,7 @@ class Dataset:
             else:
                 yield from self._prefetched_dynamic(end)
         finally:
-            a.leave(self.reader, self._piece)
+            a.leave(self.reader, [self._piece] if self._piece is not None else [])
 
     def _prefetched_dynamic(self, end: int | None) -> Iterator[dict[str, np.ndarray]]:
         # the prefetch machinery (queue, stop, errors) with the dynamic producer
@@ -555,7 +573,7 @@ class Dataset:
         """Acknowledge the pieces an item completes, then move the position past it."""
         batch, epoch, rows, pos, acks = item
         for p in acks:
-            self.assignment.ack(self.reader, p)  # type: ignore[attr-defined]
+            self.assignment.ack_later(self.reader, p)  # type: ignore[attr-defined]
         self._epoch, self._rows = epoch, rows
         self._piece, self._piece_rows, self._epoch_done = pos
         return batch  # type: ignore[no-any-return]
@@ -800,7 +818,7 @@ class Dataset:
         ds.__dict__.update(self.__dict__)
         ds.reader = reader
         ds._rows = 0
-        ds._piece, ds._piece_rows, ds._epoch_done = None, 0, False
+        ds._piece, ds._piece_rows, ds._epoch_done, ds._unacked = None, 0, False, []
         return ds
 
     def to_tf(self, with_state: bool = False) -> Any:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -81,16 +82,20 @@ class DynamicAssignment(Assignment):
         self._beat: threading.Thread | None = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        self._acks: queue.Queue[tuple[ReaderId, Piece]] = queue.Queue()
+        self._acker: threading.Thread | None = None
+        self._unconfirmed: dict[str, list[Piece]] = {}
 
     # DataLoader workers get a copy without the host's dispatcher and threads: they talk HTTP
     def __getstate__(self) -> dict[str, Any]:
         s = dict(self.__dict__)
-        s.update(_host=None, _active=set(), _beat=None, _lock=None)
+        s.update(_host=None, _active=set(), _beat=None, _lock=None, _acks=None, _acker=None, _unconfirmed={})
         return s
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._acks = queue.Queue()
 
     # -- set-up ----------------------------------------------------------------------------------
     def attach(self, splits: Sequence[Split], reader: ReaderId, seed: int | None) -> None:
@@ -159,21 +164,69 @@ class DynamicAssignment(Assignment):
         return dataclasses.replace(self._splits[piece.split], start=piece.start, stop=piece.stop)
 
     # -- protocol --------------------------------------------------------------------------------
-    def hello(self, reader: ReaderId, keep: Piece | None = None) -> bool:
-        """Start iterating: re-queue this reader's old pieces but ``keep``; True if it keeps it."""
-        ok = bool(self._call("hello", reader, keep=keep.to_dict() if keep else None)["ok"])
+    def hello(self, reader: ReaderId, keep: Sequence[Piece] = ()) -> list[bool]:
+        """Start iterating: re-queue this reader's old pieces but ``keep``; which it keeps."""
+        self._fork_check()
+        out = self._call("hello", reader, keep=[p.to_dict() for p in keep])
         self._start_beating(reader)
-        return ok
+        return [bool(x) for x in out["ok"]]
 
-    def leave(self, reader: ReaderId, keep: Piece | None = None) -> None:
-        """Stop iterating: pieces read ahead but not delivered go back to the queue."""
+    def leave(self, reader: ReaderId, keep: Sequence[Piece] = ()) -> None:
+        """Stop iterating: acknowledgements are sent, pieces read ahead but not delivered go
+        back to the queue."""
+        self.flush(reader)
         with self._lock:
             self._active.discard(reader_name(reader))
         try:
             # best effort and quick: at the end of a job the host may be gone already
-            self._call("hello", reader, keep=keep.to_dict() if keep else None, _timeout=2.0)
+            self._call("hello", reader, keep=[p.to_dict() for p in keep], _timeout=2.0)
         except DispatchError as e:  # leaving must not hide the error that ended the iteration
             log.warning("could not return unread pieces to the dispatcher: %s", e)
+
+    # acknowledgements go out on a thread of their own, off the trainer's path; until one is
+    # confirmed the piece is in unconfirmed(), which the reader's state_dict() carries
+    def ack_later(self, reader: ReaderId, piece: Piece) -> None:
+        """Acknowledge ``piece`` in the background (see :meth:`unconfirmed`)."""
+        with self._lock:
+            self._unconfirmed.setdefault(reader_name(reader), []).append(piece)
+            if self._acker is None or not self._acker.is_alive():
+                self._acker = threading.Thread(target=self._acking, name="kubeai-dispatch-acks", daemon=True)
+                self._acker.start()
+        self._acks.put((reader, piece))
+
+    def unconfirmed(self, reader: ReaderId) -> list[Piece]:
+        """Pieces delivered whose acknowledgement has not been confirmed yet."""
+        with self._lock:
+            return list(self._unconfirmed.get(reader_name(reader), ()))
+
+    def flush(self, reader: ReaderId, timeout: float | None = None) -> None:
+        """Wait until this reader's acknowledgements are confirmed (or failed)."""
+        deadline = time.monotonic() + (self.timeout + 5.0 if timeout is None else timeout)
+        while self.unconfirmed(reader) and time.monotonic() < deadline:
+            if self._acker is None or not self._acker.is_alive():
+                return
+            time.sleep(0.002)
+
+    def _acking(self) -> None:
+        while True:
+            reader, piece = self._acks.get()
+            try:
+                self.ack(reader, piece)
+            except DispatchError as e:
+                log.warning("could not acknowledge piece %s: %s", piece.id, e)
+                continue  # it stays unconfirmed: a state taken now resumes with it
+            with self._lock:
+                mine = self._unconfirmed.get(reader_name(reader), [])
+                if piece in mine:
+                    mine.remove(piece)
+
+    def _fork_check(self) -> None:
+        if os.getpid() != self._pid:
+            # a forked DataLoader worker: the parent's dispatcher, lock, threads and readers are
+            # not ours (the parent's lock may even have been held at the fork)
+            self._host, self._lock, self._active, self._beat = None, threading.Lock(), set(), None
+            self._acks, self._acker, self._unconfirmed = queue.Queue(), None, {}
+            self._pid = os.getpid()
 
     def pieces(self, reader: ReaderId, epoch: int) -> Iterator[Piece]:
         """The pieces ``reader`` reads in ``epoch``, asked for one at a time, until drained."""
@@ -210,11 +263,6 @@ class DynamicAssignment(Assignment):
         return self._call("stats", None, epoch=epoch)
 
     def _start_beating(self, reader: ReaderId) -> None:
-        if os.getpid() != self._pid:
-            # a forked DataLoader worker: the parent's dispatcher, lock, thread and readers are
-            # not ours (the parent's lock may even have been held at the fork)
-            self._host, self._lock, self._active, self._beat = None, threading.Lock(), set(), None
-            self._pid = os.getpid()
         with self._lock:
             self._active.add(reader_name(reader))
             self._reader_ids = getattr(self, "_reader_ids", {})
@@ -259,7 +307,7 @@ class DynamicAssignment(Assignment):
                     self.ack(reader, prev)
                     prev = None
             finally:
-                self.leave(reader, prev)
+                self.leave(reader, [prev] if prev is not None else [])
 
         return gen()
 

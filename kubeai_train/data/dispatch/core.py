@@ -105,7 +105,9 @@ class ReaderStats:
 
 @dataclass
 class _Epoch:
-    pending: deque[tuple[int, int, int]]  # (split, start, stop) in hand-out order
+    # (split, start, stop, whole) in hand-out order; ``whole``: a re-queued piece, handed out
+    # again as it was (same bounds, so the same rows in the same order whoever reads it)
+    pending: deque[tuple[int, int, int, bool]]
     inflight: dict[Piece, str] = field(default_factory=dict)  # piece -> reader
     done: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     done_rows: int = 0
@@ -116,7 +118,7 @@ class _Epoch:
 
     @property
     def pending_rows(self) -> int:
-        return sum(b - a for _, a, b in self.pending)
+        return sum(b - a for _, a, b, _w in self.pending)
 
     @property
     def complete(self) -> bool:
@@ -188,7 +190,9 @@ class Dispatcher:
             if epoch in self._complete:
                 e = _Epoch(pending=deque(), done_rows=self._total, total_rows=self._total)
             else:
-                pend = deque((i, self.splits[i].start, self.splits[i].stop) for i in self._order(epoch))
+                pend = deque(
+                    (i, self.splits[i].start, self.splits[i].stop, False) for i in self._order(epoch)
+                )
                 e = _Epoch(pending=pend, total_rows=self._total)
             self._epochs[epoch] = e
         return e
@@ -224,14 +228,14 @@ class Dispatcher:
             self._release(r)
             del self._seen[r]
 
-    def _release(self, reader: str, keep: Piece | None = None) -> int:
+    def _release(self, reader: str, keep: set[Piece] | frozenset[Piece] = frozenset()) -> int:
         n = 0
         for e in self._epochs.values():
-            mine = [p for p, r in e.inflight.items() if r == reader and p != keep]
-            # back at the head, in their original order, so they go out next
-            for p in sorted(mine, key=lambda p: (p.split, p.start), reverse=True):
+            mine = [p for p, r in e.inflight.items() if r == reader and p not in keep]
+            # back at the head, in their hand-out order (the dict keeps it), so they go out next
+            for p in reversed(mine):
                 del e.inflight[p]
-                e.pending.appendleft((p.split, p.start, p.stop))
+                e.pending.appendleft((p.split, p.start, p.stop, True))
                 n += 1
             if mine:
                 e.blocked.clear()  # there is work again: wake the waiting readers' decisions
@@ -245,26 +249,32 @@ class Dispatcher:
         in flight for it: already was, or was pending and is taken back. False means another
         reader has it or it is done: drop it (its delivered rows may be read twice).
         """
+        if keep is None:
+            self.hello_many(reader, [])
+            return True
+        return self.hello_many(reader, [keep])[0]
+
+    def hello_many(self, reader: str, keep: Sequence[Piece]) -> list[bool]:
+        """:meth:`hello` keeping several pieces (the one partway through, and the delivered
+        ones whose acknowledgement the reader's checkpoint does not know arrived)."""
         with self._lock:
             self._touch(reader)
-            self._release(reader, keep)
-            if keep is None:
-                return True
-            return self._claim(reader, keep)
+            self._release(reader, set(keep))
+            return [self._claim(reader, p) for p in keep]
 
     def _claim(self, reader: str, p: Piece) -> bool:
         e = self._epoch(p.epoch)
         owner = e.inflight.get(p)
         if owner is not None:
             return owner == reader
-        for n, (i, a, b) in enumerate(e.pending):
+        for n, (i, a, b, whole) in enumerate(e.pending):
             if i == p.split and a <= p.start and p.stop <= b:
                 del e.pending[n]
                 # the rest of the interval goes back where it was
                 if p.stop < b:
-                    e.pending.insert(n, (i, p.stop, b))
+                    e.pending.insert(n, (i, p.stop, b, whole))
                 if a < p.start:
-                    e.pending.insert(n, (i, a, p.start))
+                    e.pending.insert(n, (i, a, p.start, whole))
                 e.inflight[p] = reader
                 e.blocked.discard(reader)
                 return True
@@ -288,13 +298,13 @@ class Dispatcher:
             if st.first is None:
                 st.first = now
             if e.pending:
-                i, a, b = e.pending[0]
+                i, a, b, whole = e.pending[0]
                 size = max(self.min_rows, -(-e.pending_rows // max(1, int(self.k * max(1, num_readers)))))
-                if size >= b - a:
+                if whole or size >= b - a:
                     e.pending.popleft()
                     p = Piece(epoch, i, a, b)
                 else:
-                    e.pending[0] = (i, a + size, b)
+                    e.pending[0] = (i, a + size, b, False)
                     p = Piece(epoch, i, a, a + size)
                 e.inflight[p] = reader
                 e.blocked.discard(reader)
@@ -447,7 +457,7 @@ class Dispatcher:
                 taken: dict[int, list[tuple[int, int]]] = {i: list(iv) for i, iv in done.items()}
                 for p in inflight:
                     taken.setdefault(p.split, []).append((p.start, p.stop))
-                pend: deque[tuple[int, int, int]] = deque()
+                pend: deque[tuple[int, int, int, bool]] = deque()
                 done_rows = sum(b - a for iv in done.values() for a, b in _merge(iv))
                 for i in self._order(n):
                     s = self.splits[i]
@@ -456,10 +466,10 @@ class Dispatcher:
                         if not (s.start <= a <= b <= s.stop):
                             raise StateError(f"dispatcher state has rows [{a}, {b}) outside split {i} {s!r}")
                         if a > pos:
-                            pend.append((i, pos, a))
+                            pend.append((i, pos, a, False))
                         pos = max(pos, b)
                     if pos < s.stop:
-                        pend.append((i, pos, s.stop))
+                        pend.append((i, pos, s.stop, False))
                 self._epochs[n] = _Epoch(
                     pending=pend, inflight=inflight, done=done, done_rows=done_rows, total_rows=self._total
                 )

@@ -32,8 +32,7 @@ import logging
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -101,7 +100,10 @@ def is_host(env: Mapping[str, str] | None = None) -> bool:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _HTTPServer
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"  # keep-alive: one connection per client thread
+    # headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and the
+    # client's delayed ACK hold the second one ~40 ms on a kept-alive connection
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("dispatcher %s: " + format, self.address_string(), *args)
@@ -188,8 +190,8 @@ class DispatchServer:
         if op == "ack":
             return 200, {"ok": d.ack(reader, Piece.from_dict(body["piece"]))}
         if op == "hello":
-            keep = Piece.from_dict(body["keep"]) if body.get("keep") else None
-            return 200, {"ok": d.hello(reader, keep), "lease": d.lease}
+            keep = [Piece.from_dict(p) for p in body.get("keep") or ()]
+            return 200, {"ok": d.hello_many(reader, keep), "lease": d.lease}
         if op == "heartbeat":
             d.heartbeat(reader)
             return 200, {}
@@ -262,7 +264,36 @@ class Client:
         self, url: str, *, timeout: float = 120.0, backoff: float = 0.1, max_backoff: float = 5.0
     ) -> None:
         self.url = url.rstrip("/")
+        parsed = urllib.parse.urlsplit(self.url)
+        if parsed.scheme != "http" or not parsed.hostname or parsed.port is None:
+            raise DispatchError(f"dispatcher URL must be http://host:port, got {url!r}")
+        self._host, self._port = parsed.hostname, parsed.port
         self.timeout, self.backoff, self.max_backoff = float(timeout), float(backoff), float(max_backoff)
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        s = dict(self.__dict__)
+        s["_local"] = None
+        return s
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    def _conn(self) -> http.client.HTTPConnection:
+        c: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if c is None:
+            # one kept-alive connection per thread: a new TCP connection per call costs more
+            # than the call (measured 3.7 ms vs well under 1 ms on a loaded 2-core machine)
+            c = http.client.HTTPConnection(self._host, self._port, timeout=max(1.0, min(30.0, self.timeout)))
+            self._local.conn = c
+        return c
+
+    def _drop(self) -> None:
+        c = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if c is not None:
+            c.close()
 
     def call(self, op: str, body: Mapping[str, Any]) -> dict[str, Any]:
         data = json.dumps(body).encode()
@@ -271,24 +302,24 @@ class Client:
         while True:
             attempt += 1
             try:
-                req = urllib.request.Request(
-                    f"{self.url}/v1/{op}", data=data, headers={"Content-Type": "application/json"}
-                )
-                with urllib.request.urlopen(req, timeout=max(1.0, min(30.0, self.timeout))) as resp:
-                    out: dict[str, Any] = json.loads(resp.read())
+                c = self._conn()
+                c.request("POST", f"/v1/{op}", body=data, headers={"Content-Type": "application/json"})
+                resp = c.getresponse()
+                raw = resp.read()
+                if resp.status == 200:
+                    out: dict[str, Any] = json.loads(raw)
                     return out
-            except urllib.error.HTTPError as e:
                 try:
-                    msg = json.loads(e.read()).get("error", "")
+                    msg = str(json.loads(raw).get("error", ""))
                 except (ValueError, AttributeError):
                     msg = ""
-                if e.code != 404:
-                    raise DispatchError(f"dispatcher at {self.url} refused {op}: {msg or e}") from None
+                if resp.status != 404:
+                    raise DispatchError(f"dispatcher at {self.url} refused {op}: HTTP {resp.status} {msg}")
                 last = f"HTTP 404: {msg}"
             # refused, reset, cut short, timed out
             except (OSError, ValueError, http.client.HTTPException) as e:
-                reason = getattr(e, "reason", e)
-                last = f"{type(reason).__name__}: {reason}"
+                self._drop()
+                last = f"{type(e).__name__}: {e}"
             now = time.monotonic()
             if now + delay > deadline:
                 raise DispatchError(
