@@ -180,26 +180,7 @@ class DispatchServer:
         d = self.dispatcher(str(body.get("dataset")))
         if d is None:
             return 404, {"error": f"dataset {body.get('dataset')!r} is not registered (yet)"}
-        reader = str(body.get("reader"))
-        if op == "request":
-            got = d.request(reader, int(body["epoch"]), int(body["num_readers"]))
-            return 200, {"status": got} if isinstance(got, str) else {
-                "status": "piece",
-                "piece": got.to_dict(),
-            }
-        if op == "ack":
-            return 200, {"ok": d.ack(reader, Piece.from_dict(body["piece"]))}
-        if op == "hello":
-            keep = [Piece.from_dict(p) for p in body.get("keep") or ()]
-            return 200, {"ok": d.hello_many(reader, keep), "lease": d.lease}
-        if op == "heartbeat":
-            d.heartbeat(reader)
-            return 200, {}
-        if op == "release":
-            return 200, {"released": d.release(reader)}
-        if op == "stats":
-            return 200, d.stats(int(body["epoch"]))
-        raise DispatchError(f"unknown dispatcher operation {op!r}")
+        return 200, handle(d, op, body)
 
     def _reap(self) -> None:
         # leases also expire on every call; this catches a job whose every reader went quiet
@@ -213,6 +194,27 @@ class DispatchServer:
         self._stopped.set()
         self._http.shutdown()
         self._http.server_close()
+
+
+def handle(d: Dispatcher, op: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    """One protocol operation on ``d``: the answer's JSON object."""
+    reader = str(body.get("reader"))
+    if op == "request":
+        got = d.request(reader, int(body["epoch"]), int(body["num_readers"]))
+        return {"status": got} if isinstance(got, str) else {"status": "piece", "piece": got.to_dict()}
+    if op == "ack":
+        return {"ok": d.ack(reader, Piece.from_dict(body["piece"]))}
+    if op == "hello":
+        keep = [Piece.from_dict(p) for p in body.get("keep") or ()]
+        return {"ok": d.hello_many(reader, keep), "lease": d.lease}
+    if op == "heartbeat":
+        d.heartbeat(reader)
+        return {}
+    if op == "release":
+        return {"released": d.release(reader)}
+    if op == "stats":
+        return d.stats(int(body["epoch"]))
+    raise DispatchError(f"unknown dispatcher operation {op!r}")
 
 
 _SERVER: DispatchServer | None = None
