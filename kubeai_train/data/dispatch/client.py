@@ -104,6 +104,11 @@ class DynamicAssignment(Assignment):
         key = f"{splits_fingerprint(splits)}-{'none' if seed is None else int(seed)}"
         if self._dataset == key:
             return
+        if self._dataset is not None:
+            raise DispatchError(
+                "this DynamicAssignment already serves another dataset; give each data.read its own "
+                "(a new DynamicAssignment(...) or assignment='dynamic')"
+            )
         self._splits, self._dataset = splits, key
         self._pid = os.getpid()
         if self.address is None and reader.rank == 0 and reader.worker == 0 and srv.is_host():

@@ -213,3 +213,6 @@ def test_dynamic_is_registered_and_splits_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="dynamic"):
         ds.splits()
     assert [len(b["id"]) for b in ds] == [30, 30, 30, 10]
+    write_ids(tmp_path / "other", files=1, rows=50)
+    with pytest.raises(DispatchError, match="its own"):
+        data.read(str(tmp_path / "other"), rank=0, world_size=1, assignment=ds.assignment)
