@@ -55,7 +55,7 @@ ADDRESS_ENV = cluster.DISPATCHER_ENV
 
 def _split_hostport(value: str, what: str) -> tuple[str, int]:
     host, sep, port = value.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not host or "/" in host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise DispatchError(f"{what} must be host:port, got {value!r}")
     return host.strip("[]"), int(port)
 

@@ -216,3 +216,76 @@ def test_dynamic_is_registered_and_splits_is_refused(tmp_path: Path) -> None:
     write_ids(tmp_path / "other", files=1, rows=50)
     with pytest.raises(DispatchError, match="its own"):
         data.read(str(tmp_path / "other"), rank=0, world_size=1, assignment=ds.assignment)
+
+
+KILLED_READER = """
+import json, os, signal, sys
+import numpy as np
+from kubeai_train import data
+from kubeai_train.data.dispatch.client import DynamicAssignment
+
+root, ckpt, address, kill_after = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+ds = data.read(root, rank=1, world_size=2, batch_size=64, prefetch=4,
+               assignment=DynamicAssignment(address=address, timeout=30.0))
+ids = []
+if os.path.exists(ckpt):
+    saved = json.load(open(ckpt))
+    ids, _ = saved["ids"], ds.load_state_dict(saved["state"])
+n = 0
+for b in ds:
+    ids.extend(int(x) for x in b["id"])
+    # the trainer's checkpoint after each step: what it consumed and the reader's state, atomically
+    with open(ckpt + ".tmp", "w") as f:
+        json.dump({"ids": ids, "state": ds.state_dict()}, f)
+    os.replace(ckpt + ".tmp", ckpt)
+    n += 1
+    if n == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)  # pieces read ahead, acknowledgements in flight
+print("done", len(ids))
+"""
+
+
+@pytest.mark.integration
+def test_reader_process_killed_mid_epoch_and_restarted(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    ids = write_ids(tmp_path / "d")
+    r0 = read(tmp_path / "d", 0, 2, assignment=DynamicAssignment(min_rows=16, lease=20.0, timeout=10.0))
+    address = str(r0.assignment.url).removeprefix("http://")  # type: ignore[attr-defined]
+    script = tmp_path / "reader.py"
+    script.write_text(KILLED_READER)
+    ckpt = str(tmp_path / "ckpt.json")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def run(kill_after: int) -> subprocess.CompletedProcess[str]:
+        args = [sys.executable, str(script), str(tmp_path / "d"), ckpt, address, str(kill_after)]
+        return subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+
+    got0: list[np.ndarray] = []
+
+    def reader0() -> None:
+        # rank 0 starts once rank 1 is reading (a process starts in about a second here)
+        deadline = time.monotonic() + 30
+        while not Path(ckpt).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for b in r0:
+            got0.append(b["id"])
+            time.sleep(0.02)
+
+    t = threading.Thread(target=reader0)
+    t.start()
+    first = run(kill_after=8)
+    assert first.returncode == -9, first.stderr[-2000:]
+    before = json.loads(Path(ckpt).read_text())
+    assert len(before["ids"]) == 8 * 64 and before["state"]["assignment"]["piece"] is not None
+    second = run(kill_after=0)
+    assert second.returncode == 0 and "done" in second.stdout, second.stderr[-2000:]
+    t.join(60)
+    assert not t.is_alive()
+    got1 = json.loads(Path(ckpt).read_text())["ids"]
+    every = np.concatenate([np.concatenate(got0), np.asarray(got1, dtype=np.int64)])
+    assert len(got1) > len(before["ids"]), "the restarted reader read nothing"
+    assert len(every) == len(ids), "rows lost or read twice across the kill"
+    np.testing.assert_array_equal(np.sort(every), ids)
