@@ -292,12 +292,14 @@ class Dataset:
             )
         self._retry = RetryPolicy(retries=options.retries, backoff=options.backoff)
         log.info(
-            "data.read: rank %d/%d, %d rows in %d splits, this rank %d rows; batch_size=%d shuffle=%s seed=%d source=%s",
+            "data.read: rank %d/%d, %d rows in %d splits, this rank %s; batch_size=%d shuffle=%s seed=%d source=%s",
             reader.rank,
             reader.world_size,
             self.total_rows,
             len(self._splits),
-            self.num_rows,
+            f"pieces from the dispatcher at {getattr(self.assignment, 'url', None)}"
+            if self.lazy
+            else f"{self.num_rows} rows",
             options.batch_size,
             options.shuffle,
             options.seed,
