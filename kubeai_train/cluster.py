@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "DISPATCHER_ENV",
     "ClusterError",
     "ClusterInfo",
     "current",
@@ -32,6 +33,9 @@ __all__ = [
 ]
 
 TF_ROLES = ("chief", "master", "worker", "ps", "evaluator")
+# ``host:port`` of the job's data dispatcher (``data.read(..., assignment="dynamic")``), when it
+# cannot be derived from the cluster: the local launcher sets it (all tasks share 127.0.0.1)
+DISPATCHER_ENV = "KUBEAI_TRAIN_DISPATCHER"
 TORCH_ROLES = ("master", "worker")
 
 

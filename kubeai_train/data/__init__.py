@@ -11,6 +11,7 @@ come from :func:`register_storage_options` providers.
 
 from kubeai_train.data.adapters import state_from_tf
 from kubeai_train.data.dataset import Dataset, ReadOptions, read
+from kubeai_train.data.dispatch.client import DynamicAssignment
 from kubeai_train.data.registry import (
     open_source,
     register_source,
@@ -39,6 +40,7 @@ __all__ = [
     "read",
     "state_from_tf",
     "Assignment",
+    "DynamicAssignment",
     "ColumnNotFoundError",
     "CorruptFileError",
     "DataError",

@@ -221,6 +221,12 @@ def _torch_dataset_class() -> Any:
             ``DataLoader(self, batch_size=None, num_workers=num_workers)``."""
             if self.dataset.options.num_epochs != 1:
                 raise ValueError("state_dict(num_batches) needs num_epochs=1 (one DataLoader pass per epoch)")
+            if getattr(self.dataset, "lazy", False):
+                raise ValueError(
+                    "state_dict(num_batches) needs the static assignment: with assignment='dynamic' the "
+                    "DataLoader workers' shares are not known in advance (use persistent readers without "
+                    "DataLoader workers to checkpoint a dynamic dataset)"
+                )
             n = max(1, num_workers)
             starts = self._starts(n)
             rows = [self.dataset.with_reader(self._reader(w, n))._epoch_rows() for w in range(n)]

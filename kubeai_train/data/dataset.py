@@ -34,7 +34,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,7 +166,8 @@ def read(
         drop_last: drop the short last batch of each epoch.
         rank / world_size: this reader among the readers; default ``cluster.current()``.
         assignment: which splits each reader reads: an ``Assignment``, or ``"static"`` (the
-            default, ``StaticAssignment()``).
+            default, ``StaticAssignment()``), or ``"dynamic"`` (``DynamicAssignment()``: readers
+            ask the job's dispatcher for their next piece, so slow readers read less).
         **options: pipeline options (``shuffle_buffer``, ``prefetch``, ``hash_buckets``,
             ``fill_null``, ``retries``, ``backoff``, ``allow_empty``); the rest go to the
             source (files: ``format``, ``storage_options``, ``partition_filter``,
@@ -199,12 +201,19 @@ def read(
     return Dataset(src, opts, ReaderId(rank=rank, world_size=world_size), assignment=assignment)
 
 
-ASSIGNMENTS: dict[str, Any] = {"static": StaticAssignment}
+def _dynamic() -> Assignment:
+    # imported on use: the dispatcher's HTTP machinery is not needed by static readers
+    from kubeai_train.data.dispatch.client import DynamicAssignment
+
+    return DynamicAssignment()
+
+
+ASSIGNMENTS: dict[str, Any] = {"static": StaticAssignment, "dynamic": _dynamic}
 
 
 def resolve_assignment(assignment: Assignment | str | None) -> Assignment:
     """``assignment`` as an ``Assignment`` instance: None and ``"static"`` give
-    ``StaticAssignment()``.
+    ``StaticAssignment()``, ``"dynamic"`` a ``DynamicAssignment()``.
 
     Raises:
         ValueError: anything else, in one line naming the value and what is accepted.
@@ -270,14 +279,27 @@ class Dataset:
         self.fingerprint = splits_fingerprint(self._splits)
         self._epoch = 0
         self._rows = 0
+        # a lazy (dynamic) assignment: the piece this reader is partway through, rows of it
+        # delivered, and whether the epoch's last batch was delivered
+        self.lazy = bool(getattr(self.assignment, "lazy", False))
+        self._piece: Any = None
+        self._piece_rows = 0
+        self._epoch_done = False
+        self._unacked: list[Any] = []  # from a loaded state: delivered, acknowledgement unknown
+        if self.lazy:
+            self.assignment.attach(  # type: ignore[attr-defined]
+                self._splits, reader, options.seed if options.shuffle else None
+            )
         self._retry = RetryPolicy(retries=options.retries, backoff=options.backoff)
         log.info(
-            "data.read: rank %d/%d, %d rows in %d splits, this rank %d rows; batch_size=%d shuffle=%s seed=%d source=%s",
+            "data.read: rank %d/%d, %d rows in %d splits, this rank %s; batch_size=%d shuffle=%s seed=%d source=%s",
             reader.rank,
             reader.world_size,
             self.total_rows,
             len(self._splits),
-            self.num_rows,
+            f"pieces from the dispatcher at {getattr(self.assignment, 'url', None)}"
+            if self.lazy
+            else f"{self.num_rows} rows",
             options.batch_size,
             options.shuffle,
             options.seed,
@@ -287,7 +309,8 @@ class Dataset:
     # -- sizes ---------------------------------------------------------------------------------
     @property
     def num_rows(self) -> int:
-        """Rows this reader reads per epoch (the same every epoch)."""
+        """Rows this reader reads per epoch (the same every epoch). With a dynamic assignment
+        this is not known in advance: it is the even share, what a reader reads at equal speed."""
         r = self.reader
         lo, hi = share_bounds(self.total_rows, r.world_size, r.rank)
         lo2, hi2 = share_bounds(hi - lo, r.num_workers, r.worker)
@@ -298,12 +321,26 @@ class Dataset:
         return n - n % self.options.batch_size if self.options.drop_last else n
 
     def __len__(self) -> int:
-        """Batches per epoch for this reader."""
+        """Batches per epoch for this reader.
+
+        Raises:
+            TypeError: with a dynamic assignment, where a reader's share is decided while reading.
+        """
+        if self.lazy:
+            raise TypeError(
+                "a dataset read with a dynamic assignment has no length: readers take pieces as they go"
+            )
         n, b = self.num_rows, self.options.batch_size
         return n // b if self.options.drop_last else -(-n // b)
 
     def splits(self, epoch: int | None = None) -> list[Split]:
-        """The (sub-)splits this reader reads in ``epoch`` (default: the current one), in order."""
+        """The (sub-)splits this reader reads in ``epoch`` (default: the current one), in order.
+
+        Raises:
+            TypeError: with a dynamic assignment, which decides while reading.
+        """
+        if self.lazy:
+            raise TypeError("a dynamic assignment hands out pieces while reading; there is no split list")
         e = self._epoch if epoch is None else epoch
         seed = self.options.seed if self.options.shuffle else None
         return list(self.assignment.assign(self._splits, self.reader, e, seed))
@@ -318,6 +355,7 @@ class Dataset:
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
         self._epoch, self._rows = epoch, 0
+        self._piece, self._piece_rows, self._epoch_done = None, 0, False
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: the epoch and the rows of it this reader has delivered."""
@@ -334,8 +372,18 @@ class Dataset:
             "seed": o.seed,
             "shuffle_buffer": o.window if o.shuffle else None,
             "fingerprint": self.fingerprint,
-            "assignment": self.assignment.state_dict(),
+            "assignment": self._assignment_state(),
         }
+
+    def _assignment_state(self) -> dict[str, Any]:
+        st = dict(self.assignment.state_dict())
+        if self.lazy:
+            st["piece"] = self._piece.to_dict() if self._piece is not None else None
+            st["piece_rows"] = self._piece_rows
+            st["epoch_done"] = self._epoch_done
+            pending = self.assignment.unconfirmed(self.reader) + self._unacked  # type: ignore[attr-defined]
+            st["unacked"] = [p.to_dict() for p in pending]
+        return st
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state`` (from :meth:`state_dict` of a dataset read with the same
@@ -368,16 +416,27 @@ class Dataset:
             not isinstance(epoch, int)
             or not isinstance(rows, int)
             or epoch < 0
-            or not 0 <= rows <= self.num_rows
+            or not 0 <= rows <= (self.total_rows if self.lazy else self.num_rows)
         ):
             raise StateError(
                 f"state has a bad position epoch={epoch!r} rows={rows!r} (this reader has {self.num_rows} rows)"
             )
         self._epoch, self._rows = epoch, rows
-        self.assignment.load_state_dict(state.get("assignment") or {})
+        ast = state.get("assignment") or {}
+        self.assignment.load_state_dict(ast)
+        if self.lazy:
+            from kubeai_train.data.dispatch.core import Piece
+
+            self._piece = Piece.from_dict(ast["piece"]) if ast.get("piece") else None
+            self._piece_rows = int(ast.get("piece_rows") or 0)
+            self._epoch_done = bool(ast.get("epoch_done"))
+            self._unacked = [Piece.from_dict(p) for p in ast.get("unacked") or ()]
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.lazy:
+            yield from self._iter_dynamic()
+            return
         n = self.options.num_epochs
         if 0 < self._epoch_rows() <= self._rows:
             # a finished epoch (a state taken after its last batch, before the iteration ended)
@@ -402,7 +461,12 @@ class Dataset:
             return
         yield from self._prefetched(end)
 
-    def _prefetched(self, end: int | None) -> Iterator[dict[str, np.ndarray]]:
+    def _prefetched(
+        self,
+        end: int | None,
+        produce: Callable[[int, int, int | None], Iterator[tuple[Any, ...]]] | None = None,
+    ) -> Iterator[dict[str, np.ndarray]]:
+        produce = produce or self._produce
         q: queue.Queue[Any] = queue.Queue(maxsize=self.options.prefetch)
         stop = threading.Event()
 
@@ -417,7 +481,7 @@ class Dataset:
 
         def work(epoch: int, rows: int) -> None:
             try:
-                for item in self._produce(epoch, rows, end):
+                for item in produce(epoch, rows, end):
                     if not put(item):
                         return
                 put(("done",))
@@ -433,11 +497,17 @@ class Dataset:
                 item = q.get()
                 if item[0] is _END:
                     self._epoch, self._rows = item[1] + 1, 0
+                    self._piece, self._piece_rows, self._epoch_done = None, 0, False
                     continue
                 if item[0] == "done" and len(item) == 1:
                     return
                 if item[0] == "error" and len(item) == 2:
                     raise item[1]
+                if len(item) == 5:  # dynamic: (batch or None, epoch, rows, position, acks)
+                    batch = self._deliver(item)
+                    if batch is not None:
+                        yield batch
+                    continue
                 batch, epoch, rows = item
                 self._epoch, self._rows = epoch, rows
                 yield batch
@@ -451,6 +521,144 @@ class Dataset:
                     q.get_nowait()
                 except queue.Empty:
                     t.join(timeout=0.05)
+
+    # -- dynamic assignment ------------------------------------------------------------------------
+    def _iter_dynamic(self) -> Iterator[dict[str, np.ndarray]]:
+        n = self.options.num_epochs
+        a: Any = self.assignment
+        # the piece this reader is partway through, and those delivered whose acknowledgement
+        # its state did not see confirmed: kept for it (and the latter acknowledged now)
+        keep = [self._piece] if self._piece is not None else []
+        unacked, self._unacked = self._unacked, []
+        oks = a.hello(self.reader, keep + unacked)
+        if keep and not oks[0]:
+            log.warning(
+                "reader %d.%d: piece %s of its state was handed to another reader meanwhile; %d rows of it "
+                "already delivered may be read again",
+                self.reader.rank,
+                self.reader.worker,
+                keep[0].id,
+                self._piece_rows,
+            )
+            self._piece, self._piece_rows = None, 0
+        for p, ok in zip(unacked, oks[len(keep) :], strict=True):
+            if ok:
+                a.ack_later(self.reader, p)
+        if self._epoch_done:
+            # a state taken after an epoch's last batch: that epoch is complete
+            self._epoch, self._rows = self._epoch + 1, 0
+            self._piece, self._piece_rows, self._epoch_done = None, 0, False
+            if n is not None and self._epoch % n == 0:
+                a.leave(self.reader)
+                return
+        end = None if n is None else (self._epoch // n + 1) * n
+        try:
+            if self.options.prefetch == 0:
+                for item in self._produce_dynamic(self._epoch, end):
+                    if item[0] is _END:
+                        self._epoch, self._rows = item[1] + 1, 0
+                        self._piece, self._piece_rows, self._epoch_done = None, 0, False
+                        continue
+                    batch = self._deliver(item)
+                    if batch is not None:
+                        yield batch
+            else:
+                yield from self._prefetched_dynamic(end)
+        finally:
+            a.leave(self.reader, [self._piece] if self._piece is not None else [])
+
+    def _prefetched_dynamic(self, end: int | None) -> Iterator[dict[str, np.ndarray]]:
+        # the prefetch machinery (queue, stop, errors) with the dynamic producer
+        yield from self._prefetched(end, lambda epoch, rows, end_: self._produce_dynamic(epoch, end_))
+
+    def _deliver(self, item: tuple[Any, ...]) -> dict[str, np.ndarray] | None:
+        """Acknowledge the pieces an item completes, then move the position past it."""
+        batch, epoch, rows, pos, acks = item
+        for p in acks:
+            self.assignment.ack_later(self.reader, p)  # type: ignore[attr-defined]
+        self._epoch, self._rows = epoch, rows
+        self._piece, self._piece_rows, self._epoch_done = pos
+        return batch  # type: ignore[no-any-return]
+
+    def _produce_dynamic(self, epoch: int, end: int | None) -> Iterator[tuple[Any, ...]]:
+        keep, keep_rows, rows = self._piece, self._piece_rows, self._rows
+        while end is None or epoch < end:
+            yield from self._dynamic_epoch(epoch, rows, keep, keep_rows)
+            yield (_END, epoch)
+            epoch, rows, keep, keep_rows = epoch + 1, 0, None, 0
+
+    def _dynamic_epoch(
+        self, epoch: int, rows: int, keep: Any, keep_rows: int
+    ) -> Iterator[tuple[Any, int, int, tuple[Any, int, bool], list[Any]]]:
+        """Items ``(batch, epoch, rows delivered, (piece, rows of it, epoch done), pieces done)``.
+
+        Batches are exact across pieces; a piece is reported done with the batch holding its
+        last row (or with the epoch's end marker when that batch is dropped or empty).
+        """
+        o = self.options
+        a: Any = self.assignment
+
+        def stream() -> Iterator[tuple[Any, int]]:
+            if keep is not None and keep.epoch == epoch:
+                yield keep, keep_rows
+            for p in a.pieces(self.reader, epoch):
+                yield p, 0
+
+        pending: list[pa.RecordBatch] = []
+        have = 0
+        finished: list[Any] = []
+        for piece, start in stream():
+            got = start
+            if got >= piece.num_rows:
+                finished.append(piece)
+                continue
+            for rb in self._piece_rows_from(a.split_of(piece), epoch, start):
+                while rb.num_rows:
+                    take = min(o.batch_size - have, rb.num_rows)
+                    pending.append(rb.slice(0, take) if take < rb.num_rows else rb)
+                    rb = rb.slice(take)
+                    have += take
+                    got += take
+                    if have == o.batch_size:
+                        rows += have
+                        if got >= piece.num_rows:
+                            yield self._to_numpy(pending), epoch, rows, (None, 0, False), [*finished, piece]
+                        else:
+                            yield self._to_numpy(pending), epoch, rows, (piece, got, False), finished
+                        pending, have, finished = [], 0, []
+            if got != piece.num_rows:
+                raise DataError(
+                    f"{self.source.url}: piece {piece.id} returned {got} of {piece.num_rows} rows; "
+                    "the source changed while reading"
+                )
+            if have:  # the batch being built holds the piece's last rows
+                finished.append(piece)
+        if have and not o.drop_last:
+            rows += have
+            yield self._to_numpy(pending), epoch, rows, (None, 0, True), finished
+        else:
+            yield None, epoch, rows, (None, 0, True), finished
+
+    def _piece_rows_from(self, split: Split, epoch: int, start: int) -> Iterator[pa.RecordBatch]:
+        """A piece's rows from its row ``start`` on; shuffled in windows seeded by the piece
+        itself (not the reader), so whoever reads it, or resumes it, emits the same order."""
+        if not self.options.shuffle:
+            yield from self._read_range([split], start, split.num_rows)
+            return
+        w = self.options.window
+        total = split.num_rows
+        first = start // w
+        for win in range(first, -(-total // w)):
+            lo, hi = win * w, min(total, (win + 1) * w)
+            window = self._window([split], lo, hi, epoch)
+            key = zlib.crc32(split.key.encode())
+            rng = np.random.default_rng([self.options.seed, epoch, key, split.start, split.stop, win])
+            perm = rng.permutation(hi - lo)
+            skip = start - lo if win == first else 0
+            shuffled = pa.Table.from_batches([window]).take(pa.array(perm[skip:])).combine_chunks()
+            del window
+            yield from shuffled.to_batches(max_chunksize=self.options.batch_size)
+            del shuffled
 
     def _produce(self, epoch: int, rows: int, end: int | None) -> Iterator[tuple[Any, ...]]:
         """(batch, epoch, rows delivered after it) items, and (_END, epoch) after each epoch."""
@@ -612,6 +820,7 @@ class Dataset:
         ds.__dict__.update(self.__dict__)
         ds.reader = reader
         ds._rows = 0
+        ds._piece, ds._piece_rows, ds._epoch_done, ds._unacked = None, 0, False, []
         return ds
 
     def to_tf(self, with_state: bool = False) -> Any:

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from kubeai_train.cluster import DISPATCHER_ENV
 from kubeai_train.launch import env as envmod
 from kubeai_train.launch._ports import PortLease, reserve_ports
 from kubeai_train.launch.types import RESERVED_ENV, JobSpec, LaunchError, ScriptNotFoundError, exit_code_of
@@ -277,6 +278,7 @@ class LocalJob:
         self.exit_code: int | None = None
         self.failed: str | None = None
         self.ports: list[int] = []
+        self.dispatcher_port = 0
         self._procs: list[_Proc] = []
         self._signal: int | None = None
         self._wake = threading.Event()
@@ -339,10 +341,12 @@ class LocalJob:
         except OSError as e:
             raise LaunchError(f"cannot create log dir {self.log_dir}: {e.strerror}") from e
         try:
-            self._lease = reserve_ports(len(envmod.ports_needed(spec)))
+            # one more than the job's: the data dispatcher's (data.read(assignment="dynamic"))
+            self._lease = reserve_ports(len(envmod.ports_needed(spec)) + 1)
         except OSError as e:
             raise LaunchError(f"cannot reserve local ports: {e}") from e
-        self.ports = list(self._lease.ports)
+        self.ports = list(self._lease.ports[:-1])
+        self.dispatcher_port = self._lease.ports[-1]
         endpoints = envmod.local_endpoints(spec, self.ports)
         plans = envmod.local_plan(spec, endpoints, self.python)
         self._procs = [_Proc(p, self.log_dir / f"{p.label.replace(':', '-')}.log") for p in plans]
@@ -530,6 +534,10 @@ class LocalJob:
 
     def _spawn(self, proc: _Proc) -> None:
         env = dict(self._base_env)
+        # locally every task is on 127.0.0.1 with neighbouring ports, so the dispatcher's port
+        # cannot be derived from the chief's as on Kubernetes: pass the reserved one (a value
+        # in the job's own env wins)
+        env[DISPATCHER_ENV] = f"127.0.0.1:{self.dispatcher_port}"
         env.update(proc.plan.env)
         if self.spec.framework == "tf":
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

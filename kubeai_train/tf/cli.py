@@ -27,6 +27,7 @@ from kubeai_train.tf.features import CtrFeatures
 from kubeai_train.tf.types import PlacementPolicy, StepInfo, TrainConfig
 
 __all__ = [
+    "ASSIGNMENTS",
     "PLACEMENTS",
     "add_common_args",
     "config_from_args",
@@ -39,6 +40,8 @@ M = TypeVar("M")
 
 #: ``--placement`` choices.
 PLACEMENTS = POLICIES
+#: ``--assignment`` choices (``kubeai_train.data.read(assignment=...)``).
+ASSIGNMENTS = ("static", "dynamic")
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -48,7 +51,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ``--model-dir``, ``--epochs`` (1), ``--batch-size`` (512), ``--learning-rate`` (0.2),
     ``--embedding-dim`` (8), ``--hash-buckets`` (10000), ``--checkpoint-steps`` (500),
     ``--log-steps`` (100), ``--max-steps``, ``--placement`` (round_robin | greedy_bytes | balanced),
-    ``--no-shuffle``, ``--seed`` (0), ``--result-json``.
+    ``--no-shuffle``, ``--seed`` (0), ``--assignment`` (static | dynamic), ``--result-json``.
 
     Args:
         parser: the script's parser.
@@ -83,6 +86,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--placement", choices=PLACEMENTS, default="round_robin")
     p.add_argument("--no-shuffle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--assignment",
+        choices=ASSIGNMENTS,
+        default="static",
+        help="how readers share the data: static (fixed shares by rank) or dynamic (a dispatcher on "
+        "the chief hands the next piece to whichever reader asks, so slow workers read less)",
+    )
     p.add_argument("--result-json", default=None, help="the chief writes its RunResult here")
     return p
 
@@ -135,10 +145,27 @@ def config_from_args(
         model_repo=args.model_repo,
         model_name=args.model_name,
         staging_dir=getattr(args, "staging_dir", None),
-        params={"example": name},
+        # the assignment is recorded (in the published lineage) when it is not the default
+        params={
+            "example": name,
+            **({} if _assignment(args) == "static" else {"assignment": _assignment(args)}),
+        },
         hooks=hooks,
-        **extra,
+        **_with_assignment(args, extra),
     )
+
+
+def _assignment(args: argparse.Namespace) -> str:
+    return str(getattr(args, "assignment", "static"))
+
+
+def _with_assignment(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` with ``--assignment dynamic`` added to the reader options (static is the default)."""
+    if _assignment(args) == "static":
+        return extra
+    out = dict(extra)
+    out["reader_options"] = {**dict(out.get("reader_options") or {}), "assignment": args.assignment}
+    return out
 
 
 def report_result(args: argparse.Namespace, result: Any, *, drop: Collection[str] = ()) -> None:

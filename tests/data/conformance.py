@@ -243,3 +243,126 @@ class SourceConformance:
             assert ds.num_rows == 0 and list(ds) == [] and len(ds) == 0
         ds = spec.read(rank=0, world_size=ws)
         assert ds.num_rows == 1
+
+
+class DynamicConformance:
+    """What every source must also do under ``assignment="dynamic"``: read the row ranges the
+    dispatcher cuts from its splits (``min_rows`` is small here so that it cuts many), exactly
+    once across concurrent readers and DataLoader workers, deterministically for one reader,
+    and resume exactly from a state (the host's state carries the dispatcher's).
+
+    Mix it into a class that provides the ``spec`` fixture (like :class:`SourceConformance`).
+    """
+
+    @staticmethod
+    def dyn(spec: ConformanceSpec, **kw: Any) -> data.Dataset:
+        from kubeai_train.data.dispatch.client import DynamicAssignment
+
+        kw.setdefault("assignment", DynamicAssignment(min_rows=16, timeout=20.0))
+        return spec.read(**kw)
+
+    @staticmethod
+    def concurrently(datasets: list[data.Dataset], column: str) -> list[np.ndarray]:
+        import threading
+
+        out: list[list[np.ndarray]] = [[] for _ in datasets]
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            try:
+                out[i] = [b[column] for b in datasets[i]]
+            except BaseException as e:  # re-raised by the test thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(datasets))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        if errors:
+            raise errors[0]
+        assert not any(t.is_alive() for t in threads), "a reader hung"
+        return [np.concatenate(o) if o else np.zeros(0, np.int64) for o in out]
+
+    @pytest.mark.parametrize("shuffle", [False, True])
+    @pytest.mark.parametrize("world_size", (1, 3))
+    def test_dynamic_exactly_once_across_concurrent_readers(
+        self, spec: ConformanceSpec, world_size: int, shuffle: bool
+    ) -> None:
+        # rank 0 first: it hosts the dispatcher the others reach over HTTP
+        dss = [
+            self.dyn(spec, rank=r, world_size=world_size, shuffle=shuffle, seed=11) for r in range(world_size)
+        ]
+        every = np.concatenate(self.concurrently(dss, spec.id_column))
+        assert len(every) == len(spec.ids), "a row was read twice or not at all"
+        np.testing.assert_array_equal(np.sort(every), np.sort(spec.ids))
+
+    def test_dynamic_exactly_once_with_loader_workers(self, spec: ConformanceSpec) -> None:
+        import threading
+
+        dss = [self.dyn(spec, rank=r, world_size=2, shuffle=True, seed=5, prefetch=2) for r in range(2)]
+        got: list[np.ndarray] = []
+        threads = [
+            threading.Thread(
+                target=lambda d=d: got.append(torch_ids(d, LOADER_WORKERS[1], spec.id_column)[0])
+            )
+            for d in dss
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        every = np.concatenate(got)
+        assert len(every) == len(spec.ids)
+        np.testing.assert_array_equal(np.sort(every), np.sort(spec.ids))
+
+    @pytest.mark.parametrize("drop_last", [False, True])
+    def test_dynamic_batches_are_exact(self, spec: ConformanceSpec, drop_last: bool) -> None:
+        bs = 37
+        sizes = [len(b[spec.id_column]) for b in self.dyn(spec, batch_size=bs, drop_last=drop_last)]
+        n = len(spec.ids)
+        assert all(s == bs for s in sizes[:-1])
+        if drop_last:
+            assert sum(sizes) == n - n % bs and sizes[-1] == bs
+        else:
+            assert sum(sizes) == n and sizes[-1] == (n % bs or bs)
+
+    def test_dynamic_order_is_a_function_of_seed_and_epoch_for_one_reader(
+        self, spec: ConformanceSpec
+    ) -> None:
+        a = ids_of(list(self.dyn(spec, shuffle=True, seed=7, num_epochs=2)), spec.id_column)
+        b = ids_of(list(self.dyn(spec, shuffle=True, seed=7, num_epochs=2, prefetch=0)), spec.id_column)
+        np.testing.assert_array_equal(a, b)
+        n = len(spec.ids)
+        np.testing.assert_array_equal(np.sort(a[:n]), np.sort(spec.ids))
+        np.testing.assert_array_equal(np.sort(a[n:]), np.sort(spec.ids))
+        assert not np.array_equal(a[:n], a[n:]), "epochs 0 and 1 came in the same order"
+
+    @pytest.mark.parametrize("case", range(4))
+    def test_dynamic_resume_at_random_points(self, spec: ConformanceSpec, case: int) -> None:
+        rnd = random.Random(100 + case)
+        kw: dict[str, Any] = {
+            "shuffle": case % 2 == 1,
+            "seed": case,
+            "num_epochs": 2,
+            "batch_size": rnd.choice((16, 50, 64)),
+            "prefetch": rnd.choice((0, 3)),
+        }
+        whole = ids_of(list(self.dyn(spec, **kw)), spec.id_column)
+        ds = self.dyn(spec, **kw)
+        got: list[np.ndarray] = []
+        remaining = len(whole)
+        while remaining > 0:
+            it = iter(ds)
+            for _ in range(rnd.randint(1, 12)):
+                try:
+                    b = next(it)
+                except StopIteration:
+                    break
+                got.append(b[spec.id_column])
+                remaining -= len(b[spec.id_column])
+            it.close()  # type: ignore[attr-defined]
+            state = json.loads(json.dumps(ds.state_dict()))
+            ds = self.dyn(spec, **kw)  # a new process (the host: the dispatcher restarts too)
+            ds.load_state_dict(state)
+        np.testing.assert_array_equal(np.concatenate(got), whole)

@@ -21,7 +21,7 @@ from kubeai_train import data
 from kubeai_train.data import registry
 from kubeai_train.data.files import FileSource
 
-from .conformance import ConformanceSpec, SourceConformance, ids_of
+from .conformance import ConformanceSpec, DynamicConformance, SourceConformance, ids_of
 
 
 def table(lo: int, hi: int, *, lists: bool = True) -> pa.Table:
@@ -57,7 +57,7 @@ def parted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
     return root, write_partitioned(root)
 
 
-class TestFilesConformance(SourceConformance):
+class TestFilesConformance(SourceConformance, DynamicConformance):
     @pytest.fixture(scope="class")
     def spec(self, parted: tuple[Path, np.ndarray]) -> ConformanceSpec:
         root, ids = parted

@@ -19,7 +19,7 @@ from kubeai_train.data import oss as data_oss
 from kubeai_train.data.registry import storage_options_for
 from kubeai_train.testing.oss_server import OSSServer
 
-from .conformance import ConformanceSpec, SourceConformance, ids_of
+from .conformance import ConformanceSpec, DynamicConformance, SourceConformance, ids_of
 from .test_files import table, write_partitioned
 
 SECRET = "data-secret-never-logged"
@@ -98,7 +98,7 @@ def conformance_data(server):
 
 
 @pytest.mark.integration
-class TestOSSConformance(SourceConformance):
+class TestOSSConformance(SourceConformance, DynamicConformance):
     server: OSSServer
 
     @pytest.fixture(scope="class")

@@ -28,7 +28,7 @@ from kubeai_train.data.odps import (
     main,
 )
 
-from ..conformance import ConformanceSpec, SourceConformance, ids_of
+from ..conformance import ConformanceSpec, DynamicConformance, SourceConformance, ids_of
 from ._tables import PARTS, TOTAL, all_ids, rows
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 # ------------------------------------------------------------------ the shared conformance suite
-class TestOdpsConformance(SourceConformance):
+class TestOdpsConformance(SourceConformance, DynamicConformance):
     @pytest.fixture(scope="class")
     def spec(self, server) -> ConformanceSpec:
         env = server.env("proj")

@@ -1,0 +1,475 @@
+"""The dispatcher's state machine: which rows of an epoch are pending, in flight and done.
+
+Pure and thread-safe, no network (``server.py`` wraps it in HTTP). Per epoch the splits are
+laid out in the (seed, epoch) order of ``assignment.order`` (the static assignment's order);
+readers call :meth:`Dispatcher.request` for their next *piece* (a split, or a row range of
+one), read it, and :meth:`Dispatcher.ack` it once every row of it reached their consumer.
+
+Piece sizes are *guided*: a piece is ``max(min_rows, pending_rows / (k * num_readers))`` rows
+(never more than the interval at the head of the queue), so pieces are whole splits while
+much of the epoch is pending and shrink as it drains; the last piece the slowest reader takes
+is then a small fraction of a split, which bounds the epoch tail.
+
+Exactly once: a row is *done* only when the piece holding it is acknowledged. A reader that
+stops renewing its lease (``lease`` seconds without a call) or is :meth:`release` d has its
+in-flight pieces put back at the head of the queue, to be handed out again. A restarted reader
+that resumes a piece from its own checkpoint gets it back with :meth:`hello` (``keep``) if no
+other reader has taken it meanwhile; after a restore, each reader's in-flight pieces are kept
+for it for one lease, so that a job restarted as a whole resumes without a race.
+
+End of an epoch: with nothing pending, a reader is told to *wait* while another reader that is
+still reading (not itself waiting or drained) holds pieces, since those pieces come back if it
+dies; otherwise it is told the epoch is *drained* for it. Readers that are all waiting on each
+other's held pieces (each holds the tail of a batch it cannot finish) are all told *drained*.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubeai_train.data.assignment import order
+from kubeai_train.data.types import DataError, Split, StateError, splits_fingerprint
+
+__all__ = ["DispatchError", "Dispatcher", "Piece", "ReaderStats"]
+
+STATE_VERSION = 1
+log = logging.getLogger("kubeai_train.data.dispatch")
+
+
+class DispatchError(DataError):
+    """A dispatcher cannot be reached, or refused a request (the message says which and why)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``[start, stop)`` of split number ``split`` (in the source's order) in ``epoch``."""
+
+    epoch: int
+    split: int
+    start: int
+    stop: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.epoch}:{self.split}:{self.start}:{self.stop}"
+
+    @property
+    def num_rows(self) -> int:
+        return self.stop - self.start
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "split": self.split, "start": self.start, "stop": self.stop}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Piece:
+        try:
+            return cls(int(d["epoch"]), int(d["split"]), int(d["start"]), int(d["stop"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise DispatchError(f"not a piece: {dict(d)!r} ({e})") from None
+
+    @classmethod
+    def parse(cls, pid: str) -> Piece:
+        try:
+            e, s, a, b = (int(x) for x in pid.split(":"))
+        except ValueError:
+            raise DispatchError(f"not a piece id: {pid!r} (expected epoch:split:start:stop)") from None
+        return cls(e, s, a, b)
+
+
+@dataclass
+class ReaderStats:
+    """What one reader did in one epoch (rows and pieces acknowledged, timing)."""
+
+    rows: int = 0
+    pieces: int = 0
+    first: float | None = None  # first request
+    last_ack: float | None = None
+    tail: float = 0.0  # seconds from the moment nothing was pending to this reader's last ack
+
+    def to_dict(self) -> dict[str, Any]:
+        busy = (self.last_ack - self.first) if (self.first is not None and self.last_ack is not None) else 0.0
+        return {
+            "rows": self.rows,
+            "pieces": self.pieces,
+            "seconds": round(busy, 6),
+            "rows_per_s": round(self.rows / busy, 3) if busy > 0 else None,
+            "tail_s": round(self.tail, 6),
+        }
+
+
+@dataclass
+class _Epoch:
+    # (split, start, stop, whole) in hand-out order; ``whole``: a re-queued piece, handed out
+    # again as it was (same bounds, so the same rows in the same order whoever reads it)
+    pending: deque[tuple[int, int, int, bool]]
+    inflight: dict[Piece, str] = field(default_factory=dict)  # piece -> reader
+    done: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    done_rows: int = 0
+    total_rows: int = 0
+    drained_at: float | None = None  # first moment nothing was pending
+    blocked: set[str] = field(default_factory=set)  # readers told to wait / drained
+    stats: dict[str, ReaderStats] = field(default_factory=dict)
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(b - a for _, a, b, _w in self.pending)
+
+    @property
+    def complete(self) -> bool:
+        return self.done_rows == self.total_rows
+
+
+def _merge(iv: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+class Dispatcher:
+    """Hands out the rows of each epoch to whichever reader asks (see module doc).
+
+    Args:
+        splits: every split of the dataset, in the source's order (what every reader sees).
+        seed: ``None`` for the natural split order, else the order is drawn from (seed, epoch).
+        min_rows: the smallest piece cut from a split (a smaller interval is handed out whole).
+        k: guided-sizing factor: a piece is ``pending_rows / (k * num_readers)`` rows at most.
+        lease: seconds without any call after which a reader is dead and its pieces re-queued.
+        clock: monotonic clock (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        splits: Sequence[Split],
+        seed: int | None = None,
+        *,
+        min_rows: int = 1024,
+        k: float = 2.0,
+        lease: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not isinstance(min_rows, int) or min_rows < 1:
+            raise ValueError(f"min_rows must be an integer >= 1, got {min_rows!r}")
+        if not k > 0:
+            raise ValueError(f"k must be > 0, got {k!r}")
+        if not lease > 0:
+            raise ValueError(f"lease must be > 0 seconds, got {lease!r}")
+        self.splits = [s for s in splits if s.num_rows > 0]
+        self.fingerprint = splits_fingerprint(self.splits)
+        self.seed = seed
+        self.min_rows, self.k, self.lease = min_rows, float(k), float(lease)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._epochs: dict[int, _Epoch] = {}
+        self._complete: set[int] = set()
+        self._seen: dict[str, float] = {}
+        self._index = {id(s): i for i, s in enumerate(self.splits)}
+        self._total = sum(s.num_rows for s in self.splits)
+
+    # -- epochs ----------------------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.splits)))
+        if self.seed is None:
+            return idx
+        # the same permutation as the static assignment's order() (drawn over split positions)
+        picked = order(self.splits, epoch, self.seed)
+        return [self._index[id(s)] for s in picked]
+
+    def _epoch(self, epoch: int) -> _Epoch:
+        e = self._epochs.get(epoch)
+        if e is None:
+            if epoch in self._complete:
+                e = _Epoch(pending=deque(), done_rows=self._total, total_rows=self._total)
+            else:
+                pend = deque(
+                    (i, self.splits[i].start, self.splits[i].stop, False) for i in self._order(epoch)
+                )
+                e = _Epoch(pending=pend, total_rows=self._total)
+            self._epochs[epoch] = e
+        return e
+
+    def _finish(self, epoch: int) -> None:
+        """Forget the details of a complete epoch (its statistics stay until the next one)."""
+        e = self._epochs[epoch]
+        for r, st in sorted(e.stats.items()):
+            d = st.to_dict()
+            log.info(
+                "dispatch epoch %d reader %s: %d rows in %d pieces, %s rows/s, tail %.3fs",
+                epoch,
+                r,
+                d["rows"],
+                d["pieces"],
+                d["rows_per_s"],
+                d["tail_s"],
+            )
+        self._complete.add(epoch)
+        for old in [n for n in self._epochs if n < epoch - 1 and n in self._complete]:
+            del self._epochs[old]
+
+    # -- leases ----------------------------------------------------------------------------------
+    def _touch(self, reader: str) -> float:
+        now = self._clock()
+        self._seen[reader] = now
+        self._expire(now)
+        return now
+
+    def _expire(self, now: float) -> None:
+        dead = [r for r, t in self._seen.items() if now - t > self.lease]
+        for r in dead:
+            self._release(r)
+            del self._seen[r]
+
+    def _release(self, reader: str, keep: set[Piece] | frozenset[Piece] = frozenset()) -> int:
+        n = 0
+        for e in self._epochs.values():
+            mine = [p for p, r in e.inflight.items() if r == reader and p not in keep]
+            # back at the head, in their hand-out order (the dict keeps it), so they go out next
+            for p in reversed(mine):
+                del e.inflight[p]
+                e.pending.appendleft((p.split, p.start, p.stop, True))
+                n += 1
+            if mine:
+                e.blocked.clear()  # there is work again: wake the waiting readers' decisions
+        return n
+
+    # -- protocol --------------------------------------------------------------------------------
+    def hello(self, reader: str, keep: Piece | None = None) -> bool:
+        """A reader (re)starts: its in-flight pieces but ``keep`` go back to the queue.
+
+        Returns whether ``keep`` (a piece its checkpoint says it is partway through) is now
+        in flight for it: already was, or was pending and is taken back. False means another
+        reader has it or it is done: drop it (its delivered rows may be read twice).
+        """
+        if keep is None:
+            self.hello_many(reader, [])
+            return True
+        return self.hello_many(reader, [keep])[0]
+
+    def hello_many(self, reader: str, keep: Sequence[Piece]) -> list[bool]:
+        """:meth:`hello` keeping several pieces (the one partway through, and the delivered
+        ones whose acknowledgement the reader's checkpoint does not know arrived)."""
+        with self._lock:
+            self._touch(reader)
+            self._release(reader, set(keep))
+            return [self._claim(reader, p) for p in keep]
+
+    def _claim(self, reader: str, p: Piece) -> bool:
+        e = self._epoch(p.epoch)
+        owner = e.inflight.get(p)
+        if owner is not None:
+            return owner == reader
+        for n, (i, a, b, whole) in enumerate(e.pending):
+            if i == p.split and a <= p.start and p.stop <= b:
+                del e.pending[n]
+                # the rest of the interval goes back where it was
+                if p.stop < b:
+                    e.pending.insert(n, (i, p.stop, b, whole))
+                if a < p.start:
+                    e.pending.insert(n, (i, a, p.start, whole))
+                e.inflight[p] = reader
+                e.blocked.discard(reader)
+                return True
+        return False
+
+    def request(self, reader: str, epoch: int, num_readers: int) -> Piece | str:
+        """The next piece for ``reader`` in ``epoch``, or ``"wait"`` / ``"drained"``.
+
+        Args:
+            reader: the reader's id (e.g. ``"3.1"`` for rank 3, DataLoader worker 1).
+            epoch: the epoch it reads.
+            num_readers: how many readers the job has (rank count x DataLoader workers), for
+                the guided piece size.
+        """
+        if not isinstance(epoch, int) or epoch < 0:
+            raise DispatchError(f"epoch must be an integer >= 0, got {epoch!r}")
+        with self._lock:
+            now = self._touch(reader)
+            e = self._epoch(epoch)
+            st = e.stats.setdefault(reader, ReaderStats())
+            if st.first is None:
+                st.first = now
+            if e.pending:
+                i, a, b, whole = e.pending[0]
+                size = max(self.min_rows, -(-e.pending_rows // max(1, int(self.k * max(1, num_readers)))))
+                if whole or size >= b - a:
+                    e.pending.popleft()
+                    p = Piece(epoch, i, a, b)
+                else:
+                    e.pending[0] = (i, a + size, b, False)
+                    p = Piece(epoch, i, a, a + size)
+                e.inflight[p] = reader
+                e.blocked.discard(reader)
+                if not e.pending and e.drained_at is None:
+                    e.drained_at = now
+                return p
+            if e.drained_at is None:
+                e.drained_at = now
+            e.blocked.add(reader)
+            holders = {r for r in e.inflight.values() if r != reader}
+            if holders - e.blocked:
+                return "wait"
+            return "drained"
+
+    def ack(self, reader: str, piece: Piece) -> bool:
+        """Every row of ``piece`` reached ``reader``'s consumer: the rows are done.
+
+        Returns False when the piece is not ``reader``'s any more (it was re-queued after its
+        lease expired and is in flight for another reader, or done): the rows were read twice.
+        A re-queued piece still pending is taken back and counted done.
+        """
+        with self._lock:
+            now = self._touch(reader)
+            e = self._epoch(piece.epoch)
+            owner = e.inflight.get(piece)
+            if owner != reader and (owner is not None or not self._claim(reader, piece)):
+                return False
+            del e.inflight[piece]
+            e.done.setdefault(piece.split, []).append((piece.start, piece.stop))
+            e.done_rows += piece.num_rows
+            st = e.stats.setdefault(reader, ReaderStats(first=now))
+            st.rows += piece.num_rows
+            st.pieces += 1
+            st.last_ack = now
+            if e.drained_at is not None:
+                st.tail = max(0.0, now - e.drained_at)
+            if e.complete:
+                self._finish(piece.epoch)
+            return True
+
+    def heartbeat(self, reader: str) -> None:
+        """Renew ``reader``'s lease (a reader busy with a long piece calls this)."""
+        with self._lock:
+            self._touch(reader)
+
+    def release(self, reader: str) -> int:
+        """Declare ``reader`` gone: its in-flight pieces are re-queued. Returns how many."""
+        with self._lock:
+            n = self._release(reader)
+            self._seen.pop(reader, None)
+            return n
+
+    def expire(self) -> None:
+        """Re-queue the pieces of readers whose lease ran out (also done on every call)."""
+        with self._lock:
+            self._expire(self._clock())
+
+    def busy(self, ignore: Callable[[str], bool] = lambda r: False) -> bool:
+        """Whether a reader whose lease is running holds pieces (its acks are still to come),
+        readers for which ``ignore`` says True aside."""
+        with self._lock:
+            self._expire(self._clock())
+            return any(not ignore(r) for e in self._epochs.values() for r in e.inflight.values())
+
+    # -- inspection ------------------------------------------------------------------------------
+    def stats(self, epoch: int) -> dict[str, Any]:
+        """Per-reader statistics of ``epoch`` plus totals (JSON-serialisable)."""
+        with self._lock:
+            e = self._epochs.get(epoch)
+            if e is None:
+                return {"epoch": epoch, "complete": epoch in self._complete, "readers": {}}
+            return {
+                "epoch": epoch,
+                "complete": e.complete,
+                "done_rows": e.done_rows,
+                "total_rows": e.total_rows,
+                "pending_rows": e.pending_rows,
+                "inflight": len(e.inflight),
+                "readers": {r: s.to_dict() for r, s in sorted(e.stats.items())},
+            }
+
+    def done_intervals(self, epoch: int) -> dict[int, list[tuple[int, int]]]:
+        """Acknowledged rows of ``epoch`` per split number, merged (for checks and state)."""
+        with self._lock:
+            e = self._epochs.get(epoch)
+            if e is None:
+                if epoch in self._complete:
+                    return {i: [(s.start, s.stop)] for i, s in enumerate(self.splits)}
+                return {}
+            return {i: _merge(iv) for i, iv in sorted(e.done.items())}
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Done and in-flight rows per epoch, bound to the splits' fingerprint (JSON)."""
+        with self._lock:
+            epochs: dict[str, Any] = {}
+            for n, e in sorted(self._epochs.items()):
+                if n in self._complete:
+                    epochs[str(n)] = {"complete": True}
+                    continue
+                epochs[str(n)] = {
+                    "done": [[i, a, b] for i, iv in sorted(e.done.items()) for a, b in _merge(iv)],
+                    "inflight": [[p.split, p.start, p.stop, r] for p, r in e.inflight.items()],
+                }
+            return {
+                "version": STATE_VERSION,
+                "fingerprint": self.fingerprint,
+                "seed": self.seed,
+                "complete": sorted(self._complete),
+                "epochs": epochs,
+            }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`: done rows stay done; in-flight pieces stay reserved for
+        their readers for one lease (a restarted reader resuming its piece gets it back, see
+        :meth:`hello`) and are re-queued after it, like any silent reader's.
+
+        Raises:
+            StateError: the state is of another dataset (fingerprint), seed or version.
+        """
+        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+            raise StateError(f"not a dispatcher state (version {STATE_VERSION}): {str(state)[:200]}")
+        if state.get("fingerprint") != self.fingerprint:
+            raise StateError(
+                f"dispatcher state is of other splits (fingerprint {state.get('fingerprint')!r}, here "
+                f"{self.fingerprint!r}); resume with the same source"
+            )
+        if state.get("seed") != self.seed:
+            raise StateError(
+                f"dispatcher state was taken with seed={state.get('seed')!r}, here {self.seed!r}; "
+                "resume with the same shuffle and seed"
+            )
+        with self._lock:
+            now = self._clock()
+            self._epochs.clear()
+            self._seen.clear()
+            self._complete = {int(n) for n in state.get("complete") or ()}
+            for key, es in (state.get("epochs") or {}).items():
+                n = int(key)
+                if es.get("complete"):
+                    self._complete.add(n)
+                    continue
+                done: dict[int, list[tuple[int, int]]] = {}
+                for i, a, b in es.get("done") or ():
+                    done.setdefault(int(i), []).append((int(a), int(b)))
+                inflight: dict[Piece, str] = {}
+                for i, a, b, r in es.get("inflight") or ():
+                    inflight[Piece(n, int(i), int(a), int(b))] = str(r)
+                    self._seen[str(r)] = now
+                taken: dict[int, list[tuple[int, int]]] = {i: list(iv) for i, iv in done.items()}
+                for p in inflight:
+                    taken.setdefault(p.split, []).append((p.start, p.stop))
+                pend: deque[tuple[int, int, int, bool]] = deque()
+                done_rows = sum(b - a for iv in done.values() for a, b in _merge(iv))
+                for i in self._order(n):
+                    s = self.splits[i]
+                    pos = s.start
+                    for a, b in _merge(taken.get(i, [])):
+                        if not (s.start <= a <= b <= s.stop):
+                            raise StateError(f"dispatcher state has rows [{a}, {b}) outside split {i} {s!r}")
+                        if a > pos:
+                            pend.append((i, pos, a, False))
+                        pos = max(pos, b)
+                    if pos < s.stop:
+                        pend.append((i, pos, s.stop, False))
+                self._epochs[n] = _Epoch(
+                    pending=pend, inflight=inflight, done=done, done_rows=done_rows, total_rows=self._total
+                )
