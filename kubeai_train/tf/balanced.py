@@ -16,6 +16,7 @@ counts lives in :mod:`kubeai_train.tf.coordinator.balanced`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -157,3 +158,16 @@ def load_report(
         out["measured"] = {"steps": steps, "method": "step-counted tensors per variable device"}
     out["max_over_mean"] = ratios
     return out
+
+
+#: The per-PS fields of the measured report that the log line shows.
+LOAD_KEYS = ("task", "planned_bytes", "planned_traffic", "measured_bytes", "measured_traffic")
+
+
+def measured_line(report: Mapping[str, Any], steps: int) -> str:
+    """The one log line of a measured placement report (both modes' chiefs log it)."""
+    return (
+        f"placement {report['policy']} measured over {steps} steps "
+        f"(max/mean {json.dumps(report['max_over_mean'], sort_keys=True)}): "
+        + json.dumps([{k: e[k] for k in LOAD_KEYS} for e in report["ps"]])
+    )

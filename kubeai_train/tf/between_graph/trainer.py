@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
-from kubeai_train.tf.balanced import BalancedPlacement, load_report, placement_policy
+from kubeai_train.tf.balanced import BalancedPlacement, load_report, measured_line, placement_policy
 from kubeai_train.tf.between_graph import checkpoints as _checkpoints
 from kubeai_train.tf.between_graph.balanced import TrafficCounter, resident_bytes, shard_counts_scope
 from kubeai_train.tf.between_graph.input import ReadFn, default_read_fn, make_dataset
@@ -712,15 +712,7 @@ class _Trainer:
         self.placement = load_report(self.placement, self.planned_loads, (self.resident, traffic), steps)
         self.dir.write_json(PLACEMENT_REPORT, self.placement)
         result.placement = self.placement
-        keys = ("task", "planned_bytes", "planned_traffic", "measured_bytes", "measured_traffic")
-        log.info(
-            "%s placement %s measured over %d steps (max/mean %s): %s",
-            self.tag,
-            self.placement["policy"],
-            steps,
-            json.dumps(self.placement["max_over_mean"], sort_keys=True),
-            json.dumps([{k: e[k] for k in keys} for e in self.placement["ps"]]),
-        )
+        log.info("%s %s", self.tag, measured_line(self.placement, steps))
 
     def _wait_workers(self, sess: Any) -> None:
         t0 = time.monotonic()

@@ -50,7 +50,7 @@ import tensorflow as tf
 
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
-from kubeai_train.tf.balanced import BalancedPlacement, load_report, placement_policy
+from kubeai_train.tf.balanced import BalancedPlacement, load_report, measured_line, placement_policy
 from kubeai_train.tf.checkpoint_store import RETRYABLE_ERRORS
 from kubeai_train.tf.coordinator.balanced import (
     PlanPartitioner,
@@ -106,7 +106,6 @@ PLACEMENT_REPORT = "placement.json"
 EVAL_SAMPLE = _export.EVAL_SAMPLE
 
 _RETRYABLE = RETRYABLE_ERRORS
-_LOAD_KEYS = ("task", "planned_bytes", "planned_traffic", "measured_bytes", "measured_traffic")
 
 
 def run(
@@ -591,14 +590,7 @@ class _Trainer:
         self.placement = load_report(self.placement, self.planned_loads, (self.resident, traffic), steps)
         self.dir.write_json(PLACEMENT_REPORT, self.placement)
         result.placement = self.placement
-        log.info(
-            "%s placement %s measured over %d steps (max/mean %s): %s",
-            self.tag,
-            self.placement["policy"],
-            steps,
-            json.dumps(self.placement["max_over_mean"], sort_keys=True),
-            json.dumps([{k: e[k] for k in _LOAD_KEYS} for e in self.placement["ps"]]),
-        )
+        log.info("%s %s", self.tag, measured_line(self.placement, steps))
 
     def _shown(self, url: str) -> str:
         return self.dir.display + url[len(self.dir.url) :] if url.startswith(self.dir.url) else url
