@@ -39,6 +39,7 @@ from kubeai_train.torch.optim import SplitOptimizer, split_parameters
 from kubeai_train.torch.trainer import FitResult, Trainer
 from kubeai_train.torch.types import (
     RETRYABLE_EXIT_CODE,
+    STRAGGLER_MODES,
     AdaptiveBatching,
     CheckpointError,
     ConfigError,
@@ -51,6 +52,7 @@ from kubeai_train.torch.types import (
 __all__ = [
     "DLRM",
     "RETRYABLE_EXIT_CODE",
+    "STRAGGLER_MODES",
     "AdaptiveBatching",
     "CTRFeatures",
     "CheckpointError",
