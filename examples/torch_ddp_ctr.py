@@ -12,6 +12,10 @@ TorchScript program and publishes it to the model repository with its metrics an
         --env OMP_NUM_THREADS=1 examples/torch_ddp_ctr.py --train-data /tmp/ctr/train \\
         --eval-data /tmp/ctr/eval --model-repo /tmp/models --model-dir /tmp/torch_ctr
 
+``--straggler adaptive`` keeps the global batch (ranks x ``--batch-size``) and gives each rank a
+share of it that follows its measured speed, in steps of ``--batch-size / --micro-batches``
+rows; slow ranks are logged and listed in the result's ``straggler`` entry.
+
 Without a launcher it trains in one process (a process group of one): the baseline.
 ``--model-dir`` holds checkpoints/ (and tensorboard/ when local); reuse it only to resume the
 same job. On Kubernetes, print the PyTorchJob with ``--target k8s --image IMG --name NAME
@@ -60,6 +64,18 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hash-buckets", type=int, default=10000, help="embedding rows per categorical column")
     p.add_argument("--checkpoint-steps", type=int, default=500)
     p.add_argument("--log-steps", type=int, default=100)
+    p.add_argument(
+        "--straggler",
+        choices=kt.STRAGGLER_MODES,
+        default="none",
+        help="adaptive: local batches follow each rank's measured speed at a fixed global batch",
+    )
+    p.add_argument(
+        "--micro-batches",
+        type=int,
+        default=8,
+        help="with --straggler adaptive: --batch-size is cut into this many micro-batches (the share's resolution)",
+    )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-shuffle", action="store_true")
@@ -71,7 +87,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="rank 0 saves ids, dense and the live model's predictions of the first eval rows (.npz)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.straggler == "adaptive" and (args.micro_batches < 1 or args.batch_size % args.micro_batches):
+        p.error(
+            f"--batch-size {args.batch_size} must be a multiple of --micro-batches {args.micro_batches} "
+            "(>= 1) with --straggler adaptive"
+        )
+    return args
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,11 +113,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             log_every=args.log_steps,
             num_workers=args.num_workers,
             max_steps=args.max_steps,
+            straggler=args.straggler,
+            adaptive=kt.AdaptiveBatching(micro_batches=args.micro_batches),
         )
+        adaptive = args.straggler == "adaptive"
         trainer = kt.Trainer(model, features, config, ctx)
         train_data = data.read(
             args.train_data,
-            batch_size=args.batch_size,
+            # adaptive: the reader delivers micro-batches, the trainer takes a planned number a step
+            batch_size=args.batch_size // args.micro_batches if adaptive else args.batch_size,
             shuffle=not args.no_shuffle,
             seed=args.seed,
             num_epochs=1,  # the trainer runs the epochs
@@ -116,6 +142,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "metrics": {"auc": metrics["auc"], "logloss": metrics["logloss"]},
             "eval_rows": metrics["rows"],
         }
+        if fit.straggler is not None:
+            result["straggler"] = fit.straggler.as_dict()
         if ctx.is_chief:
             result.update(_export_and_publish(args, trainer, features, fit, metrics))
         trainer.close()

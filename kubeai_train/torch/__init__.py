@@ -7,7 +7,9 @@ code so the launcher restarts the job. :class:`Trainer` wraps a model in DDP wit
 embedding gradients (SparseAdam for ``sparse=True`` tables, Adam for the rest), keeps ranks with
 uneven data in lockstep until the last row, writes atomic checkpoints (model, optimizers, the
 data position of every rank) and resumes from them, and computes exact AUC / log loss over all
-ranks. :func:`export` writes a TorchScript program that takes hashed ids and raw floats;
+ranks. ``TrainConfig(straggler="adaptive")`` sizes each rank's local batch by its measured
+speed at a fixed global batch and reports slow ranks (:mod:`kubeai_train.torch.adaptive`).
+:func:`export` writes a TorchScript program that takes hashed ids and raw floats;
 :func:`publish` puts it into the model repository with metrics and lineage.
 
 Example::
@@ -27,6 +29,7 @@ Example::
     kt.run(main)
 """
 
+from kubeai_train.torch.adaptive import StragglerReport
 from kubeai_train.torch.checkpoint import CheckpointStore
 from kubeai_train.torch.exporter import export, load, publish
 from kubeai_train.torch.features import CTRFeatures, hash_column
@@ -36,6 +39,8 @@ from kubeai_train.torch.optim import SplitOptimizer, split_parameters
 from kubeai_train.torch.trainer import FitResult, Trainer
 from kubeai_train.torch.types import (
     RETRYABLE_EXIT_CODE,
+    STRAGGLER_MODES,
+    AdaptiveBatching,
     CheckpointError,
     ConfigError,
     ExportError,
@@ -47,6 +52,8 @@ from kubeai_train.torch.types import (
 __all__ = [
     "DLRM",
     "RETRYABLE_EXIT_CODE",
+    "STRAGGLER_MODES",
+    "AdaptiveBatching",
     "CTRFeatures",
     "CheckpointError",
     "CheckpointStore",
@@ -56,6 +63,7 @@ __all__ = [
     "FitResult",
     "PeerFailedError",
     "SplitOptimizer",
+    "StragglerReport",
     "TorchTrainError",
     "TrainConfig",
     "Trainer",

@@ -14,6 +14,11 @@ the end), and rank 0's checkpoint is valid at every step. The all-reduce also ca
 so the logged loss is the job's, not rank 0's, at no extra collective.
 
 Every row is trained on exactly once per epoch: the loop never drops a rank's tail.
+
+With ``TrainConfig(straggler="adaptive")`` a step takes a planned number of reader batches per
+rank instead of one, and the same all-reduce also gathers every rank's compute time of the
+previous step (:mod:`kubeai_train.torch.adaptive`); the default ``"none"`` runs the loop above
+unchanged.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
 from kubeai_train.torch import metrics as metrics_mod
+from kubeai_train.torch.adaptive import AdaptiveController, StragglerReport, concat_batches, timing_slots
 from kubeai_train.torch.checkpoint import CheckpointStore
 from kubeai_train.torch.features import CTRFeatures
 from kubeai_train.torch.group import DistContext, guard
@@ -116,6 +122,8 @@ class FitResult:
         resumed_from: the checkpoint step this run started from, or None.
         seconds: wall time of the loop.
         examples_per_s: rows of this run per second over all ranks.
+        step_times: wall seconds of each step of this run on this rank.
+        straggler: with ``straggler="adaptive"``, the plans and slow-rank detections.
     """
 
     steps: int
@@ -126,6 +134,7 @@ class FitResult:
     seconds: float
     examples_per_s: float
     step_times: list[float] = field(default_factory=list, repr=False)
+    straggler: StragglerReport | None = None
 
 
 class Trainer:
@@ -175,6 +184,8 @@ class Trainer:
         self._epoch = 0  # the epoch a restored checkpoint was in
         self._epoch_done = False  # ... and whether this rank had taken all its batches of it
         self._resumed_from: int | None = None
+        self._straggler_state: dict[str, Any] | None = None  # the adaptive plan a checkpoint held
+        self._forward_done = 0.0  # when the last step's forward and loss were done
         if self.ctx.is_chief:  # the resolved config once per job (URIs without user:password@)
             log.info(
                 "trainer: rank %d/%d device=%s %s",
@@ -212,21 +223,32 @@ class Trainer:
         self._rows_before = int(saved.get("rows", 0))
         self._epoch = int(saved.get("epoch", 0))
         self._epoch_done = bool(saved.get("epoch_done", False))
+        self._straggler_state = saved.get("straggler")
         self.step = ck.step
         self._resumed_from = ck.step
         if self.ctx.is_chief:
             log.info("resumed from %s (step %d, epoch %d)", ck.path, ck.step, self._epoch)
         return ck.step
 
-    def checkpoint(self, data_state: dict[str, Any] | None, rows: int, epoch: int, epoch_done: bool) -> None:
+    def checkpoint(
+        self,
+        data_state: dict[str, Any] | None,
+        rows: int,
+        epoch: int,
+        epoch_done: bool,
+        straggler: dict[str, Any] | None = None,
+    ) -> None:
         """Write a checkpoint of the current step (collective: every rank must call it).
 
         ``epoch_done``: this rank has taken every batch of ``epoch`` (its reader would start the
         next epoch from that position, while other ranks may still be in this one).
+        ``straggler``: the adaptive batch plan and slow flags, resumed with the job.
         """
         if self.store is None:
             return
-        state = {"data": data_state, "rows": rows, "epoch": epoch, "epoch_done": epoch_done}
+        state: dict[str, Any] = {"data": data_state, "rows": rows, "epoch": epoch, "epoch_done": epoch_done}
+        if straggler is not None:
+            state["straggler"] = straggler
         self.store.write_data_state(self.step, self.ctx.rank, state)
         self.ctx.barrier(f"checkpoint barrier at step {self.step}")
         if self.ctx.is_chief:
@@ -244,6 +266,65 @@ class Trainer:
             TransformedBatches(source, self.features), batch_size=None, num_workers=self.config.num_workers
         )
         return iter(loader)
+
+    def _adaptive(self, data: ResumableDataset) -> AdaptiveController:
+        """The controller of ``straggler="adaptive"``; every rank must read the same micro-batch."""
+        g = getattr(getattr(data, "options", None), "batch_size", None)
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+            raise ConfigError(
+                f"straggler='adaptive' takes the reader's batch_size as the micro-batch, got {g!r}; "
+                "pass a dataset from kubeai_train.data.read(..., batch_size=ROWS)"
+            )
+        with guard("checking every rank's micro-batch size"):
+            both = torch.tensor([g, -g], dtype=torch.int64)
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        if int(both[0]) != -int(both[1]):
+            raise ConfigError(
+                f"ranks read different batch_size values ({-int(both[1])}..{int(both[0])}, this rank {g}); "
+                "straggler='adaptive' needs the same micro-batch on every rank"
+            )
+        ad = AdaptiveController(self.config.adaptive, self.ctx.world_size, self.ctx.rank, g)
+        if self._straggler_state is not None:
+            ad.load_state_dict(self._straggler_state, self.step)
+        if self.ctx.is_chief:
+            log.info(
+                "straggler: adaptive local batches, %d rows per step over %d ranks in micro-batches of %d, "
+                "re-planned every %d steps; slow = %.2fx the median per row for %d steps",
+                ad.global_rows,
+                self.ctx.world_size,
+                g,
+                self.config.adaptive.replan_every,
+                self.config.adaptive.slow_factor,
+                self.config.adaptive.slow_steps,
+            )
+        return ad
+
+    @staticmethod
+    def _take(it: Iterator[dict[str, torch.Tensor]], k: int) -> tuple[dict[str, torch.Tensor] | None, int]:
+        """Up to ``k`` micro-batches of ``it`` as one local batch, and how many there were."""
+        parts = []
+        for _ in range(k):
+            b = next(it, None)
+            if b is None:
+                break
+            parts.append(b)
+        return (concat_batches(parts) if parts else None), len(parts)
+
+    def _observe(self, ad: AdaptiveController, step: int, sync: torch.Tensor, applies_from: int) -> None:
+        """Feed step ``step``'s gathered timings to the policies (every rank, same numbers)."""
+        if step < 0:
+            return
+        line, changed = ad.observe(step, sync[3:].tolist(), applies_from)
+        if not self.ctx.is_chief:
+            return
+        if line:
+            log.warning("straggler: %s (known at step %d)", line, applies_from - 1)
+        if changed:
+            log.info("straggler: local batches %s rows from step %d", ad.sizes(), applies_from)
+        if self.writer is not None and (line or changed):
+            self.writer.scalar("straggler/slow_ranks", len(ad.report.flagged), applies_from - 1)
+            for r, b in enumerate(ad.sizes()):
+                self.writer.scalar(f"straggler/local_batch/{r}", b, applies_from - 1)
 
     def _dummy(self) -> dict[str, torch.Tensor]:
         n_cat, n_dense = len(self.features.categorical), len(self.features.dense)
@@ -276,6 +357,8 @@ class Trainer:
         source = data.to_torch()
         resumed = self.restore(source) is not None
         cfg = self.config
+        ad = self._adaptive(data) if cfg.straggler == "adaptive" else None
+        no_timings: list[float] = [] if ad is None else [0.0] * (2 * self.ctx.world_size)
         rows = self._rows_before
         start_step = self.step
         run_loss, run_rows = 0.0, 0
@@ -295,19 +378,32 @@ class Trainer:
             it = None if exhausted else self._loader(source)
             taken = 0  # batches of this pass trained on (what the data state counts)
             prev = (0.0, 0)  # this rank's loss sum and rows of the previous step
+            prev_t = no_timings  # adaptive: this rank's (rows, compute seconds) slots of it
+            drained = False  # adaptive: a step took fewer micro-batches than planned
             while True:
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     stop = True
                     break
                 ts = time.perf_counter()
+                cur = self.step
                 # take the next batch only now: a checkpoint written at the end of the previous
                 # step must not count a batch that was fetched but not trained on
-                pending = None if exhausted or it is None else next(it, None)
+                if ad is None:
+                    pending = None if exhausted or it is None else next(it, None)
+                    got = 1
+                else:
+                    pending, got = (
+                        (None, 0) if exhausted or drained or it is None else self._take(it, ad.units)
+                    )
+                    drained = got < ad.units  # never ask an ended DataLoader iterator again
                 exhausted = pending is None
-                # [ranks with a batch, previous step's loss sum, rows]; asynchronous, so a rank
-                # with a batch goes straight on (gloo runs a group's collectives in issue order,
-                # so this one always precedes the step's gradient all-reduce on every rank)
-                sync = torch.tensor([0.0 if exhausted else 1.0, prev[0], float(prev[1])], dtype=torch.float64)
+                # [ranks with a batch, previous step's loss sum, rows (, adaptive: every rank's
+                # rows and compute seconds)]; asynchronous, so a rank with a batch goes straight
+                # on (gloo runs a group's collectives in issue order, so this one always precedes
+                # the step's gradient all-reduce on every rank)
+                sync = torch.tensor(
+                    [0.0 if exhausted else 1.0, prev[0], float(prev[1]), *prev_t], dtype=torch.float64
+                )
                 with guard(f"step {self.step} (input sync)"):
                     work = dist.all_reduce(sync, async_op=True)
                     if pending is None:  # out of data: a shadow step, or the end of the epoch?
@@ -315,25 +411,36 @@ class Trainer:
                 if pending is None:
                     run_loss, run_rows = run_loss + float(sync[1]), run_rows + int(sync[2])
                     win[0], win[1] = win[0] + float(sync[1]), win[1] + int(sync[2])
+                    if ad is not None:  # a new plan applies from this step when the pass ends here
+                        self._observe(ad, cur - 1, sync, cur if sync[0] == 0 else cur + 1)
                     if sync[0] == 0:
                         break
-                loss_sum, n = self._train_step(pending)
+                loss_sum, n = self._train_step(pending, None if ad is None else ad.loss_scale)
+                compute = self._forward_done - ts
                 self.step += 1
                 if pending is not None:
                     with guard(f"step {self.step - 1} (input sync)"):
                         work.wait()  # long done: the gradient all-reduce came after it
                     run_loss, run_rows = run_loss + float(sync[1]), run_rows + int(sync[2])
                     win[0], win[1] = win[0] + float(sync[1]), win[1] + int(sync[2])
-                    taken += 1
+                    if ad is not None:  # this step's batches are taken: a plan applies from the next
+                        self._observe(ad, cur - 1, sync, cur + 1)
+                    taken += got
                     rows += n
                 prev = (loss_sum, n)
+                if ad is not None:
+                    prev_t = timing_slots(self.ctx.world_size, self.ctx.rank, n, compute if n else 0.0)
                 step_times.append(time.perf_counter() - ts)
                 if self.ctx.is_chief and self.step % cfg.log_every == 0:
                     self._log_window(win)
                 if self.store is not None and self.step % cfg.checkpoint_every == 0:
                     state = source.state_dict(taken, cfg.num_workers)
                     self.checkpoint(
-                        state, rows, epoch, exhausted or _pass_done(source, taken, cfg.num_workers)
+                        state,
+                        rows,
+                        epoch,
+                        exhausted or _pass_done(source, taken, cfg.num_workers),
+                        None if ad is None else ad.state_dict(),
                     )
                     last_ckpt = self.step
             if stop:
@@ -345,7 +452,9 @@ class Trainer:
             # ``taken`` counts the batches of the last pass: all of them unless max_steps stopped it
             state = source.state_dict(taken, cfg.num_workers)
             done = not stop or _pass_done(source, taken, cfg.num_workers)
-            self.checkpoint(state, rows, min(epoch, epochs - 1), done)
+            self.checkpoint(
+                state, rows, min(epoch, epochs - 1), done, None if ad is None else ad.state_dict()
+            )
         with guard("summing rows over ranks"):
             per_rank = torch.zeros(self.ctx.world_size, dtype=torch.int64)
             per_rank[self.ctx.rank] = rows
@@ -360,6 +469,7 @@ class Trainer:
             seconds=seconds,
             examples_per_s=run_rows / seconds if seconds > 0 else math.nan,
             step_times=step_times,
+            straggler=None if ad is None else ad.report,
         )
         if self.ctx.is_chief:
             log.info(
@@ -376,8 +486,13 @@ class Trainer:
                 self.writer.flush()
         return result
 
-    def _train_step(self, batch: dict[str, torch.Tensor] | None) -> tuple[float, int]:
-        """One DDP step; ``None`` is a shadow step (zero gradients, same optimizer update)."""
+    def _train_step(
+        self, batch: dict[str, torch.Tensor] | None, scale: float | None = None
+    ) -> tuple[float, int]:
+        """One DDP step; ``None`` is a shadow step (zero gradients, same optimizer update).
+
+        ``scale``: the factor on the summed loss (adaptive batches); None takes the mean.
+        """
         real = batch is not None
         if batch is None:
             batch = self._dummy()
@@ -389,7 +504,11 @@ class Trainer:
         logits = self.ddp(ids, dense)
         loss_sum = F.binary_cross_entropy_with_logits(logits, label, reduction="sum")
         n = len(label)
-        loss = loss_sum / n if real else loss_sum * 0.0
+        if not real:
+            loss = loss_sum * 0.0
+        else:
+            loss = loss_sum / n if scale is None else loss_sum * scale
+        self._forward_done = time.perf_counter()
         with guard(f"step {self.step} (gradient all-reduce)"):
             loss.backward()
         self.optimizer.step()

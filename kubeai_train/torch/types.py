@@ -8,11 +8,13 @@ through the launcher's logs and DataLoader workers).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
     "RETRYABLE_EXIT_CODE",
+    "STRAGGLER_MODES",
+    "AdaptiveBatching",
     "CheckpointError",
     "ConfigError",
     "ExportError",
@@ -71,6 +73,60 @@ def _positive_float(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
 
 
+#: What ``TrainConfig.straggler`` accepts.
+STRAGGLER_MODES = ("none", "adaptive")
+
+
+@dataclass(frozen=True)
+class AdaptiveBatching:
+    """How ``straggler="adaptive"`` sizes each rank's local batch.
+
+    The reader's ``batch_size`` is the *micro-batch* (the granularity of a local batch); a
+    rank takes a whole number of micro-batches per step, at least one. At equal shares each rank
+    takes ``micro_batches`` of them, so the global batch is ``world x micro_batches x
+    batch_size`` rows and stays that while the shares follow the ranks' measured speed.
+
+    Attributes:
+        micro_batches: micro-batches per rank at equal shares (the resolution of a re-plan:
+            with 8, a share moves in steps of 1/8 of the equal local batch).
+        replan_every: steps between re-plans (R).
+        hysteresis: adopt a new plan only when it predicts a step at least this fraction shorter.
+        smoothing: weight of the newest step in a rank's speed (exponential average, (0, 1]).
+        slow_factor: a rank is slow when its compute time per row exceeds this many times the
+            median of the others' (k, > 1) ...
+        slow_steps: ... for this many consecutive steps (m); as many normal steps clear it.
+    """
+
+    micro_batches: int = 8
+    replan_every: int = 10
+    hysteresis: float = 0.05
+    smoothing: float = 0.5
+    slow_factor: float = 1.5
+    slow_steps: int = 2
+
+    def __post_init__(self) -> None:
+        _positive_int("adaptive.micro_batches", self.micro_batches)
+        _positive_int("adaptive.replan_every", self.replan_every)
+        _positive_int("adaptive.slow_steps", self.slow_steps)
+        if (
+            isinstance(self.hysteresis, bool)
+            or not isinstance(self.hysteresis, (int, float))
+            or not (0 <= self.hysteresis < 1)
+        ):
+            raise ConfigError(f"adaptive.hysteresis must be a fraction in [0, 1), got {self.hysteresis!r}")
+        if (
+            isinstance(self.smoothing, bool)
+            or not isinstance(self.smoothing, (int, float))
+            or not (0 < self.smoothing <= 1)
+        ):
+            raise ConfigError(f"adaptive.smoothing must be in (0, 1], got {self.smoothing!r}")
+        _positive_float("adaptive.slow_factor", self.slow_factor)
+        if self.slow_factor <= 1:
+            raise ConfigError(
+                f"adaptive.slow_factor must be > 1 (times the median), got {self.slow_factor!r}"
+            )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How :class:`kubeai_train.torch.Trainer` trains.
@@ -86,6 +142,10 @@ class TrainConfig:
         log_every: log loss / throughput every this many steps on rank 0.
         num_workers: DataLoader worker processes per rank (0 reads in the training process).
         max_steps: stop after this many global steps (None: until the data ends).
+        straggler: ``"none"`` (every rank trains one reader batch per step) or ``"adaptive"``
+            (local batches follow measured speed, slow ranks are detected and reported; see
+            :class:`AdaptiveBatching` and :mod:`kubeai_train.torch.adaptive`).
+        adaptive: the settings of ``straggler="adaptive"``.
     """
 
     dense_lr: float = 1e-3
@@ -97,6 +157,8 @@ class TrainConfig:
     log_every: int = 100
     num_workers: int = 0
     max_steps: int | None = None
+    straggler: str = "none"
+    adaptive: AdaptiveBatching = field(default_factory=AdaptiveBatching)
 
     def __post_init__(self) -> None:
         _positive_float("dense_lr", self.dense_lr)
@@ -107,3 +169,12 @@ class TrainConfig:
         _positive_int("num_workers", self.num_workers, minimum=0)
         if self.max_steps is not None:
             _positive_int("max_steps", self.max_steps)
+        if self.straggler not in STRAGGLER_MODES:
+            raise ConfigError(
+                f"straggler must be one of {', '.join(STRAGGLER_MODES)}, got {self.straggler!r}"
+            )
+        if not isinstance(self.adaptive, AdaptiveBatching):
+            raise ConfigError(
+                f"adaptive must be an AdaptiveBatching, got {type(self.adaptive).__name__}; "
+                "build it with kubeai_train.torch.AdaptiveBatching(...)"
+            )

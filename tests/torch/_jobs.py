@@ -97,3 +97,52 @@ def hung_peer(timeout_s: float) -> dict[str, Any]:
         return {"rank": ctx.rank}
 
     return kt.run(main)
+
+
+def slowed(data_root: str, per_row_s: float, slow_from: int, slow_until: int) -> dict[str, Any]:
+    """``straggler="adaptive"``: every rank's forward sleeps ``per_row_s`` per row (a
+    deterministic, compute-proportional cost), rank 1's twice that in steps
+    ``[slow_from, slow_until)``: a 2x slowdown that is not CPU contention."""
+    torch.set_num_threads(1)
+
+    def main() -> dict[str, Any]:
+        with kt.process_group(timeout_s=60) as ctx:
+            torch.manual_seed(0)
+            model = kt.DLRM(FEATURES.sizes, len(FEATURES.dense), dim=8)
+            cfg = kt.TrainConfig(
+                dense_lr=0.01,
+                sparse_lr=0.05,
+                log_every=5,
+                straggler="adaptive",
+                adaptive=kt.AdaptiveBatching(micro_batches=8, replan_every=4, slow_factor=1.5, slow_steps=2),
+            )
+            trainer = kt.Trainer(model, FEATURES, cfg, ctx)
+            forward = trainer.module.forward
+
+            def slow_forward(ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+                factor = 2 if ctx.rank == 1 and slow_from <= trainer.step < slow_until else 1
+                time.sleep(factor * per_row_s * len(ids))
+                return forward(ids, dense)
+
+            trainer.module.forward = slow_forward  # type: ignore[method-assign]
+            ds = data.read(
+                os.path.join(data_root, f"rank{ctx.rank}"),
+                batch_size=16,
+                rank=0,
+                world_size=1,
+                **FEATURES.read_options(),
+            )
+            res = trainer.fit(ds, epochs=1)
+            assert res.straggler is not None
+            out = {
+                "rank": ctx.rank,
+                "steps": res.steps,
+                "rows_per_rank": res.rows_per_rank,
+                "straggler": res.straggler.as_dict(),
+                "model": _digest(trainer.module.state_dict()),
+                "optimizer": _digest(trainer.optimizer.state_dict()),
+            }
+            ctx.barrier()
+            return out
+
+    return kt.run(main)

@@ -1,0 +1,220 @@
+"""Adaptive local batches for DDP: the trainer's side of :mod:`kubeai_train.straggler`.
+
+Synchronous DDP waits for the slowest rank every step. With ``TrainConfig(straggler="adaptive")``
+the global batch stays fixed and each rank's share follows its measured speed:
+
+* **Granularity.** The reader's ``batch_size`` is a micro-batch of ``g`` rows; a rank takes
+  ``k_r >= 1`` micro-batches per step and trains on their concatenation. Plans are in units of
+  micro-batches, so the reader position a checkpoint stores stays a whole number of DataLoader
+  batches (the same exact bookkeeping as with one batch per step).
+* **Measurement.** A rank's compute time of a step runs from the moment it starts taking its
+  micro-batches to the end of forward and loss: reading and transforming its input (or waiting
+  for its DataLoader workers), the host-to-device copy, forward and the loss. Backward is left
+  out: DDP's gradient all-reduce overlaps it, so its duration includes the wait for the slowest
+  rank, which would make every rank look as slow as the straggler. Backward costs about as much
+  per row as forward, so the ratio between ranks, which is all a plan uses, is kept.
+* **Exchange at no extra collective.** Each step's ``(rows, compute_seconds)`` of every rank
+  rides in the input-sync all-reduce the loop issues anyway (rank ``r`` fills its two slots, the
+  others add zeros, so the sum is an all-gather and bit-exact). It arrives one step late: the
+  timings of step ``s`` are known during step ``s + 1``, and a plan made from them applies from
+  step ``s + 2``. Every rank feeds the same numbers to the same pure policies in the same order,
+  so every rank holds the same plan with no further coordination.
+* **Unbiased gradients.** A rank with ``n`` rows of a step planned at ``G`` rows over ``N``
+  ranks scales its mean loss by ``N n / G`` (:func:`kubeai_train.straggler.loss_weight`), so
+  DDP's averaged gradient is the mean over the global batch, as with equal shares.
+* **Detection.** :class:`~kubeai_train.straggler.SlowWorkerDetector` flags a rank slower than
+  ``k`` x the median per row for ``m`` steps and clears it after ``m`` normal steps. Rank 0 logs
+  each change; every rank's :class:`~kubeai_train.torch.FitResult` carries the history.
+
+With a static split of the data (``kubeai_train.data.read`` by rank) a slowed rank still owns its
+whole shard: it takes smaller steps, so the fast ranks run out first and then step with the
+slow one in shadow steps until it is done. Every step is shorter, the epoch is not. Shares
+that follow speed need the data to follow speed too, which dynamic assignment of splits does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kubeai_train.straggler import AdaptiveBatchPolicy, SlowWorkerDetector, StragglerError, WorkerTiming
+from kubeai_train.torch.types import AdaptiveBatching, ConfigError
+
+__all__ = ["AdaptiveController", "StragglerReport", "concat_batches", "timing_slots", "unpack_timings"]
+
+log = logging.getLogger(__name__)
+
+
+def timing_slots(world: int, rank: int, rows: int, compute_seconds: float) -> list[float]:
+    """This rank's contribution to the summed timing vector: ``(rows, seconds)`` at slots
+    ``2 rank, 2 rank + 1``, zeros elsewhere (summing every rank's vector gathers them)."""
+    out = [0.0] * (2 * world)
+    out[2 * rank] = float(rows)
+    out[2 * rank + 1] = float(compute_seconds)
+    return out
+
+
+def unpack_timings(values: Sequence[float]) -> list[WorkerTiming]:
+    """The summed timing vector as one :class:`WorkerTiming` per rank."""
+    if len(values) % 2:
+        raise StragglerError(f"a timing vector holds (rows, seconds) pairs, got {len(values)} values")
+    return [
+        WorkerTiming(i, int(round(values[2 * i])), max(0.0, float(values[2 * i + 1])))
+        for i in range(len(values) // 2)
+    ]
+
+
+def concat_batches(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Micro-batches of the same columns, concatenated row-wise into one local batch."""
+    if not parts:
+        raise ValueError("concat_batches needs at least one micro-batch")
+    if len(parts) == 1:
+        return dict(parts[0])
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@dataclass
+class StragglerReport:
+    """What ``straggler="adaptive"`` did in a fit (the same on every rank).
+
+    Attributes:
+        micro_batch: rows of a micro-batch (the reader's ``batch_size``).
+        global_batch: planned rows per step over all ranks.
+        plans: ``{"step": first step it applied to, "sizes": rows per rank}``, the initial
+            equal plan first.
+        detections: each change of the slow flags: ``{"step": the step observed, "reported_at":
+            the step during which it was known, "new": [...], "cleared": [...], "ratio": {rank:
+            seconds-per-row over the others' median}}``.
+        flagged: ranks flagged slow at the end.
+        speeds: each rank's smoothed rows per compute-second at the end (None: never measured).
+    """
+
+    micro_batch: int
+    global_batch: int
+    plans: list[dict[str, Any]] = field(default_factory=list)
+    detections: list[dict[str, Any]] = field(default_factory=list)
+    flagged: list[int] = field(default_factory=list)
+    speeds: list[float | None] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "micro_batch": self.micro_batch,
+            "global_batch": self.global_batch,
+            "plans": self.plans,
+            "detections": self.detections,
+            "flagged": self.flagged,
+            "speeds": self.speeds,
+        }
+
+
+class AdaptiveController:
+    """The detector and the batch policy of one rank, fed the gathered timings of every step.
+
+    Args:
+        options: the :class:`AdaptiveBatching` settings.
+        world: ranks in the job.
+        rank: this rank.
+        micro_batch: rows of a reader batch (``g``).
+
+    Every rank builds one and calls :meth:`observe` with the same timings at the same steps, so
+    all of them hold the same plan (pure functions of the timings).
+    """
+
+    def __init__(self, options: AdaptiveBatching, world: int, rank: int, micro_batch: int) -> None:
+        if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
+            raise ConfigError(
+                f"the reader's batch_size (the micro-batch) must be an integer >= 1, got {micro_batch!r}"
+            )
+        self.options = options
+        self.world = world
+        self.rank = rank
+        self.micro_batch = micro_batch
+        self.policy = AdaptiveBatchPolicy(
+            global_batch=world * options.micro_batches,
+            world=world,
+            replan_every=options.replan_every,
+            hysteresis=options.hysteresis,
+            min_local=1,
+            smoothing=options.smoothing,
+        )
+        self.detector = SlowWorkerDetector(k=options.slow_factor, m=options.slow_steps)
+        self.report = StragglerReport(micro_batch, self.global_rows)
+        self._record_plan(0)
+
+    @property
+    def global_rows(self) -> int:
+        """Planned rows per step over all ranks (fixed)."""
+        return self.world * self.options.micro_batches * self.micro_batch
+
+    @property
+    def units(self) -> int:
+        """Micro-batches this rank takes in the next step."""
+        return self.policy.plan.sizes[self.rank]
+
+    def sizes(self) -> list[int]:
+        """Planned rows per rank."""
+        return [u * self.micro_batch for u in self.policy.plan.sizes]
+
+    @property
+    def loss_scale(self) -> float:
+        """The factor on this rank's *summed* loss: ``N / G``, i.e. the weight ``N n / G`` of
+        :func:`~kubeai_train.straggler.loss_weight` on the mean loss of its ``n`` rows. DDP's
+        average is then the sum of row gradients over ``G``: the global-batch mean (a step with
+        fewer rows than planned, at the end of a shard, counts them at the same weight each)."""
+        return self.world / self.global_rows
+
+    def observe(self, step: int, values: Sequence[float], applies_from: int) -> tuple[str, bool]:
+        """Feed the gathered timings of ``step``; ``applies_from`` is the first step a new plan
+        can still change. Returns the detector's log line ("" when nothing changed) and whether
+        the plan changed."""
+        timings = unpack_timings(values)
+        if not any(t.rows for t in timings):
+            return "", False  # nobody trained (the first step of a pass has no previous step)
+        det = self.detector.observe(step, timings)
+        if det.new or det.cleared:
+            self.report.detections.append(
+                {
+                    "step": step,
+                    "reported_at": applies_from - 1,
+                    "new": sorted(det.new),
+                    "cleared": sorted(det.cleared),
+                    "ratio": {w: round(r, 4) for w, r in det.ratio.items()},
+                }
+            )
+        self.report.flagged = sorted(det.flagged)
+        # the policy sees rows, not micro-batches: speeds are ratios, the plan is in units
+        plan = self.policy.observe(step, timings)
+        self.report.speeds = list(self.policy.speeds)
+        if plan is not None:
+            self._record_plan(applies_from)
+        return det.describe(), plan is not None
+
+    def _record_plan(self, step: int) -> None:
+        self.report.plans.append({"step": step, "sizes": self.sizes()})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict(),
+            "detector": self.detector.state_dict(),
+            "micro_batch": self.micro_batch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], step: int) -> None:
+        """Restore a checkpoint's plan and flags (the job keeps its shares across a restart);
+        a plan of another shape (world, micro-batches) raises ConfigError."""
+        if int(state.get("micro_batch", -1)) != self.micro_batch:
+            raise ConfigError(
+                f"the checkpoint was trained with micro-batches of {state.get('micro_batch')!r} rows, "
+                f"this run reads {self.micro_batch}; resume with the same batch_size"
+            )
+        try:
+            self.policy.load_state_dict(dict(state["policy"]))
+            self.detector.load_state_dict(dict(state["detector"]))
+        except (KeyError, StragglerError) as e:
+            raise ConfigError(f"cannot resume the adaptive batch plan: {e}") from e
+        self.report.plans = [{"step": step, "sizes": self.sizes()}]
+        self.report.flagged = sorted(self.detector.flagged)
