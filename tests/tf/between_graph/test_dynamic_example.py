@@ -41,15 +41,15 @@ def _run(root: Path, out: Path, assignment: str) -> dict:
     return {"result": json.loads((out / f"{assignment}.json").read_text()), "audit": _audit(model_dir)}
 
 
-def test_example_with_dynamic_assignment_reads_every_row_once_and_matches_static_auc(ctr_small, tmp_path):
-    root, report = ctr_small
+def test_example_with_dynamic_assignment_reads_every_row_once_and_matches_static_auc(ctr_data, tmp_path):
+    root, report = ctr_data
     static = _run(root, tmp_path, "static")
     dynamic = _run(root, tmp_path, "dynamic")
     audit = dynamic["audit"]
     assert sorted(audit) == [0, 1, 2]  # chief and both workers trained
     every = np.concatenate(list(audit.values()))
-    assert len(every) == 40_000, "rows lost or applied twice with dynamic dispatch"
-    assert sorted(every.tolist()) == list(range(40_000))
+    assert len(every) == 150_000, "rows lost or applied twice with dynamic dispatch"
+    assert sorted(every.tolist()) == list(range(150_000))
     a_static, a_dyn = static["result"]["metrics"]["auc"], dynamic["result"]["metrics"]["auc"]
     print(f"eval AUC: static {a_static:.4f}, dynamic {a_dyn:.4f}, ceiling {report['eval']['true_auc']:.4f}")
     assert abs(a_dyn - a_static) <= 0.01
