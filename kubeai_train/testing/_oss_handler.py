@@ -210,8 +210,12 @@ class OSSRequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if body and self.command != "HEAD":
-            self.wfile.write(body)
-            self.server.counter.body(len(body))
+            self.server.counter.body(len(body))  # before the write, as for object bodies
+            try:
+                self.wfile.write(body)
+            except BaseException:
+                self.server.counter.body(-len(body))
+                raise
 
     def version_string(self) -> str:
         return self.server_version
@@ -500,9 +504,15 @@ class OSSRequestHandler(BaseHTTPRequestHandler):
                     pause = due - time.monotonic()
                     if pause > 0:
                         time.sleep(pause)
-                self.wfile.write(chunk)
-                sent += len(chunk)
+                # counted before it is written: a client holding the last byte must find it in
+                # the statistics (counting after the write raced a test reading them right away)
                 self.server.counter.body(len(chunk), ident)
+                try:
+                    self.wfile.write(chunk)
+                except BaseException:
+                    self.server.counter.body(-len(chunk), ident)
+                    raise
+                sent += len(chunk)
         if cut is not None:
             if cut.kind == "reset":
                 self._reset()
