@@ -599,7 +599,8 @@ class Dataset:
         a: Any = self.assignment
 
         def stream() -> Iterator[tuple[Any, int]]:
-            if keep is not None and keep.epoch == epoch:
+            # (a piece of an earlier epoch: re-queued after its reader died, handed out late)
+            if keep is not None and keep.epoch <= epoch:
                 yield keep, keep_rows
             for p in a.pieces(self.reader, epoch):
                 yield p, 0
@@ -612,7 +613,7 @@ class Dataset:
             if got >= piece.num_rows:
                 finished.append(piece)
                 continue
-            for rb in self._piece_rows_from(a.split_of(piece), epoch, start):
+            for rb in self._piece_rows_from(a.split_of(piece), piece.epoch, start):
                 while rb.num_rows:
                     take = min(o.batch_size - have, rb.num_rows)
                     pending.append(rb.slice(0, take) if take < rb.num_rows else rb)

@@ -17,10 +17,15 @@ that resumes a piece from its own checkpoint gets it back with :meth:`hello` (``
 other reader has taken it meanwhile; after a restore, each reader's in-flight pieces are kept
 for it for one lease, so that a job restarted as a whole resumes without a race.
 
-End of an epoch: with nothing pending, a reader is told to *wait* while another reader that is
-still reading (not itself waiting or drained) holds pieces, since those pieces come back if it
-dies; otherwise it is told the epoch is *drained* for it. Readers that are all waiting on each
-other's held pieces (each holds the tail of a batch it cannot finish) are all told *drained*.
+End of an epoch: with nothing pending, a reader is told the epoch is *drained* for it, even
+while other readers still hold pieces: a live reader finishes its own pieces, and a reader that
+waited for them could wait forever, since their holder may itself be waiting on it (DataLoader
+workers are consumed in turn, DDP ranks meet in every all-reduce). It is told to *wait* only
+while a holder looks dead (silent for half a lease: live readers call at least every quarter
+lease) or is a restored reader not heard from since (its pieces come back to the queue when the
+lease runs out, or it takes them back with :meth:`hello`). Pieces re-queued after the other
+readers moved on are handed out first to requests for later epochs (a piece names its epoch),
+so they are still read exactly once in the job.
 """
 
 from __future__ import annotations
@@ -113,7 +118,6 @@ class _Epoch:
     done_rows: int = 0
     total_rows: int = 0
     drained_at: float | None = None  # first moment nothing was pending
-    blocked: set[str] = field(default_factory=set)  # readers told to wait / drained
     stats: dict[str, ReaderStats] = field(default_factory=dict)
 
     @property
@@ -172,6 +176,7 @@ class Dispatcher:
         self._epochs: dict[int, _Epoch] = {}
         self._complete: set[int] = set()
         self._seen: dict[str, float] = {}
+        self._restored: set[str] = set()  # readers of a loaded state not heard from since
         self._index = {id(s): i for i, s in enumerate(self.splits)}
         self._total = sum(s.num_rows for s in self.splits)
 
@@ -219,6 +224,7 @@ class Dispatcher:
     def _touch(self, reader: str) -> float:
         now = self._clock()
         self._seen[reader] = now
+        self._restored.discard(reader)
         self._expire(now)
         return now
 
@@ -227,6 +233,7 @@ class Dispatcher:
         for r in dead:
             self._release(r)
             del self._seen[r]
+            self._restored.discard(r)
 
     def _release(self, reader: str, keep: set[Piece] | frozenset[Piece] = frozenset()) -> int:
         n = 0
@@ -237,8 +244,6 @@ class Dispatcher:
                 del e.inflight[p]
                 e.pending.appendleft((p.split, p.start, p.stop, True))
                 n += 1
-            if mine:
-                e.blocked.clear()  # there is work again: wake the waiting readers' decisions
         return n
 
     # -- protocol --------------------------------------------------------------------------------
@@ -276,7 +281,6 @@ class Dispatcher:
                 if a < p.start:
                     e.pending.insert(n, (i, a, p.start, whole))
                 e.inflight[p] = reader
-                e.blocked.discard(reader)
                 return True
         return False
 
@@ -297,27 +301,34 @@ class Dispatcher:
             st = e.stats.setdefault(reader, ReaderStats())
             if st.first is None:
                 st.first = now
+            # pieces of earlier epochs re-queued after their readers moved on go first
+            for n in sorted(k for k in self._epochs if k < epoch and self._epochs[k].pending):
+                return self._hand_out(self._epochs[n], n, reader, num_readers, now)
             if e.pending:
-                i, a, b, whole = e.pending[0]
-                size = max(self.min_rows, -(-e.pending_rows // max(1, int(self.k * max(1, num_readers)))))
-                if whole or size >= b - a:
-                    e.pending.popleft()
-                    p = Piece(epoch, i, a, b)
-                else:
-                    e.pending[0] = (i, a + size, b, False)
-                    p = Piece(epoch, i, a, a + size)
-                e.inflight[p] = reader
-                e.blocked.discard(reader)
-                if not e.pending and e.drained_at is None:
-                    e.drained_at = now
-                return p
+                return self._hand_out(e, epoch, reader, num_readers, now)
             if e.drained_at is None:
                 e.drained_at = now
-            e.blocked.add(reader)
-            holders = {r for r in e.inflight.values() if r != reader}
-            if holders - e.blocked:
-                return "wait"
+            suspect = now - self.lease / 2
+            for n, old in self._epochs.items():
+                if n <= epoch:
+                    for r in old.inflight.values():
+                        if r != reader and (r in self._restored or self._seen.get(r, now) < suspect):
+                            return "wait"
             return "drained"
+
+    def _hand_out(self, e: _Epoch, epoch: int, reader: str, num_readers: int, now: float) -> Piece:
+        i, a, b, whole = e.pending[0]
+        size = max(self.min_rows, -(-e.pending_rows // max(1, int(self.k * max(1, num_readers)))))
+        if whole or size >= b - a:
+            e.pending.popleft()
+            p = Piece(epoch, i, a, b)
+        else:
+            e.pending[0] = (i, a + size, b, False)
+            p = Piece(epoch, i, a, a + size)
+        e.inflight[p] = reader
+        if not e.pending and e.drained_at is None:
+            e.drained_at = now
+        return p
 
     def ack(self, reader: str, piece: Piece) -> bool:
         """Every row of ``piece`` reached ``reader``'s consumer: the rows are done.
@@ -441,6 +452,7 @@ class Dispatcher:
             now = self._clock()
             self._epochs.clear()
             self._seen.clear()
+            self._restored.clear()
             self._complete = {int(n) for n in state.get("complete") or ()}
             for key, es in (state.get("epochs") or {}).items():
                 n = int(key)
@@ -454,6 +466,7 @@ class Dispatcher:
                 for i, a, b, r in es.get("inflight") or ():
                     inflight[Piece(n, int(i), int(a), int(b))] = str(r)
                     self._seen[str(r)] = now
+                    self._restored.add(str(r))
                 taken: dict[int, list[tuple[int, int]]] = {i: list(iv) for i, iv in done.items()}
                 for p in inflight:
                     taken.setdefault(p.split, []).append((p.start, p.stop))

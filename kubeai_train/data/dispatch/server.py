@@ -272,6 +272,7 @@ class Client:
         self._host, self._port = parsed.hostname, parsed.port
         self.timeout, self.backoff, self.max_backoff = float(timeout), float(backoff), float(max_backoff)
         self._local = threading.local()
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         s = dict(self.__dict__)
@@ -280,9 +281,15 @@ class Client:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._local = threading.local()
+        self._local, self._pid = threading.local(), os.getpid()
 
     def _conn(self) -> http.client.HTTPConnection:
+        if self._pid != os.getpid():
+            # a forked child (a DataLoader worker) keeps the forking thread's thread-locals:
+            # its connection is the parent's socket, and two processes reading one socket take
+            # each other's answers. Leave it to the parent (closing it here would not hurt the
+            # parent's copy, but nothing is to be sent on it).
+            self._local, self._pid = threading.local(), os.getpid()
         c: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
         if c is None:
             # one kept-alive connection per thread: a new TCP connection per call costs more

@@ -69,24 +69,50 @@ def test_order_is_the_static_assignments_seed_epoch_order() -> None:
     assert got != order(splits, 4, 7)
 
 
-def test_wait_while_a_live_reader_holds_pieces_then_drained() -> None:
-    d = Dispatcher(make_splits([10]), min_rows=100)
-    p = d.request("a", 0, 2)
-    assert isinstance(p, Piece)
-    assert d.request("b", 0, 2) == "wait"
-    d.ack("a", p)
-    assert d.request("b", 0, 2) == "drained"
-    assert d.request("a", 0, 2) == "drained"
-
-
-def test_readers_waiting_on_each_other_are_drained() -> None:
-    # each holds the tail of a batch it cannot finish without a next piece: no deadlock
+def test_drained_while_a_live_reader_holds_the_last_pieces() -> None:
+    # b must not wait for a's piece: a may itself wait on b (DataLoader workers are consumed in
+    # turn, DDP ranks meet in every all-reduce), and a live reader finishes its own pieces
     d = Dispatcher(make_splits([10, 10]), min_rows=100)
     pa, pb = d.request("a", 0, 2), d.request("b", 0, 2)
     assert isinstance(pa, Piece) and isinstance(pb, Piece)
-    assert d.request("a", 0, 2) == "wait"
-    assert d.request("b", 0, 2) == "drained"
     assert d.request("a", 0, 2) == "drained"
+    assert d.request("b", 0, 2) == "drained"
+    assert d.ack("a", pa) and d.ack("b", pb)
+    assert sorted(rows_of(d, 0)) == all_rows(make_splits([10, 10])) or 0 in d.state_dict()["complete"]
+
+
+def test_wait_while_a_holder_looks_dead_then_its_pieces_come_back() -> None:
+    clock = Clock()
+    d = Dispatcher(make_splits([10, 10]), min_rows=100, lease=4.0, clock=clock)
+    pa = d.request("a", 0, 2)
+    pb = d.request("b", 0, 2)
+    assert isinstance(pa, Piece) and isinstance(pb, Piece)
+    clock.t = 1.0
+    assert d.request("b", 0, 2) == "drained"  # a was heard from 1 s ago: alive
+    clock.t = 2.5
+    assert d.request("b", 0, 2) == "wait"  # a silent for over half a lease: maybe dead
+    clock.t = 3.0
+    d.heartbeat("a")  # it was only slow: alive again
+    assert d.request("b", 0, 2) == "drained"
+    clock.t = 7.5  # a silent for 4.5 s > lease: its piece is re-queued and b takes it
+    assert d.request("b", 0, 2) == pa
+
+
+def test_a_dead_readers_pieces_go_to_a_later_epochs_requests() -> None:
+    # b dies holding a piece after a drained epoch 0: the piece is read in a's epoch 1 requests
+    clock = Clock()
+    splits = make_splits([10, 10])
+    d = Dispatcher(splits, min_rows=100, lease=4.0, clock=clock)
+    pa, pb = d.request("a", 0, 2), d.request("b", 0, 2)
+    assert isinstance(pa, Piece) and isinstance(pb, Piece)
+    assert d.ack("a", pa) and d.request("a", 0, 2) == "drained"
+    clock.t = 5.0
+    late = d.request("a", 1, 2)
+    assert late == pb  # epoch 0's piece, handed out first
+    assert d.ack("a", late)
+    assert 0 in d.state_dict()["complete"]
+    p = d.request("a", 1, 2)
+    assert isinstance(p, Piece) and p.epoch == 1
 
 
 def test_lease_expiry_requeues_and_a_stale_ack_is_refused() -> None:
@@ -97,7 +123,7 @@ def test_lease_expiry_requeues_and_a_stale_ack_is_refused() -> None:
     clock.t = 3.0
     pb = d.request("b", 0, 2)
     assert isinstance(pb, Piece)
-    assert d.request("b", 0, 2) == "wait"  # a is alive and holds pa
+    assert d.request("b", 0, 2) == "wait"  # a silent for 3 s (over half its lease): maybe dead
     clock.t = 7.0  # a silent for 7 s > lease
     again = d.request("b", 0, 2)
     assert again == pa
@@ -245,8 +271,14 @@ def test_random_interleavings_ack_every_row_exactly_once(sizes, ops, seed, min_r
             # through (its first); what it had read ahead is gone
             held = {k: v[:1] for k, v in held.items()}
             fresh = set(held)
-    # drain: survivors ack what they hold (refused if re-queued meanwhile), then one reader finishes
+    # drain: survivors ack what they hold (refused if re-queued meanwhile; a restarted reader
+    # says hello first, as the protocol has it), then one reader finishes
     for r, ps in held.items():
+        if r in fresh:
+            keep = ps[0] if ps else None
+            ps = [keep] if keep is not None and d.hello(r, keep) else []
+            if keep is None:
+                d.hello(r)
         for p in ps:
             ack(r, p)
     for ep in (0, 1):

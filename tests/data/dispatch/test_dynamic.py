@@ -122,6 +122,7 @@ def test_dead_reader_pieces_go_to_others_after_its_lease(tmp_path: Path) -> None
     dead = [next(it)["id"] for _ in range(3)]
     # reader 1 dies holding a piece (never acked, no heartbeat: its thread is gone)
     r1.assignment._active.clear()  # type: ignore[attr-defined]
+    time.sleep(0.6)  # silent for over half its lease: the others wait for its pieces
     t0 = time.monotonic()
     rest = np.concatenate([b["id"] for b in r0])
     assert time.monotonic() - t0 < 20
@@ -174,6 +175,29 @@ def test_dataloader_workers_are_readers_of_their_own(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.sort(every), ids)
     readers = dss[0].assignment.stats(0)["readers"]  # type: ignore[attr-defined]
     assert set(readers) == {"0.0", "0.1", "1.0", "1.1"}
+
+
+def _late_first_worker(worker_id: int) -> None:
+    if worker_id == 0:
+        time.sleep(1.5)
+
+
+def test_a_late_dataloader_worker_does_not_wait_for_its_siblings_piece(tmp_path: Path) -> None:
+    # worker 1 takes the only piece and blocks after its prefetched batches, since the loader
+    # takes batches from its workers in turn and waits for worker 0's first one; worker 0 finds
+    # nothing pending and must end (not wait for worker 1's piece: that waited for a lease)
+    import torch.utils.data as tud
+
+    ids = write_ids(tmp_path / "d", files=1, rows=1000, row_group=1000)  # one split, one piece
+    ds = read(tmp_path / "d", 0, 1, assignment=dyn(lease=60.0, min_rows=100_000), prefetch=2)
+    t0 = time.monotonic()
+    loader = tud.DataLoader(
+        ds.to_torch(), batch_size=None, num_workers=2, timeout=20, worker_init_fn=_late_first_worker
+    )
+    got = np.concatenate([b["id"].numpy() for b in loader])
+    assert time.monotonic() - t0 < 15
+    np.testing.assert_array_equal(np.sort(got), ids)
+    assert set(ds.assignment.stats(0)["readers"]) == {"0.0", "0.1"}  # type: ignore[attr-defined]
 
 
 def test_unreachable_dispatcher_fails_with_one_line_naming_it(tmp_path: Path) -> None:
