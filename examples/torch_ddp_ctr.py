@@ -76,6 +76,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=8,
         help="with --straggler adaptive: --batch-size is cut into this many micro-batches (the share's resolution)",
     )
+    p.add_argument(
+        "--assignment",
+        choices=("static", "dynamic"),
+        default="static",
+        help="dynamic: rank 0 hands out pieces of each epoch to whichever rank asks (a slow rank reads less)",
+    )
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--no-shuffle", action="store_true")
@@ -125,6 +131,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             shuffle=not args.no_shuffle,
             seed=args.seed,
             num_epochs=1,  # the trainer runs the epochs
+            assignment=args.assignment,
             **features.read_options(),
         )
         fit = trainer.fit(train_data, epochs=args.epochs)

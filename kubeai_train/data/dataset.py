@@ -286,6 +286,8 @@ class Dataset:
         self._piece_rows = 0
         self._epoch_done = False
         self._unacked: list[Any] = []  # from a loaded state: delivered, acknowledgement unknown
+        self._delivered: list[Any] = []  # pieces delivered in this epoch (and resumed state)
+        self._resumed = False  # a state was loaded: the next hello reconciles with it
         if self.lazy:
             self.assignment.attach(  # type: ignore[attr-defined]
                 self._splits, reader, options.seed if options.shuffle else None
@@ -355,7 +357,7 @@ class Dataset:
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
         self._epoch, self._rows = epoch, 0
-        self._piece, self._piece_rows, self._epoch_done = None, 0, False
+        self._piece, self._piece_rows, self._epoch_done, self._delivered = None, 0, False, []
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: the epoch and the rows of it this reader has delivered."""
@@ -383,6 +385,7 @@ class Dataset:
             st["epoch_done"] = self._epoch_done
             pending = self.assignment.unconfirmed(self.reader) + self._unacked  # type: ignore[attr-defined]
             st["unacked"] = [p.to_dict() for p in pending]
+            st["delivered"] = [p.to_dict() for p in self._delivered]
         return st
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -431,6 +434,8 @@ class Dataset:
             self._piece_rows = int(ast.get("piece_rows") or 0)
             self._epoch_done = bool(ast.get("epoch_done"))
             self._unacked = [Piece.from_dict(p) for p in ast.get("unacked") or ()]
+            self._delivered = [Piece.from_dict(p) for p in ast.get("delivered") or ()]
+            self._resumed = "delivered" in ast
 
     # -- iteration -------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -497,7 +502,7 @@ class Dataset:
                 item = q.get()
                 if item[0] is _END:
                     self._epoch, self._rows = item[1] + 1, 0
-                    self._piece, self._piece_rows, self._epoch_done = None, 0, False
+                    self._piece, self._piece_rows, self._epoch_done, self._delivered = None, 0, False, []
                     continue
                 if item[0] == "done" and len(item) == 1:
                     return
@@ -530,7 +535,11 @@ class Dataset:
         # its state did not see confirmed: kept for it (and the latter acknowledged now)
         keep = [self._piece] if self._piece is not None else []
         unacked, self._unacked = self._unacked, []
-        oks = a.hello(self.reader, keep + unacked)
+        if self._resumed:  # the first iteration after a restore: the dispatcher reconciles
+            self._resumed = False
+            oks = a.hello(self.reader, keep + unacked, self._delivered, self._epoch)
+        else:
+            oks = a.hello(self.reader, keep + unacked)
         if keep and not oks[0]:
             log.warning(
                 "reader %d.%d: piece %s of its state was handed to another reader meanwhile; %d rows of it "
@@ -547,7 +556,7 @@ class Dataset:
         if self._epoch_done:
             # a state taken after an epoch's last batch: that epoch is complete
             self._epoch, self._rows = self._epoch + 1, 0
-            self._piece, self._piece_rows, self._epoch_done = None, 0, False
+            self._piece, self._piece_rows, self._epoch_done, self._delivered = None, 0, False, []
             if n is not None and self._epoch % n == 0:
                 a.leave(self.reader)
                 return
@@ -557,7 +566,7 @@ class Dataset:
                 for item in self._produce_dynamic(self._epoch, end):
                     if item[0] is _END:
                         self._epoch, self._rows = item[1] + 1, 0
-                        self._piece, self._piece_rows, self._epoch_done = None, 0, False
+                        self._piece, self._piece_rows, self._epoch_done, self._delivered = None, 0, False, []
                         continue
                     batch = self._deliver(item)
                     if batch is not None:
@@ -574,8 +583,11 @@ class Dataset:
     def _deliver(self, item: tuple[Any, ...]) -> dict[str, np.ndarray] | None:
         """Acknowledge the pieces an item completes, then move the position past it."""
         batch, epoch, rows, pos, acks = item
+        if epoch != self._epoch:
+            self._delivered = []
         for p in acks:
             self.assignment.ack_later(self.reader, p)  # type: ignore[attr-defined]
+            self._delivered.append(p)
         self._epoch, self._rows = epoch, rows
         self._piece, self._piece_rows, self._epoch_done = pos
         return batch  # type: ignore[no-any-return]
@@ -822,6 +834,7 @@ class Dataset:
         ds.reader = reader
         ds._rows = 0
         ds._piece, ds._piece_rows, ds._epoch_done, ds._unacked = None, 0, False, []
+        ds._delivered, ds._resumed = [], False
         return ds
 
     def to_tf(self, with_state: bool = False) -> Any:
@@ -836,4 +849,6 @@ class Dataset:
 
     def to_torch(self) -> Any:
         """A ``torch.utils.data.IterableDataset`` splitting this rank's share across workers."""
+        if self.lazy:  # rank 0's DataLoader workers read; this process serves them from now on
+            self.assignment.serve()  # type: ignore[attr-defined]
         return adapters.to_torch(self)

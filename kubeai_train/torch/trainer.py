@@ -354,9 +354,22 @@ class Trainer:
                 f"read the data with num_epochs=1 (got {data_epochs}) and pass epochs={epochs} "
                 "to fit(): checkpoints hold a position within one epoch"
             )
-        source = data.to_torch()
-        resumed = self.restore(source) is not None
         cfg = self.config
+        # a dynamic assignment hands out pieces while reading: the dataset itself is the source
+        # (read in this process; its state is the position after the batches trained on), since
+        # batches DataLoader workers read ahead would count as delivered
+        lazy = bool(getattr(data, "lazy", False))
+        if lazy and self.store is not None and cfg.num_workers > 0:
+            raise ConfigError(
+                f"checkpoints with assignment='dynamic' need num_workers=0 (got {cfg.num_workers}): rows "
+                "DataLoader workers read ahead count as delivered and a restart would skip them; the "
+                "dataset's own prefetch thread still reads ahead of training"
+            )
+        source: Any = data if lazy and self.store is not None else data.to_torch()
+        resumed = self.restore(source) is not None
+        if lazy and self.store is not None:
+            # rank 0 restores the dispatcher's state before any rank asks it for pieces
+            self.ctx.barrier("restoring the data position")
         ad = self._adaptive(data) if cfg.straggler == "adaptive" else None
         no_timings: list[float] = [] if ad is None else [0.0] * (2 * self.ctx.world_size)
         rows = self._rows_before
@@ -434,12 +447,13 @@ class Trainer:
                 if self.ctx.is_chief and self.step % cfg.log_every == 0:
                     self._log_window(win)
                 if self.store is not None and self.step % cfg.checkpoint_every == 0:
-                    state = source.state_dict(taken, cfg.num_workers)
+                    state = source.state_dict() if lazy else source.state_dict(taken, cfg.num_workers)
                     self.checkpoint(
                         state,
                         rows,
                         epoch,
-                        exhausted or _pass_done(source, taken, cfg.num_workers),
+                        # a dynamic dataset's state knows by itself whether its epoch is done
+                        exhausted or (not lazy and _pass_done(source, taken, cfg.num_workers)),
                         None if ad is None else ad.state_dict(),
                     )
                     last_ckpt = self.step
@@ -450,8 +464,8 @@ class Trainer:
         seconds = time.perf_counter() - t0
         if self.store is not None and self.step != last_ckpt:
             # ``taken`` counts the batches of the last pass: all of them unless max_steps stopped it
-            state = source.state_dict(taken, cfg.num_workers)
-            done = not stop or _pass_done(source, taken, cfg.num_workers)
+            state = source.state_dict() if lazy else source.state_dict(taken, cfg.num_workers)
+            done = not stop or (not lazy and _pass_done(source, taken, cfg.num_workers))
             self.checkpoint(
                 state, rows, min(epoch, epochs - 1), done, None if ad is None else ad.state_dict()
             )

@@ -74,6 +74,23 @@ def test_resume_continues_exactly_where_it_stopped(ctx, parquet, tmp_path, stop_
     assert (r3.resumed_from, r3.steps, r3.rows) == (60, 60, 6000)
 
 
+def test_dynamic_assignment_resumes_exactly(ctx, parquet, tmp_path):
+    # one reader takes the pieces in order: an interrupted run continues with the batches the
+    # uninterrupted one trained on (the data position, with the dispatcher's state, is exact)
+    full = make(ctx)
+    full.fit(read(parquet["train"], assignment="dynamic"), epochs=2)
+    ck = str(tmp_path / "ck")
+    first = make(ctx, checkpoint_dir=ck, checkpoint_every=4, max_steps=37)
+    assert first.fit(read(parquet["train"], assignment="dynamic"), epochs=2).rows == 3700
+    second = make(ctx, checkpoint_dir=ck, checkpoint_every=4)
+    r2 = second.fit(read(parquet["train"], assignment="dynamic"), epochs=2)
+    assert r2.resumed_from == 37 and r2.rows == 6000
+    for a, b in zip(full.module.state_dict().values(), second.module.state_dict().values(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"assignment='dynamic' need num_workers=0 \(got 2\)"):
+        make(ctx, checkpoint_dir=ck, num_workers=2).fit(read(parquet["train"], assignment="dynamic"))
+
+
 def test_loader_workers_resume(ctx, parquet, tmp_path):
     ck = str(tmp_path / "ck")
     first = make(ctx, checkpoint_dir=ck, checkpoint_every=5, max_steps=7, num_workers=2)

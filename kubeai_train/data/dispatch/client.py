@@ -32,7 +32,9 @@ from kubeai_train.data.dispatch import server as srv
 from kubeai_train.data.dispatch.core import Dispatcher, DispatchError, Piece
 from kubeai_train.data.types import Assignment, ReaderId, Split, StateError, splits_fingerprint
 
-__all__ = ["DynamicAssignment", "reader_name"]
+__all__ = ["SERVE_GRACE", "DynamicAssignment", "reader_name"]
+
+SERVE_GRACE = 2.0  # seconds the host waits for its state to be loaded before serving others
 
 log = logging.getLogger("kubeai_train.data.dispatch")
 
@@ -90,6 +92,7 @@ class DynamicAssignment(Assignment):
     def __getstate__(self) -> dict[str, Any]:
         s = dict(self.__dict__)
         s.update(_host=None, _active=set(), _beat=None, _lock=None, _acks=None, _acker=None, _unconfirmed={})
+        s.pop("_server", None)
         return s
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -114,9 +117,17 @@ class DynamicAssignment(Assignment):
         if self.address is None and reader.rank == 0 and reader.worker == 0 and srv.is_host():
             # rank 0 of the chief process hosts; a new dataset opened there is a new reading
             # session, so it replaces a dispatcher of the same data left by an earlier one
+            # served (registered) once this process restores its state or starts reading, or
+            # SERVE_GRACE seconds after this (see serve): until then other readers are told
+            # "not yet" and retry, so none of them takes pieces of a fresh epoch that the
+            # checkpoint being restored has read
             server = srv.serve()
-            d = Dispatcher(splits, seed, min_rows=self.min_rows, k=self.k, lease=self.lease)
-            self._host = server.register(key, d, replace=True)
+            self._host = Dispatcher(splits, seed, min_rows=self.min_rows, k=self.k, lease=self.lease)
+            self._server, self._served = server, False
+            server.unregister(key)  # not an earlier reading session's dispatcher meanwhile
+            timer = threading.Timer(SERVE_GRACE, self.serve)
+            timer.daemon = True
+            timer.start()
             self._url = server.url
         elif self.address is not None:
             host, port = srv._split_hostport(self.address, "address")
@@ -132,6 +143,18 @@ class DynamicAssignment(Assignment):
                 )
             self._url = f"http://{host}:{port}"
         self._client = srv.Client(self._url, timeout=self.timeout)
+
+    def serve(self) -> None:
+        """On the host: start answering other readers for this dataset (idempotent). Called
+        when the host's reader restores its state or starts reading, hands its reading to
+        DataLoader workers (``to_torch``), or ``SERVE_GRACE`` seconds after attaching."""
+        host = self._host
+        if host is None or os.getpid() != self._pid:
+            return
+        with self._lock:
+            if not getattr(self, "_served", True):
+                self._server.register(self._dataset or "", host, replace=True)
+                self._served = True
 
     @property
     def url(self) -> str | None:
@@ -167,10 +190,24 @@ class DynamicAssignment(Assignment):
         return dataclasses.replace(self._splits[piece.split], start=piece.start, stop=piece.stop)
 
     # -- protocol --------------------------------------------------------------------------------
-    def hello(self, reader: ReaderId, keep: Sequence[Piece] = ()) -> list[bool]:
-        """Start iterating: re-queue this reader's old pieces but ``keep``; which it keeps."""
+    def hello(
+        self,
+        reader: ReaderId,
+        keep: Sequence[Piece] = (),
+        delivered: Sequence[Piece] | None = None,
+        epoch: int | None = None,
+    ) -> list[bool]:
+        """Start iterating: re-queue this reader's old pieces but ``keep``; which it keeps.
+
+        ``delivered`` / ``epoch``: what a resumed reader's state says it delivered in its
+        epoch, so that a dispatcher restored from the same checkpoint agrees with it
+        (``Dispatcher.hello_many``)."""
         self._fork_check()
-        out = self._call("hello", reader, keep=[p.to_dict() for p in keep])
+        self.serve()
+        body: dict[str, Any] = {"keep": [p.to_dict() for p in keep]}
+        if delivered is not None and epoch is not None:
+            body.update(delivered=[p.to_dict() for p in delivered], epoch=int(epoch))
+        out = self._call("hello", reader, **body)
         self._start_beating(reader)
         return [bool(x) for x in out["ok"]]
 
@@ -327,4 +364,11 @@ class DynamicAssignment(Assignment):
             if self._dataset is None:
                 raise StateError("load the dispatcher's state after attaching to the dataset")
             return  # a state taken on the host, loaded elsewhere: the host restores it
+        if getattr(self, "_served", False) and self._host.busy(lambda r: r.startswith("0.")):
+            log.warning(
+                "restoring the dispatcher's state after other readers started reading: they may read "
+                "rows twice; load rank 0's state within %.0f s of data.read, before the others read",
+                SERVE_GRACE,
+            )
         self._host.load_state_dict(st)
+        self.serve()

@@ -43,7 +43,7 @@ from kubeai_train.data.types import DataError, Split, StateError, splits_fingerp
 
 __all__ = ["DispatchError", "Dispatcher", "Piece", "ReaderStats"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: done rows merged, without their readers (still loaded)
 log = logging.getLogger("kubeai_train.data.dispatch")
 
 
@@ -114,6 +114,10 @@ class _Epoch:
     # again as it was (same bounds, so the same rows in the same order whoever reads it)
     pending: deque[tuple[int, int, int, bool]]
     inflight: dict[Piece, str] = field(default_factory=dict)  # piece -> reader
+    # the reader's epoch when it took a piece (a re-queued piece of an earlier epoch is read
+    # in a later one): in flight, and for done pieces with who acknowledged them
+    loops: dict[Piece, int] = field(default_factory=dict)
+    owners: dict[Piece, tuple[str, int]] = field(default_factory=dict)
     done: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     done_rows: int = 0
     total_rows: int = 0
@@ -242,6 +246,7 @@ class Dispatcher:
             # back at the head, in their hand-out order (the dict keeps it), so they go out next
             for p in reversed(mine):
                 del e.inflight[p]
+                e.loops.pop(p, None)
                 e.pending.appendleft((p.split, p.start, p.stop, True))
                 n += 1
         return n
@@ -259,15 +264,72 @@ class Dispatcher:
             return True
         return self.hello_many(reader, [keep])[0]
 
-    def hello_many(self, reader: str, keep: Sequence[Piece]) -> list[bool]:
+    def hello_many(
+        self,
+        reader: str,
+        keep: Sequence[Piece],
+        delivered: Sequence[Piece] | None = None,
+        epoch: int | None = None,
+    ) -> list[bool]:
         """:meth:`hello` keeping several pieces (the one partway through, and the delivered
-        ones whose acknowledgement the reader's checkpoint does not know arrived)."""
-        with self._lock:
-            self._touch(reader)
-            self._release(reader, set(keep))
-            return [self._claim(reader, p) for p in keep]
+        ones whose acknowledgement the reader's checkpoint does not know arrived).
 
-    def _claim(self, reader: str, p: Piece) -> bool:
+        ``delivered`` / ``epoch``: the pieces the reader's state says it delivered in its epoch
+        ``epoch``. On a restored reader's first call they reconcile the two states, whichever
+        was taken first (see :meth:`_reconcile`).
+        """
+        with self._lock:
+            restored = reader in self._restored
+            self._touch(reader)
+            if restored and delivered is not None and epoch is not None:
+                self._reconcile(reader, int(epoch), list(delivered))
+            self._release(reader, set(keep))
+            return [self._claim(reader, p, epoch) for p in keep]
+
+    def _reconcile(self, reader: str, epoch: int, delivered: list[Piece]) -> None:
+        """Make this dispatcher's state agree with a reader's state from the same checkpoint.
+
+        A job's checkpoint holds the dispatcher's state and each reader's, taken at slightly
+        different moments (asynchronous training has no common step). Pieces the reader
+        acknowledged after its own state was taken (taken in its epoch ``epoch`` or later and
+        not in ``delivered``) were not delivered as far as its state goes: they are pending
+        again. Pieces in ``delivered`` that are not done here (acknowledged after the
+        dispatcher's state was taken) are done, unless a live reader holds them.
+        """
+        listed = set(delivered)
+        for n, e in list(self._epochs.items()):
+            for p, (owner, loop) in list(e.owners.items()):
+                if owner == reader and loop >= epoch and p not in listed:
+                    self._undo(n, e, p)
+        for p in delivered:
+            e = self._epoch(p.epoch)
+            if p in e.owners:
+                continue
+            holder = e.inflight.get(p)
+            if holder is None:
+                if not self._claim(reader, p, epoch):
+                    continue  # done before, or partly in flight elsewhere
+            elif holder != reader and holder not in self._restored:
+                continue  # a live reader is reading it
+            del e.inflight[p]
+            e.loops.pop(p, None)
+            self._mark_done(p.epoch, e, p, reader, epoch)
+
+    def _undo(self, n: int, e: _Epoch, p: Piece) -> None:
+        e.owners.pop(p)
+        e.done[p.split].remove((p.start, p.stop))
+        e.done_rows -= p.num_rows
+        e.pending.appendleft((p.split, p.start, p.stop, True))
+        self._complete.discard(n)
+
+    def _mark_done(self, n: int, e: _Epoch, p: Piece, reader: str, loop: int) -> None:
+        e.done.setdefault(p.split, []).append((p.start, p.stop))
+        e.done_rows += p.num_rows
+        e.owners[p] = (reader, loop)
+        if e.complete and n not in self._complete:
+            self._finish(n)
+
+    def _claim(self, reader: str, p: Piece, loop: int | None = None) -> bool:
         e = self._epoch(p.epoch)
         owner = e.inflight.get(p)
         if owner is not None:
@@ -281,6 +343,7 @@ class Dispatcher:
                 if a < p.start:
                     e.pending.insert(n, (i, a, p.start, whole))
                 e.inflight[p] = reader
+                e.loops[p] = p.epoch if loop is None else loop
                 return True
         return False
 
@@ -303,9 +366,9 @@ class Dispatcher:
                 st.first = now
             # pieces of earlier epochs re-queued after their readers moved on go first
             for n in sorted(k for k in self._epochs if k < epoch and self._epochs[k].pending):
-                return self._hand_out(self._epochs[n], n, reader, num_readers, now)
+                return self._hand_out(self._epochs[n], n, reader, num_readers, now, epoch)
             if e.pending:
-                return self._hand_out(e, epoch, reader, num_readers, now)
+                return self._hand_out(e, epoch, reader, num_readers, now, epoch)
             if e.drained_at is None:
                 e.drained_at = now
             suspect = now - self.lease / 2
@@ -316,7 +379,7 @@ class Dispatcher:
                             return "wait"
             return "drained"
 
-    def _hand_out(self, e: _Epoch, epoch: int, reader: str, num_readers: int, now: float) -> Piece:
+    def _hand_out(self, e: _Epoch, epoch: int, reader: str, num_readers: int, now: float, loop: int) -> Piece:
         i, a, b, whole = e.pending[0]
         size = max(self.min_rows, -(-e.pending_rows // max(1, int(self.k * max(1, num_readers)))))
         if whole or size >= b - a:
@@ -326,6 +389,7 @@ class Dispatcher:
             e.pending[0] = (i, a + size, b, False)
             p = Piece(epoch, i, a, a + size)
         e.inflight[p] = reader
+        e.loops[p] = loop
         if not e.pending and e.drained_at is None:
             e.drained_at = now
         return p
@@ -344,15 +408,17 @@ class Dispatcher:
             if owner != reader and (owner is not None or not self._claim(reader, piece)):
                 return False
             del e.inflight[piece]
+            loop = e.loops.pop(piece, piece.epoch)
             e.done.setdefault(piece.split, []).append((piece.start, piece.stop))
             e.done_rows += piece.num_rows
+            e.owners[piece] = (reader, loop)
             st = e.stats.setdefault(reader, ReaderStats(first=now))
             st.rows += piece.num_rows
             st.pieces += 1
             st.last_ack = now
             if e.drained_at is not None:
                 st.tail = max(0.0, now - e.drained_at)
-            if e.complete:
+            if e.complete and piece.epoch not in self._complete:
                 self._finish(piece.epoch)
             return True
 
@@ -413,12 +479,21 @@ class Dispatcher:
         with self._lock:
             epochs: dict[str, Any] = {}
             for n, e in sorted(self._epochs.items()):
-                if n in self._complete:
-                    epochs[str(n)] = {"complete": True}
-                    continue
+                # done pieces one by one with their readers (also of the epoch completed last:
+                # a reader's older state may undo its last acknowledgements, see _reconcile)
+                unowned = [
+                    [i, a, b, "", n]
+                    for i, iv in sorted(e.done.items())
+                    for a, b in iv
+                    if Piece(n, i, a, b) not in e.owners
+                ]
                 epochs[str(n)] = {
-                    "done": [[i, a, b] for i, iv in sorted(e.done.items()) for a, b in _merge(iv)],
-                    "inflight": [[p.split, p.start, p.stop, r] for p, r in e.inflight.items()],
+                    "complete": n in self._complete,
+                    "done": unowned
+                    + [[p.split, p.start, p.stop, r, loop] for p, (r, loop) in e.owners.items()],
+                    "inflight": [
+                        [p.split, p.start, p.stop, r, e.loops.get(p, n)] for p, r in e.inflight.items()
+                    ],
                 }
             return {
                 "version": STATE_VERSION,
@@ -436,7 +511,7 @@ class Dispatcher:
         Raises:
             StateError: the state is of another dataset (fingerprint), seed or version.
         """
-        if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
+        if not isinstance(state, Mapping) or state.get("version") not in (1, STATE_VERSION):
             raise StateError(f"not a dispatcher state (version {STATE_VERSION}): {str(state)[:200]}")
         if state.get("fingerprint") != self.fingerprint:
             raise StateError(
@@ -458,20 +533,32 @@ class Dispatcher:
                 n = int(key)
                 if es.get("complete"):
                     self._complete.add(n)
-                    continue
+                    if "done" not in es:
+                        continue
                 done: dict[int, list[tuple[int, int]]] = {}
-                for i, a, b in es.get("done") or ():
+                owners: dict[Piece, tuple[str, int]] = {}
+                for i, a, b, *who in es.get("done") or ():
                     done.setdefault(int(i), []).append((int(a), int(b)))
+                    if who and who[0]:
+                        owners[Piece(n, int(i), int(a), int(b))] = (str(who[0]), int(who[1]))
                 inflight: dict[Piece, str] = {}
-                for i, a, b, r in es.get("inflight") or ():
-                    inflight[Piece(n, int(i), int(a), int(b))] = str(r)
+                loops: dict[Piece, int] = {}
+                for i, a, b, r, *loop in es.get("inflight") or ():
+                    p = Piece(n, int(i), int(a), int(b))
+                    inflight[p] = str(r)
+                    loops[p] = int(loop[0]) if loop else n
                     self._seen[str(r)] = now
                     self._restored.add(str(r))
+                for who, _loop in owners.values():
+                    # a reader that acknowledged pieces of an open epoch may undo them (its state
+                    # may be older than this one): it is heard from first, like one holding pieces
+                    self._restored.add(who)
+                    self._seen.setdefault(who, now)
                 taken: dict[int, list[tuple[int, int]]] = {i: list(iv) for i, iv in done.items()}
                 for p in inflight:
                     taken.setdefault(p.split, []).append((p.start, p.stop))
                 pend: deque[tuple[int, int, int, bool]] = deque()
-                done_rows = sum(b - a for iv in done.values() for a, b in _merge(iv))
+                done_rows = sum(b - a for iv in done.values() for a, b in iv)
                 for i in self._order(n):
                     s = self.splits[i]
                     pos = s.start
@@ -484,5 +571,11 @@ class Dispatcher:
                     if pos < s.stop:
                         pend.append((i, pos, s.stop, False))
                 self._epochs[n] = _Epoch(
-                    pending=pend, inflight=inflight, done=done, done_rows=done_rows, total_rows=self._total
+                    pending=pend,
+                    inflight=inflight,
+                    loops=loops,
+                    owners=owners,
+                    done=done,
+                    done_rows=done_rows,
+                    total_rows=self._total,
                 )

@@ -171,6 +171,11 @@ class DispatchServer:
                 return dispatcher
             return self._dispatchers.setdefault(dataset, dispatcher)
 
+    def unregister(self, dataset: str) -> None:
+        """Stop serving ``dataset`` (its readers are told "not yet" until it is registered again)."""
+        with self._lock:
+            self._dispatchers.pop(dataset, None)
+
     def dispatcher(self, dataset: str) -> Dispatcher | None:
         with self._lock:
             return self._dispatchers.get(dataset)
@@ -206,7 +211,17 @@ def handle(d: Dispatcher, op: str, body: Mapping[str, Any]) -> dict[str, Any]:
         return {"ok": d.ack(reader, Piece.from_dict(body["piece"]))}
     if op == "hello":
         keep = [Piece.from_dict(p) for p in body.get("keep") or ()]
-        return {"ok": d.hello_many(reader, keep), "lease": d.lease}
+        delivered = body.get("delivered")
+        epoch = body.get("epoch")
+        return {
+            "ok": d.hello_many(
+                reader,
+                keep,
+                None if delivered is None else [Piece.from_dict(p) for p in delivered],
+                None if epoch is None else int(epoch),
+            ),
+            "lease": d.lease,
+        }
     if op == "heartbeat":
         d.heartbeat(reader)
         return {}
@@ -325,6 +340,7 @@ class Client:
                 if resp.status != 404:
                     raise DispatchError(f"dispatcher at {self.url} refused {op}: HTTP {resp.status} {msg}")
                 last = f"HTTP 404: {msg}"
+                delay = min(delay, 0.25)  # the host is up and registers the dataset soon: ask again soon
             # refused, reset, cut short, timed out
             except (OSError, ValueError, http.client.HTTPException) as e:
                 self._drop()

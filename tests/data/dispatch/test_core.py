@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -292,3 +293,108 @@ def test_random_interleavings_ack_every_row_exactly_once(sizes, ops, seed, min_r
             ack("final", p)
         assert sorted(acked[ep]) == all_rows(splits), f"epoch {ep}"
         assert sorted(rows_of(d, ep)) == all_rows(splits) or ep in d.state_dict()["complete"]
+
+
+# -------------------------------------------------------------------------------------------
+# a job's checkpoint whose states were taken at different moments (asynchronous training):
+# each reader's state and the dispatcher's, in any order; after a restore every row is still
+# acknowledged exactly once counting only what the readers' states say they delivered
+
+CUT_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["request", "ack", "ack", "snap", "dsnap", "restore", "tick", "die"]),
+        st.integers(0, 3),
+    ),
+    max_size=150,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=6),
+    ops=CUT_OPS,
+    seed=st.one_of(st.none(), st.integers(0, 5)),
+    min_rows=st.integers(1, 16),
+)
+def test_restore_from_states_taken_at_different_moments(sizes, ops, seed, min_rows) -> None:
+    splits = make_splits(sizes)
+    clock = Clock()
+
+    def new() -> Dispatcher:
+        return Dispatcher(splits, seed=seed, min_rows=min_rows, k=2, lease=10.0, clock=clock)
+
+    d = new()
+    names = [f"r{i}" for i in range(4)]
+    epoch = dict.fromkeys(names, 0)  # each reader's epoch (it moves on when drained)
+    held: dict[str, list[Piece]] = {r: [] for r in names}
+    delivered: dict[str, list[Piece]] = {r: [] for r in names}  # in its current epoch
+    log: list[tuple[str, Piece]] = []  # acknowledged, in order
+    # each reader's last state: (epoch, delivered, partway piece, len(log) when taken)
+    snaps: dict[str, tuple[int, list[Piece], Piece | None, int]] = {r: (0, [], None, 0) for r in names}
+    dstate: dict[str, Any] | None = None
+    fresh: set[str] = set()
+
+    def hello(r: str) -> None:
+        e, dl, keep, _ = snaps[r]
+        oks = d.hello_many(r, [keep] if keep else [], dl, e)
+        held[r] = [keep] if keep is not None and oks[0] else []
+        fresh.discard(r)
+
+    for op, ri in ops:
+        r = names[ri]
+        if r in fresh and op in ("request", "ack"):
+            hello(r)
+        if op == "request":
+            p = d.request(r, epoch[r], 4)
+            if isinstance(p, Piece):
+                held[r].append(p)
+            elif p == "drained" and epoch[r] == 0:
+                epoch[r], delivered[r] = 1, []
+        elif op == "ack" and held[r]:
+            p = held[r].pop(0)
+            delivered[r].append(p)
+            if d.ack(r, p):
+                log.append((r, p))
+        elif op == "snap" and r not in fresh:
+            snaps[r] = (epoch[r], list(delivered[r]), held[r][0] if held[r] else None, len(log))
+        elif op == "dsnap":
+            dstate = json.loads(json.dumps(d.state_dict()))
+        elif op == "tick":
+            clock.t += 6.0
+        elif op == "die":
+            d.release(r)
+            held[r] = []
+        elif op == "restore":
+            state = dstate if dstate is not None else json.loads(json.dumps(d.state_dict()))
+            d, dstate = new(), None
+            d.load_state_dict(state)
+            # every reader resumes from its own last state: what it acknowledged after that
+            # was not delivered as far as the job's checkpoint goes
+            keep_log = []
+            for i, (who, p) in enumerate(log):
+                if i < snaps[who][3]:
+                    keep_log.append((who, p))
+            log = keep_log
+            for rr in names:
+                e, dl, _keep, _n = snaps[rr]
+                epoch[rr], delivered[rr], held[rr] = e, list(dl), []
+                snaps[rr] = (e, list(dl), _keep, len(log))
+            fresh = set(names)
+    for r in names:
+        if r in fresh:
+            hello(r)
+        for p in held[r]:
+            if d.ack(r, p):
+                log.append((r, p))
+    for ep in (0, 1):
+        for _ in range(10_000):
+            p = d.request("final", ep, 4)
+            if isinstance(p, str):
+                if ep in d.state_dict()["complete"]:
+                    break
+                clock.t += 11.0  # pieces held by readers gone quiet come back after the lease
+                continue
+            if d.ack("final", p):
+                log.append(("final", p))
+        rows = sorted((p.split, x) for _, p in log if p.epoch == ep for x in range(p.start, p.stop))
+        assert rows == all_rows(splits), f"epoch {ep}"
