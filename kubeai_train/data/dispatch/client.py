@@ -44,6 +44,23 @@ def reader_name(reader: ReaderId) -> str:
     return f"{reader.rank}.{reader.worker}"
 
 
+@dataclasses.dataclass
+class _Track:
+    """What one reader holds and delivered, as this process saw it (to say hello again to a
+    dispatcher restored under it)."""
+
+    epoch: int = 0  # the latest epoch it asked pieces of
+    outstanding: dict[Piece, int] = dataclasses.field(default_factory=dict)  # held -> its epoch
+    delivered: dict[int, list[Piece]] = dataclasses.field(default_factory=dict)  # per epoch
+
+    def since(self) -> tuple[int, list[Piece]]:
+        """The oldest epoch on record and every piece delivered since (this one and the last)."""
+        if not self.delivered:
+            return self.epoch, []
+        first = min(self.delivered)
+        return first, [p for n in sorted(self.delivered) for p in self.delivered[n]]
+
+
 class DynamicAssignment(Assignment):
     """Pieces of each epoch handed to whichever reader asks (see module doc).
 
@@ -87,11 +104,14 @@ class DynamicAssignment(Assignment):
         self._acks: queue.Queue[tuple[ReaderId, Piece]] = queue.Queue()
         self._acker: threading.Thread | None = None
         self._unconfirmed: dict[str, list[Piece]] = {}
+        self._inc: dict[str, str] = {}  # the dispatcher incarnation each reader said hello to
+        self._track: dict[str, _Track] = {}
 
     # DataLoader workers get a copy without the host's dispatcher and threads: they talk HTTP
     def __getstate__(self) -> dict[str, Any]:
         s = dict(self.__dict__)
         s.update(_host=None, _active=set(), _beat=None, _lock=None, _acks=None, _acker=None, _unconfirmed={})
+        s.update(_inc={}, _track={})
         s.pop("_server", None)
         return s
 
@@ -171,15 +191,52 @@ class DynamicAssignment(Assignment):
         body["dataset"] = self._dataset
         if reader is not None:
             body["reader"] = reader_name(reader)
-        if self._host is not None and os.getpid() == self._pid:
-            # the host's own readers skip HTTP: same dispatcher, same answers (not in a forked
-            # DataLoader worker, whose copy of the dispatcher is not the one served)
-            # (and the one this dataset made, even if a newer dataset of the same data replaced
-            # it on the server: two datasets open at once on the host do not share rows)
-            return srv.handle(self._host, op, body)
-        if _timeout is not None:
-            return srv.Client(self._client.url, timeout=_timeout).call(op, body)
-        return self._client.call(op, body)
+        while True:
+            if self._host is not None and os.getpid() == self._pid:
+                # the host's own readers skip HTTP: same dispatcher, same answers (not in a forked
+                # DataLoader worker, whose copy of the dispatcher is not the one served)
+                # (and the one this dataset made, even if a newer dataset of the same data replaced
+                # it on the server: two datasets open at once on the host do not share rows)
+                out = srv.handle(self._host, op, body)
+            elif _timeout is not None:
+                out = srv.Client(self._client.url, timeout=_timeout).call(op, body)
+            else:
+                out = self._client.call(op, body)
+            if reader is None or op == "hello" or not self._check_incarnation(reader, out):
+                return out
+            # answered by a dispatcher this reader had not said hello to: ask again now that
+            # it has (a piece it handed out before is back in its queue)
+
+    def _check_incarnation(self, reader: ReaderId, out: Mapping[str, Any]) -> bool:
+        """A dispatcher answering with another incarnation than the one this reader said hello
+        to was restored meanwhile (the chief restarted and loaded its checkpoint): say hello
+        again with the pieces this reader holds and those it delivered, which it reconciles."""
+        name = reader_name(reader)
+        inc = out.get("inc")
+        with self._lock:
+            seen = self._inc.get(name)
+            if inc is None or seen is None or inc == seen:
+                return False
+            self._inc[name] = str(inc)
+            t = self._track.get(name) or _Track()
+            keep = list(t.outstanding) + self._unconfirmed.get(name, [])
+            loop, delivered = t.since()
+        log.warning(
+            "reader %s: the dispatcher at %s was restored (its chief restarted); telling it the %d pieces "
+            "this reader holds and the %d it delivered",
+            name,
+            self._url,
+            len(keep),
+            len(delivered),
+        )
+        self._call(
+            "hello",
+            reader,
+            keep=[p.to_dict() for p in keep],
+            delivered=[p.to_dict() for p in delivered],
+            epoch=loop,
+        )
+        return True
 
     def split_of(self, piece: Piece) -> Split:
         """The (sub-)split a piece names, with its split's source ``info``."""
@@ -205,9 +262,17 @@ class DynamicAssignment(Assignment):
         self._fork_check()
         self.serve()
         body: dict[str, Any] = {"keep": [p.to_dict() for p in keep]}
-        if delivered is not None and epoch is not None:
-            body.update(delivered=[p.to_dict() for p in delivered], epoch=int(epoch))
+        name = reader_name(reader)
+        with self._lock:
+            t = self._track.setdefault(name, _Track())
+            t.outstanding = {p: t.outstanding.get(p, p.epoch if epoch is None else int(epoch)) for p in keep}
+            if delivered is not None and epoch is not None:
+                body.update(delivered=[p.to_dict() for p in delivered], epoch=int(epoch))
+                t.delivered = {int(epoch): list(delivered)}
         out = self._call("hello", reader, **body)
+        with self._lock:
+            if out.get("inc") is not None:
+                self._inc[name] = str(out["inc"])
         self._start_beating(reader)
         return [bool(x) for x in out["ok"]]
 
@@ -217,6 +282,9 @@ class DynamicAssignment(Assignment):
         self.flush(reader)
         with self._lock:
             self._active.discard(reader_name(reader))
+            t = self._track.get(reader_name(reader))
+            if t is not None:
+                t.outstanding = {}
         try:
             # best effort and quick: at the end of a job the host may be gone already
             self._call("hello", reader, keep=[p.to_dict() for p in keep], _timeout=2.0)
@@ -229,6 +297,7 @@ class DynamicAssignment(Assignment):
         """Acknowledge ``piece`` in the background (see :meth:`unconfirmed`)."""
         with self._lock:
             self._unconfirmed.setdefault(reader_name(reader), []).append(piece)
+            self._delivered(reader, piece)
             if self._acker is None or not self._acker.is_alive():
                 self._acker = threading.Thread(target=self._acking, name="kubeai-dispatch-acks", daemon=True)
                 self._acker.start()
@@ -266,18 +335,26 @@ class DynamicAssignment(Assignment):
             # not ours (the parent's lock may even have been held at the fork)
             self._host, self._lock, self._active, self._beat = None, threading.Lock(), set(), None
             self._acks, self._acker, self._unconfirmed = queue.Queue(), None, {}
+            self._inc, self._track = {}, {}
             self._pid = os.getpid()
 
     def pieces(self, reader: ReaderId, epoch: int) -> Iterator[Piece]:
         """The pieces ``reader`` reads in ``epoch``, asked for one at a time, until drained."""
         n = reader.world_size * reader.num_workers
         delay = self.poll
+        name = reader_name(reader)
+        with self._lock:
+            t = self._track.setdefault(name, _Track())
+            t.epoch = max(t.epoch, epoch)
         while True:
             out = self._call("request", reader, epoch=epoch, num_readers=n)
             status = out.get("status")
             if status == "piece":
                 delay = self.poll
-                yield Piece.from_dict(out["piece"])
+                p = Piece.from_dict(out["piece"])
+                with self._lock:
+                    self._track.setdefault(name, _Track()).outstanding[p] = epoch
+                yield p
             elif status == "wait":
                 time.sleep(delay)
                 delay = min(0.5, delay * 1.5)
@@ -286,8 +363,21 @@ class DynamicAssignment(Assignment):
             else:
                 raise DispatchError(f"dispatcher at {self._url} answered {out!r} to a request")
 
+    def _delivered(self, reader: ReaderId, piece: Piece) -> None:
+        # (under self._lock) the piece moves from held to delivered in this reader's record
+        t = self._track.setdefault(reader_name(reader), _Track())
+        loop = t.outstanding.pop(piece, t.epoch)
+        t.delivered.setdefault(loop, []).append(piece)
+        for old in [n for n in t.delivered if n < t.epoch - 1]:
+            del t.delivered[old]
+
     def ack(self, reader: ReaderId, piece: Piece) -> bool:
         """Every row of ``piece`` was delivered; False if it had been re-queued and taken by another."""
+        if self._lock is not None:
+            with self._lock:
+                t = self._track.get(reader_name(reader))
+                if t is not None and piece in t.outstanding:  # not through ack_later
+                    self._delivered(reader, piece)
         ok = bool(self._call("ack", reader, piece=piece.to_dict())["ok"])
         if not ok:
             log.warning(

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,6 +182,11 @@ class Dispatcher:
         self._complete: set[int] = set()
         self._seen: dict[str, float] = {}
         self._restored: set[str] = set()  # readers of a loaded state not heard from since
+        self._greeted: set[str] = set()  # readers that said hello to this incarnation
+        # changes when the state is loaded: a reader that said hello before (to the dispatcher
+        # of a chief that has since restarted) says hello again with what it holds
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._hold_until: float | None = None  # after a restore, see request
         self._index = {id(s): i for i, s in enumerate(self.splits)}
         self._total = sum(s.num_rows for s in self.splits)
 
@@ -279,15 +285,17 @@ class Dispatcher:
         was taken first (see :meth:`_reconcile`).
         """
         with self._lock:
-            restored = reader in self._restored
+            first = reader not in self._greeted
+            self._greeted.add(reader)
             self._touch(reader)
-            if restored and delivered is not None and epoch is not None:
+            if first and delivered is not None and epoch is not None:
                 self._reconcile(reader, int(epoch), list(delivered))
             self._release(reader, set(keep))
             return [self._claim(reader, p, epoch) for p in keep]
 
     def _reconcile(self, reader: str, epoch: int, delivered: list[Piece]) -> None:
-        """Make this dispatcher's state agree with a reader's state from the same checkpoint.
+        """Make this dispatcher's state agree with a reader's state from the same checkpoint
+        (or with a live reader's, when this dispatcher was restored under it).
 
         A job's checkpoint holds the dispatcher's state and each reader's, taken at slightly
         different moments (asynchronous training has no common step). Pieces the reader
@@ -364,6 +372,15 @@ class Dispatcher:
             st = e.stats.setdefault(reader, ReaderStats())
             if st.first is None:
                 st.first = now
+            if self._hold_until is not None:
+                # after a restore, readers that lived on (the chief restarted under them) may
+                # hold pending pieces: none is handed out until every reader said hello again
+                # (each does at its next call, within a quarter lease) or a third of a lease
+                if len(self._greeted) < num_readers and now < self._hold_until:
+                    if any(x.pending for n, x in self._epochs.items() if n <= epoch):
+                        return "wait"
+                else:
+                    self._hold_until = None
             # pieces of earlier epochs re-queued after their readers moved on go first
             for n in sorted(k for k in self._epochs if k < epoch and self._epochs[k].pending):
                 return self._hand_out(self._epochs[n], n, reader, num_readers, now, epoch)
@@ -405,6 +422,8 @@ class Dispatcher:
             now = self._touch(reader)
             e = self._epoch(piece.epoch)
             owner = e.inflight.get(piece)
+            if owner is None and e.owners.get(piece, ("",))[0] == reader:
+                return True  # acknowledged twice (again after a restore reconciled it)
             if owner != reader and (owner is not None or not self._claim(reader, piece)):
                 return False
             del e.inflight[piece]
@@ -528,6 +547,9 @@ class Dispatcher:
             self._epochs.clear()
             self._seen.clear()
             self._restored.clear()
+            self._greeted.clear()
+            self.incarnation = uuid.uuid4().hex[:12]
+            self._hold_until = now + self.lease / 3
             self._complete = {int(n) for n in state.get("complete") or ()}
             for key, es in (state.get("epochs") or {}).items():
                 n = int(key)

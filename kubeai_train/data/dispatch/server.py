@@ -202,7 +202,14 @@ class DispatchServer:
 
 
 def handle(d: Dispatcher, op: str, body: Mapping[str, Any]) -> dict[str, Any]:
-    """One protocol operation on ``d``: the answer's JSON object."""
+    """One protocol operation on ``d``: the answer's JSON object, with ``d``'s incarnation
+    (``inc``: a reader that sees it change says hello again)."""
+    out = _handle(d, op, body)
+    out["inc"] = d.incarnation
+    return out
+
+
+def _handle(d: Dispatcher, op: str, body: Mapping[str, Any]) -> dict[str, Any]:
     reader = str(body.get("reader"))
     if op == "request":
         got = d.request(reader, int(body["epoch"]), int(body["num_readers"]))

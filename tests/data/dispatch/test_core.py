@@ -168,6 +168,7 @@ def test_state_restore_keeps_inflight_for_its_reader_for_one_lease(comes_back: b
     state = json.loads(json.dumps(d.state_dict()))
     d2 = Dispatcher(splits, seed=1, min_rows=7, k=1, lease=5.0, clock=clock)
     d2.load_state_dict(state)
+    d2.hello("c")  # every reader says hello first (pieces are held back until all have)
     while True:
         p = d2.request("c", 0, 1)
         if isinstance(p, str):
@@ -398,3 +399,22 @@ def test_restore_from_states_taken_at_different_moments(sizes, ops, seed, min_ro
                 log.append(("final", p))
         rows = sorted((p.split, x) for _, p in log if p.epoch == ep for x in range(p.start, p.stop))
         assert rows == all_rows(splits), f"epoch {ep}"
+
+
+def test_after_a_restore_pieces_wait_for_every_reader_or_a_third_of_a_lease() -> None:
+    clock = Clock()
+    splits = make_splits([10, 10, 10])
+    d = Dispatcher(splits, min_rows=100, lease=9.0, clock=clock)
+    state = d.state_dict()
+    for comes in (True, False):
+        d2 = Dispatcher(splits, min_rows=100, lease=9.0, clock=clock)
+        before = d2.incarnation
+        d2.load_state_dict(state)
+        assert d2.incarnation != before  # readers that said hello before say it again
+        d2.hello("a")
+        assert d2.request("a", 0, 2) == "wait"  # b may live on holding pending pieces
+        if comes:
+            d2.hello_many("b", [], delivered=[], epoch=0)
+        else:
+            clock.t += 3.5
+        assert isinstance(d2.request("a", 0, 2), Piece)

@@ -81,14 +81,14 @@ def _faulted(root: Path, model_dir: Path, env: dict[str, str], *extra: str):
     )
 
 
-def _dies_at_step_20(root: Path, model_dir: Path, who: str):
+def _dies_at_step_20(root: Path, model_dir: Path, who: str, *extra: str):
     """:func:`_faulted` in which process ``who`` (``role:index``) SIGKILLs itself at its 20th
     local step (checkpoints every 20 steps); every trainer audits the rows it reads."""
     return _faulted(
         root,
         model_dir,
         {"KT_DIE": f"{who}:20", "KT_STEP_SLEEP": "0.2"},
-        *("--log-steps", "10", "--checkpoint-steps", "20", "--audit-column", "row_id"),
+        *("--log-steps", "10", "--checkpoint-steps", "20", "--audit-column", "row_id", *extra),
     )
 
 
@@ -236,6 +236,23 @@ def test_chief_killed_restarts_on_the_live_model_and_the_job_finishes(ctr_small,
         r'\[chief 0\] ready in [\d.]+ s \(live\); position \{"data": \{[^}]*"rows": 5120', res.output
     ), tail(res.output)
     allrows = np.concatenate(list(_audit(model_dir).values()))
+    assert sorted(allrows.tolist()) == list(range(40_000))
+
+
+@pytest.mark.parametrize("who", ["worker:0", "chief:0"])
+def test_dynamic_assignment_survives_a_killed_worker_or_chief(ctr_small, tmp_path, who):
+    # the chief hosts the dispatcher: killed, it comes back from its position (which holds the
+    # dispatcher's state of its last step) under workers that read on; a killed worker comes
+    # back from its position to a live dispatcher. Either way every row is trained once
+    root, _ = ctr_small
+    model_dir = tmp_path / "m"
+    res = _dies_at_step_20(root, model_dir, who, "--assignment", "dynamic")
+    assert res.returncode == 0, tail(res.output)
+    assert f"{who} exited with code 137; restarting" in res.output
+    if who == "chief:0":  # the live worker told the restored dispatcher what it holds
+        assert "was restored (its chief restarted)" in res.output, tail(res.output)
+    allrows = np.concatenate(list(_audit(model_dir).values()))
+    assert len(allrows) == 40_000, "rows lost or read twice across the kill"
     assert sorted(allrows.tolist()) == list(range(40_000))
 
 
