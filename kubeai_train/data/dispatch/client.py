@@ -35,6 +35,7 @@ from kubeai_train.data.types import Assignment, ReaderId, Split, StateError, spl
 __all__ = ["SERVE_GRACE", "DynamicAssignment", "reader_name"]
 
 SERVE_GRACE = 2.0  # seconds the host waits for its state to be loaded before serving others
+STATE_MAX_AGE = 0.5  # seconds a host's dispatcher state is reused (see state_dict)
 
 log = logging.getLogger("kubeai_train.data.dispatch")
 
@@ -106,6 +107,7 @@ class DynamicAssignment(Assignment):
         self._unconfirmed: dict[str, list[Piece]] = {}
         self._inc: dict[str, str] = {}  # the dispatcher incarnation each reader said hello to
         self._track: dict[str, _Track] = {}
+        self._state_cache: tuple[float, Dispatcher, dict[str, Any]] | None = None
 
     # DataLoader workers get a copy without the host's dispatcher and threads: they talk HTTP
     def __getstate__(self) -> dict[str, Any]:
@@ -113,6 +115,7 @@ class DynamicAssignment(Assignment):
         s.update(_host=None, _active=set(), _beat=None, _lock=None, _acks=None, _acker=None, _unconfirmed={})
         s.update(_inc={}, _track={})
         s.pop("_server", None)
+        s["_state_cache"] = None
         return s
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -442,8 +445,19 @@ class DynamicAssignment(Assignment):
         return gen()
 
     def state_dict(self) -> dict[str, Any]:
-        """On the host: the dispatcher's state (done / in flight per epoch); elsewhere nothing."""
-        return {"dispatcher": self._host.state_dict()} if self._host is not None else {}
+        """On the host: the dispatcher's state (done / in flight per epoch); elsewhere nothing.
+
+        Taken at most every ``STATE_MAX_AGE`` seconds (a TF chief's position carries it with
+        every batch; with thousands of splits it costs about a millisecond): an older
+        dispatcher state than the readers' is reconciled exactly on restore (``core``)."""
+        if self._host is None:
+            return {}
+        now = time.monotonic()
+        cached = self._state_cache
+        if cached is None or now - cached[0] > STATE_MAX_AGE or cached[1] is not self._host:
+            cached = (now, self._host, {"dispatcher": self._host.state_dict()})
+            self._state_cache = cached
+        return dict(cached[2])
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """On the host, restore the dispatcher's state (in-flight pieces stay reserved for their readers for one lease)."""
@@ -461,4 +475,5 @@ class DynamicAssignment(Assignment):
                 SERVE_GRACE,
             )
         self._host.load_state_dict(st)
+        self._state_cache = None
         self.serve()
