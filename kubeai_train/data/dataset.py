@@ -286,7 +286,10 @@ class Dataset:
         self._piece_rows = 0
         self._epoch_done = False
         self._unacked: list[Any] = []  # from a loaded state: delivered, acknowledgement unknown
-        self._delivered: list[Any] = []  # pieces delivered in this epoch (and resumed state)
+        # pieces delivered in this epoch and the one before (a dispatcher state taken before this
+        # reader's may not know the last pieces of the previous epoch either)
+        self._delivered: list[Any] = []
+        self._delivered_prev: list[Any] = []
         self._resumed = False  # a state was loaded: the next hello reconciles with it
         if self.lazy:
             self.assignment.attach(  # type: ignore[attr-defined]
@@ -356,8 +359,15 @@ class Dataset:
         """Start the next iteration at the beginning of ``epoch`` (like DistributedSampler)."""
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if epoch == self._epoch + 1:
+            self._next_delivered()
+        elif epoch != self._epoch:  # a jump: what was delivered before is of no other epoch's use
+            self._delivered, self._delivered_prev = [], []
         self._epoch, self._rows = epoch, 0
-        self._piece, self._piece_rows, self._epoch_done, self._delivered = None, 0, False, []
+        self._piece, self._piece_rows, self._epoch_done = None, 0, False
+
+    def _next_delivered(self) -> None:
+        self._delivered_prev, self._delivered = self._delivered, []
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: the epoch and the rows of it this reader has delivered."""
@@ -386,6 +396,7 @@ class Dataset:
             pending = self.assignment.unconfirmed(self.reader) + self._unacked  # type: ignore[attr-defined]
             st["unacked"] = [p.to_dict() for p in pending]
             st["delivered"] = [p.to_dict() for p in self._delivered]
+            st["delivered_prev"] = [p.to_dict() for p in self._delivered_prev]
         return st
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -435,6 +446,7 @@ class Dataset:
             self._epoch_done = bool(ast.get("epoch_done"))
             self._unacked = [Piece.from_dict(p) for p in ast.get("unacked") or ()]
             self._delivered = [Piece.from_dict(p) for p in ast.get("delivered") or ()]
+            self._delivered_prev = [Piece.from_dict(p) for p in ast.get("delivered_prev") or ()]
             self._resumed = "delivered" in ast
 
     # -- iteration -------------------------------------------------------------------------------
@@ -502,7 +514,8 @@ class Dataset:
                 item = q.get()
                 if item[0] is _END:
                     self._epoch, self._rows = item[1] + 1, 0
-                    self._piece, self._piece_rows, self._epoch_done, self._delivered = None, 0, False, []
+                    self._piece, self._piece_rows, self._epoch_done = None, 0, False
+                    self._next_delivered()
                     continue
                 if item[0] == "done" and len(item) == 1:
                     return
@@ -537,7 +550,11 @@ class Dataset:
         unacked, self._unacked = self._unacked, []
         if self._resumed:  # the first iteration after a restore: the dispatcher reconciles
             self._resumed = False
-            oks = a.hello(self.reader, keep + unacked, self._delivered, self._epoch)
+            if self._delivered_prev and self._epoch > 0:
+                delivered, since = self._delivered_prev + self._delivered, self._epoch - 1
+            else:
+                delivered, since = self._delivered, self._epoch
+            oks = a.hello(self.reader, keep + unacked, delivered, since)
         else:
             oks = a.hello(self.reader, keep + unacked)
         if keep and not oks[0]:
@@ -556,7 +573,8 @@ class Dataset:
         if self._epoch_done:
             # a state taken after an epoch's last batch: that epoch is complete
             self._epoch, self._rows = self._epoch + 1, 0
-            self._piece, self._piece_rows, self._epoch_done, self._delivered = None, 0, False, []
+            self._piece, self._piece_rows, self._epoch_done = None, 0, False
+            self._next_delivered()
             if n is not None and self._epoch % n == 0:
                 a.leave(self.reader)
                 return
@@ -566,7 +584,8 @@ class Dataset:
                 for item in self._produce_dynamic(self._epoch, end):
                     if item[0] is _END:
                         self._epoch, self._rows = item[1] + 1, 0
-                        self._piece, self._piece_rows, self._epoch_done, self._delivered = None, 0, False, []
+                        self._piece, self._piece_rows, self._epoch_done = None, 0, False
+                        self._next_delivered()
                         continue
                     batch = self._deliver(item)
                     if batch is not None:
@@ -584,7 +603,7 @@ class Dataset:
         """Acknowledge the pieces an item completes, then move the position past it."""
         batch, epoch, rows, pos, acks = item
         if epoch != self._epoch:
-            self._delivered = []
+            self._next_delivered()
         for p in acks:
             self.assignment.ack_later(self.reader, p)  # type: ignore[attr-defined]
             self._delivered.append(p)
@@ -834,7 +853,7 @@ class Dataset:
         ds.reader = reader
         ds._rows = 0
         ds._piece, ds._piece_rows, ds._epoch_done, ds._unacked = None, 0, False, []
-        ds._delivered, ds._resumed = [], False
+        ds._delivered, ds._delivered_prev, ds._resumed = [], [], False
         return ds
 
     def to_tf(self, with_state: bool = False) -> Any:

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kubeai_train.balance import Plan as BalancePlan
-from kubeai_train.balance import Planner
+from kubeai_train.balance import Planner, RebalancePolicy
 from kubeai_train.balance.load import from_variable_infos
 from kubeai_train.balance.types import BalanceError, VariableLoad, max_over_mean
 from kubeai_train.tf.placement_policies import GreedyBytesPlacement, RoundRobinPlacement
@@ -40,14 +40,37 @@ class BalancedPlacement(PlacementPolicy):
     Args:
         tolerance: the planner stops cutting finer within this fraction of the lower bound.
         capacities: per-PS memory capacities in bytes (default: equal, unlimited).
+        rebalance: re-place shards while training when a PS stays hot (between-graph mode,
+            asynchronous; see ``kubeai_train.tf.between_graph.rebalancing``): True for the
+            default rule (traffic max/mean over 1.10 for 3 windows, target 1.05), or a
+            :class:`kubeai_train.balance.RebalancePolicy`.
+        window_steps: the chief's steps per measured window.
     """
 
     name = "balanced"
 
-    def __init__(self, tolerance: float = 0.02, capacities: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        tolerance: float = 0.02,
+        capacities: Sequence[int] | None = None,
+        *,
+        rebalance: bool | RebalancePolicy = False,
+        window_steps: int = 50,
+    ) -> None:
         self.planner = Planner(rows="even", tolerance=tolerance)
         self.capacities = tuple(capacities) if capacities else None
         self.last: BalancePlan | None = None
+        if isinstance(rebalance, RebalancePolicy):
+            self.rebalance: RebalancePolicy | None = rebalance
+        elif rebalance is True:
+            self.rebalance = RebalancePolicy(cuts=False)  # TF1 partitions evenly: whole shards only
+        elif rebalance is False or rebalance is None:
+            self.rebalance = None
+        else:
+            raise PlacementError(f"rebalance must be True, False or a RebalancePolicy, got {rebalance!r}")
+        if not isinstance(window_steps, int) or isinstance(window_steps, bool) or window_steps < 1:
+            raise PlacementError(f"window_steps must be an integer >= 1, got {window_steps!r}")
+        self.window_steps = window_steps
 
     def balance_plan(self, loads: Sequence[VariableLoad], num_ps: int) -> BalancePlan:
         """The planner's plan for whole variables (what the partitioner must then cut).

@@ -22,7 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 from kubeai_train import cluster
-from kubeai_train.tf.balanced import POLICIES, placement_policy
+from kubeai_train.tf.balanced import POLICIES, BalancedPlacement, placement_policy
 from kubeai_train.tf.features import CtrFeatures
 from kubeai_train.tf.types import PlacementPolicy, StepInfo, TrainConfig
 
@@ -84,6 +84,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--log-steps", type=int, default=100)
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--placement", choices=PLACEMENTS, default="round_robin")
+    p.add_argument(
+        "--rebalance",
+        action="store_true",
+        help="with --placement balanced (between-graph, async): move shards off a PS that stays hot while training",
+    )
+    p.add_argument(
+        "--rebalance-window", type=int, default=50, help="the chief's steps per measured load window"
+    )
     p.add_argument("--no-shuffle", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -99,6 +107,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def placement_from_args(args: argparse.Namespace) -> PlacementPolicy:
     """The placement policy ``--placement`` names (``balanced``: see :mod:`kubeai_train.tf.balanced`)."""
+    if getattr(args, "rebalance", False):
+        if args.placement != "balanced":
+            raise SystemExit(f"--rebalance needs --placement balanced, got --placement {args.placement}")
+        return BalancedPlacement(rebalance=True, window_steps=args.rebalance_window)
     return placement_policy(args.placement)
 
 

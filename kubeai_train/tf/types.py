@@ -335,6 +335,8 @@ class RunResult:
     version: int | None = None
     model_uri: str | None = None
     placement: dict[str, Any] | None = None
+    #: this run ended for a runtime re-placement: ``run`` rebuilds and continues (internal)
+    replaced: bool = False
     ready_seconds: float = 0.0
     ready_at: float = 0.0
     train_seconds: float = 0.0

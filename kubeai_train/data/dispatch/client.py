@@ -107,7 +107,7 @@ class DynamicAssignment(Assignment):
         self._unconfirmed: dict[str, list[Piece]] = {}
         self._inc: dict[str, str] = {}  # the dispatcher incarnation each reader said hello to
         self._track: dict[str, _Track] = {}
-        self._state_cache: tuple[float, Dispatcher, dict[str, Any]] | None = None
+        self._state_cache: tuple[float, tuple[str, int, int], dict[str, Any]] | None = None
 
     # DataLoader workers get a copy without the host's dispatcher and threads: they talk HTTP
     def __getstate__(self) -> dict[str, Any]:
@@ -453,9 +453,10 @@ class DynamicAssignment(Assignment):
         if self._host is None:
             return {}
         now = time.monotonic()
-        cached = self._state_cache
-        if cached is None or now - cached[0] > STATE_MAX_AGE or cached[1] is not self._host:
-            cached = (now, self._host, {"dispatcher": self._host.state_dict()})
+        cached, marks = self._state_cache, self._host.epochs_seen()
+        # (never across an epoch boundary: a reader's state knows its last two epochs' pieces)
+        if cached is None or now - cached[0] > STATE_MAX_AGE or cached[1] != marks:
+            cached = (now, marks, {"dispatcher": self._host.state_dict()})
             self._state_cache = cached
         return dict(cached[2])
 

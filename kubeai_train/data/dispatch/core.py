@@ -466,6 +466,11 @@ class Dispatcher:
             return any(not ignore(r) for e in self._epochs.values() for r in e.inflight.values())
 
     # -- inspection ------------------------------------------------------------------------------
+    def epochs_seen(self) -> tuple[str, int, int]:
+        """(incarnation, highest epoch asked for, epochs complete): changes at every epoch boundary."""
+        with self._lock:
+            return self.incarnation, max(self._epochs, default=-1), len(self._complete)
+
     def stats(self, epoch: int) -> dict[str, Any]:
         """Per-reader statistics of ``epoch`` plus totals (JSON-serialisable)."""
         with self._lock:

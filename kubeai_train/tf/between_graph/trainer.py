@@ -41,12 +41,13 @@ from kubeai_train import cluster
 from kubeai_train.tf import export as _export
 from kubeai_train.tf.balanced import BalancedPlacement, load_report, measured_line, placement_policy
 from kubeai_train.tf.between_graph import checkpoints as _checkpoints
+from kubeai_train.tf.between_graph import rebalancing as _rebalancing
 from kubeai_train.tf.between_graph.balanced import TrafficCounter, resident_bytes, shard_counts_scope
 from kubeai_train.tf.between_graph.input import ReadFn, default_read_fn, make_dataset
 from kubeai_train.tf.between_graph.placement import PlanStrategy, placement_report, snapshot
 from kubeai_train.tf.checkpoint_store import RETRYABLE_ERRORS
 from kubeai_train.tf.model_dir import ModelDir, check_url, write_export
-from kubeai_train.tf.placement_policies import check_plan
+from kubeai_train.tf.placement_policies import PlacementPlan, check_plan
 from kubeai_train.tf.types import (
     RETRYABLE_EXIT_CODE,
     ClusterUnavailableError,
@@ -142,7 +143,11 @@ def run(
                 f"TF_CONFIG has no ps tasks (roles: {sorted(info.cluster)}); between-graph "
                 "training needs --ps N >= 1"
             )
-        return _Trainer(model, config, info, policy, read).train()
+        result: RunResult | None = None
+        while True:  # a runtime re-placement rebuilds the graph in this process (rebalancing.py)
+            result = _Trainer(model, config, info, policy, read).train(result)
+            if not result.replaced:
+                return result
     except ClusterUnavailableError as e:
         log.error(
             "[%s %d] %s; exiting with %d so the job restarts and restores its checkpoint",
@@ -256,6 +261,10 @@ class _Trainer:
         self.server: Any = None
         self.writer: Any = None
         self._failed_saves = 0
+        self.generation = 0  # re-placements applied so far (the plan file's)
+        self.rebalances: list[dict[str, Any]] = []
+        self.rebalancer: _rebalancing.LiveRebalancer | None = None
+        self.balance_plan: Any = None
         if self.is_chief:
             check_url(config.export_dir, config.storage_options, "export_dir")  # before, not after, training
             self.dir.makedirs()
@@ -271,6 +280,19 @@ class _Trainer:
                 tf.compat.v1.get_variable(f"job_done_{t}", initializer=tf.constant(False), trainable=False)
                 for t in range(self.num_ps)
             ]
+            # runtime re-placement: the generation the chief asks for, and each rank's answer
+            self.replace_gen = tf.compat.v1.get_variable(
+                "replace_generation", initializer=tf.constant(0, tf.int64), trainable=False
+            )
+            self.parked = [
+                tf.compat.v1.get_variable(
+                    f"parked_{r}", initializer=tf.constant(0, tf.int64), trainable=False
+                )
+                for r in range(self.world)
+            ]
+            self.gen_in = tf.compat.v1.placeholder(tf.int64, [])
+            self.set_gen = self.replace_gen.assign(self.gen_in, read_value=False)
+            self.set_parked = self.parked[self.rank].assign(self.gen_in, read_value=False)
 
     def _model_and_train_op(self, features: Mapping[str, Any]) -> None:
         self.global_step = tf.compat.v1.train.get_or_create_global_step()
@@ -308,13 +330,37 @@ class _Trainer:
         self.snapshot = [
             v for v in snapshot(g, self.config.batch_size) if not v.name.startswith(f"{STATE_SCOPE}/")
         ]
-        self.plan = self.policy.plan(self.snapshot, self.num_ps)
+        policy = self.policy
+        replanned = (
+            self.dir.read_json(_rebalancing.PLAN_FILE) if isinstance(policy, BalancedPlacement) else None
+        )
+        if replanned and isinstance(policy, BalancedPlacement):
+            # a runtime re-placement chose this plan: every role builds with it
+            policy.last = _rebalancing.plan_from_json(replanned["plan"])
+            self.generation = int(replanned["generation"])
+            self.rebalances = list(replanned.get("history") or [])
+            self.plan = PlacementPlan(policy.last.assignment(), self.num_ps, policy.name)
+        else:
+            self.plan = self.policy.plan(self.snapshot, self.num_ps)
         if isinstance(self.policy, BalancedPlacement) and self.policy.last is not None:
             # the planning pass saw whole variables; the real graph cuts them at the plan's
             # counts, so the snapshot the report and checks compare against is the cut one
             self.shard_counts = self.policy.last.shard_counts()
             self.snapshot = _cut_snapshot(self.snapshot, self.policy.last)
+            self.balance_plan = self.policy.last
         check_plan(self.plan, self.snapshot, self.num_ps)
+
+    def _rebalancer(self) -> None:
+        rule = getattr(self.policy, "rebalance", None)
+        if rule is None or not self.is_chief or self.traffic is None or self.balance_plan is None:
+            return
+        if self.sync_opt is not None:
+            log.warning("%s rebalance is for asynchronous training; sync=True keeps the placement", self.tag)
+            return
+        names = [v.op.name for _, v in self.grads_and_vars]
+        self.rebalancer = _rebalancing.LiveRebalancer(
+            self.balance_plan, names, getattr(self.policy, "window_steps", 50), rule
+        )
 
     def _cuts(self, planning: bool = False) -> Any:
         """The partitioner override of the balanced policy (nothing for the other policies)."""
@@ -344,6 +390,9 @@ class _Trainer:
                 )
                 self.resident = resident_bytes(self.graph, self.num_ps)
                 self.placement = load_report(self.placement, self.planned_loads, None)
+                if self.rebalances:
+                    self.placement["rebalances"] = self.rebalances
+                self._rebalancer()
                 if self.shard_counts:
                     self.placement["shard_counts"] = self.shard_counts
                 if strategy.unplanned:
@@ -434,6 +483,8 @@ class _Trainer:
     def _start_and_train(self, sess: Any, result: RunResult) -> None:
         t0 = time.perf_counter()
         how = self._chief_start(sess) if self.is_chief else None
+        if how == "restored" and self.rebalances and "pause_s" not in self.rebalances[-1]:
+            self._applied()
         if not self.is_chief:
             self._worker_start(sess)
         position = self._read_position(sess)
@@ -459,7 +510,7 @@ class _Trainer:
                 self.sync_hook.after_create_session(sess, coord)
             self._loop(sess, result)
             coord.request_stop()
-        if self.is_chief:
+        if self.is_chief and not result.replaced:
             self._chief_end(sess, result)
 
     def _uninitialized(self, sess: Any, deadline: float, what: str) -> list[str]:
@@ -508,9 +559,11 @@ class _Trainer:
         return json.loads(raw) if raw else None
 
     # ----------------------------------------------------------------------------- train
-    def train(self) -> RunResult:
+    def train(self, carry: RunResult | None = None) -> RunResult:
+        """Train this role; ``carry``: the result of the run a re-placement ended (its counts go on)."""
         t_start = time.perf_counter()
-        result = RunResult(role=self.job, rank=self.rank)
+        result = carry or RunResult(role=self.job, rank=self.rank)
+        result.replaced = False
         if self.is_chief:
             marker = self.dir.read_json(TRAINED_MARKER)
             if marker:
@@ -550,8 +603,14 @@ class _Trainer:
                     MAX_WORKER_RECOVERIES,
                 )
             finally:
-                sess.close()
+                try:
+                    sess.close()
+                except tf.errors.OpError:
+                    if not result.replaced:
+                        raise  # (a re-placement's reset closed it already)
         result.seconds = time.perf_counter() - t_start
+        if result.replaced:
+            return result
         if self.is_chief:
             return self._finish(result, t_start)
         log.info(
@@ -600,7 +659,14 @@ class _Trainer:
                 boundary = step % cfg.log_steps == 0 or (
                     self.is_chief and step % cfg.save_checkpoint_steps == 0
                 )
-                if boundary and not step_gstep:
+                if boundary and self.distributed and not self.is_chief:
+                    # a worker learns of a runtime re-placement with the global step it reads anyway
+                    gstep, gen = sess.run([self.global_step, self.replace_gen])
+                    if gen > self.generation:
+                        self._park(sess, int(gen))
+                        result.replaced = True
+                        break
+                elif boundary and not step_gstep:
                     gstep = sess.run(self.global_step)
                 if step % cfg.log_steps == 0:
                     now = time.perf_counter()
@@ -626,6 +692,14 @@ class _Trainer:
                     t_log, ex_log = now, 0
                 if self.is_chief and step % cfg.save_checkpoint_steps == 0:
                     self._save_periodic(sess, gstep)
+                if self.rebalancer is not None and step % self.rebalancer.window_steps == 0:
+                    decision = self.rebalancer.window([int(c) for c in sess.run(self.traffic.counts)])  # type: ignore[union-attr]
+                    if decision is not None:
+                        log.info("%s rebalance window: %s", self.tag, decision.reason)
+                        if decision.rebalance:
+                            self._replace(sess, decision)
+                            result.replaced = True
+                            break
                 if cfg.max_steps is not None and gstep >= cfg.max_steps:
                     break
         finally:
@@ -637,16 +711,96 @@ class _Trainer:
                 self._write_audit(audit, chunk)
         result.train_seconds += time.perf_counter() - t_loop
         result.local_steps += step
+        if result.replaced:
+            return  # the variables are being cleared: nothing more to read or mark
         result.global_step = int(sess.run(self.global_step))
         # the position of the last applied batch is already stored; mark it done
         position = self._read_position(sess) or {}
         sess.run(self.set_position, {self.position_in: json.dumps({**position, "done": True})})
 
+    # ----------------------------------------------------------------------------- re-placement
+    def _park(self, sess: Any, generation: int) -> None:
+        """A worker stops for re-placement ``generation``: its position is stored with its last
+        step; it says it is parked and rebuilds from the new plan (rebalancing.py)."""
+        sess.run(self.set_parked, {self.gen_in: generation})
+        log.info("%s parked for re-placement %d; rebuilding from the new plan", self.tag, generation)
+
+    def _replace(self, sess: Any, decision: Any) -> None:
+        """The chief applies a re-placement: plan file, generation, parked workers, checkpoint,
+        variables cleared on every PS (rebalancing.py)."""
+        gen = self.generation + 1
+        gstep = int(sess.run(self.global_step))
+        entry = _rebalancing.history_entry(decision, self.balance_plan, gen, gstep)
+        log.info(
+            "%s re-placement %d at global step %d: %s; moving %s",
+            self.tag,
+            gen,
+            gstep,
+            decision.reason,
+            "; ".join(entry["moved"]) or "nothing",
+        )
+        self.dir.write_json(
+            _rebalancing.PLAN_FILE,
+            {
+                "generation": gen,
+                "plan": _rebalancing.plan_to_json(decision.plan),
+                "history": [*self.rebalances, entry],
+            },
+        )
+        sess.run(self.set_gen, {self.gen_in: gen})
+        deadline = time.monotonic() + self.config.ready_timeout
+        while self.world > 1:
+            parked = sess.run(self.parked)
+            positions = sess.run(self.positions)
+            waiting = [
+                r
+                for r in range(1, self.world)
+                if int(parked[r]) < gen and not (positions[r] and json.loads(positions[r]).get("done"))
+            ]
+            if not waiting or time.monotonic() >= deadline:
+                if waiting:
+                    log.warning(
+                        "%s workers %s did not park within ready_timeout=%gs: their updates after the "
+                        "checkpoint are undone and their rows read again from its position",
+                        self.tag,
+                        waiting,
+                        self.config.ready_timeout,
+                    )
+                break
+            time.sleep(self.config.ready_poll)
+        self._save(sess, int(sess.run(self.global_step)))
+        # the old shards leave the PS: every variable of the job's container is cleared
+        tf.compat.v1.Session.reset(
+            self.server.target, [self.config.container] if self.config.container else None
+        )
+
+    def _applied(self) -> None:
+        """The new chief restored into the new placement: record the pause in the history."""
+        entry = self.rebalances[-1]
+        entry["pause_s"] = round(time.time() - float(entry["decided_at"]), 3)
+        log.info(
+            "%s re-placement %d applied: pause %.2f s (decision to restored), %.0f bytes moved "
+            "(lower bound %.0f), traffic max/mean %.3f -> planned %.3f",
+            self.tag,
+            entry["generation"],
+            entry["pause_s"],
+            entry["bytes_moved"],
+            entry["min_bytes"],
+            entry["before"].get("traffic", float("nan")),
+            entry["after"].get("traffic", float("nan")),
+        )
+        doc = self.dir.read_json(_rebalancing.PLAN_FILE) or {}
+        doc["history"] = self.rebalances
+        self.dir.write_json(_rebalancing.PLAN_FILE, doc)
+        if self.placement is not None:
+            self.placement["rebalances"] = self.rebalances
+
     def _write_audit(self, values: list[np.ndarray], chunk: int) -> None:
         # one file per chunk of applied batches, so a killed process keeps what it logged
         buf = io.BytesIO()
         np.save(buf, np.concatenate(values))
-        self.dir.write_bytes(f"audit/rank{self.rank}-pid{os.getpid()}-{chunk:06d}.npy", buf.getvalue())
+        name = f"audit/rank{self.rank}-pid{os.getpid()}-g{self.generation}-{chunk:06d}.npy"  # a rebuild counts anew
+        self.dir.write_bytes(name, buf.getvalue())
 
     def _save(self, sess: Any, gstep: int) -> str:
         t0 = time.perf_counter()
