@@ -158,7 +158,9 @@ def run(
     info = cluster.current()
     policy = placement_policy(placement)
     if getattr(policy, "rebalance", None) is not None:
-        log.warning("runtime rebalancing is implemented in between-graph mode only; coordinator mode keeps the plan")
+        log.warning(
+            "runtime rebalancing is implemented in between-graph mode only; coordinator mode keeps the plan"
+        )
     read = read_fn or default_read_fn
     if info.is_chief or info.framework != "tf":  # the resolved config once per job
         log.info(
