@@ -376,11 +376,10 @@ class DynamicAssignment(Assignment):
 
     def ack(self, reader: ReaderId, piece: Piece) -> bool:
         """Every row of ``piece`` was delivered; False if it had been re-queued and taken by another."""
-        if self._lock is not None:
-            with self._lock:
-                t = self._track.get(reader_name(reader))
-                if t is not None and piece in t.outstanding:  # not through ack_later
-                    self._delivered(reader, piece)
+        with self._lock:
+            t = self._track.get(reader_name(reader))
+            if t is not None and piece in t.outstanding:  # not through ack_later
+                self._delivered(reader, piece)
         ok = bool(self._call("ack", reader, piece=piece.to_dict())["ok"])
         if not ok:
             log.warning(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -208,6 +209,20 @@ def test_stats_per_reader() -> None:
 # -------------------------------------------------------------------------------------------
 # random interleavings: every row acknowledged exactly once per epoch
 
+
+def finish_epoch(d: Dispatcher, clock: Clock, epoch: int, take: Callable[[Piece], None]) -> None:
+    """One more reader ("final") reads what is left of ``epoch``; quiet holders' leases run out."""
+    for _ in range(10_000):
+        p = d.request("final", epoch, 4)
+        if not isinstance(p, str):
+            take(p)
+        elif p == "drained":
+            return
+        else:
+            clock.t += 11.0  # a quiet reader's pieces come back after its lease (10 s)
+    raise AssertionError(f"epoch {epoch} never drained")
+
+
 OPS = st.lists(
     st.tuples(
         st.sampled_from(["request", "ack", "die", "hello", "restore", "tick"]),
@@ -284,14 +299,7 @@ def test_random_interleavings_ack_every_row_exactly_once(sizes, ops, seed, min_r
         for p in ps:
             ack(r, p)
     for ep in (0, 1):
-        for _ in range(10_000):
-            p = d.request("final", ep, 4)
-            if isinstance(p, str):
-                if p == "drained":
-                    break
-                clock.t += 11.0  # a dead reader's pieces come back after its lease
-                continue
-            ack("final", p)
+        finish_epoch(d, clock, ep, lambda p: ack("final", p))
         assert sorted(acked[ep]) == all_rows(splits), f"epoch {ep}"
         assert sorted(rows_of(d, ep)) == all_rows(splits) or ep in d.state_dict()["complete"]
 
@@ -403,15 +411,7 @@ def test_restore_from_states_taken_at_different_moments(sizes, ops, seed, min_ro
             if d.ack(r, p):
                 log.append((r, p))
     for ep in (0, 1):
-        for _ in range(10_000):
-            p = d.request("final", ep, 4)
-            if isinstance(p, str):
-                if ep in d.state_dict()["complete"]:
-                    break
-                clock.t += 11.0  # pieces held by readers gone quiet come back after the lease
-                continue
-            if d.ack("final", p):
-                log.append(("final", p))
+        finish_epoch(d, clock, ep, lambda p: log.append(("final", p)) if d.ack("final", p) else None)
         rows = sorted((p.split, x) for _, p in log if p.epoch == ep for x in range(p.start, p.stop))
         assert rows == all_rows(splits), f"epoch {ep}"
 
