@@ -8,6 +8,10 @@ keeps every shard where it is unless moving it helps, and picks, step by step, t
 reaches the target (1.05 on memory and traffic) with the fewest bytes -- a whole shard to another
 PS, a swap of two, or the tail rows of a hot shard cut off into a new shard (TensorFlow restores
 a partitioned variable into a different partitioning, so a re-cut costs only the rows that move).
+Three levels of cutting (``cuts``): ``"free"`` (True) cuts rows anywhere; ``"even"`` may change a
+variable's shard count but cuts it evenly, as TensorFlow's partitioners do (a hot shard is split
+by re-cutting its variable into more even shards, and only the rows that change PS count as
+moved); ``"none"`` (False) only moves or swaps whole shards.
 It reports the bytes moved beside :func:`min_bytes_to_move`, a bound no re-placement can beat.
 """
 
@@ -18,10 +22,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeai_train.balance.planner import Planner
+from kubeai_train.balance.planner import Planner, even_rows
 from kubeai_train.balance.types import BalanceError, Plan, Shard, VariableLoad, max_over_mean
 
-__all__ = ["RebalanceDecision", "RebalancePolicy", "bytes_moved", "min_bytes_to_move", "observed", "replan"]
+__all__ = [
+    "CUTS",
+    "RebalanceDecision",
+    "RebalancePolicy",
+    "bytes_moved",
+    "cut_mode",
+    "min_bytes_to_move",
+    "observed",
+    "replan",
+]
+
+CUTS = ("free", "even", "none")
+
+
+def cut_mode(cuts: bool | str) -> str:
+    """``cuts`` as one of :data:`CUTS` (True is ``"free"``, False ``"none"``)."""
+    if cuts is True:
+        return "free"
+    if cuts is False:
+        return "none"
+    if cuts in CUTS:
+        return str(cuts)
+    raise BalanceError(f"cuts must be one of {CUTS} (or True / False), got {cuts!r}")
 
 
 @dataclass(frozen=True)
@@ -90,13 +116,67 @@ def bytes_moved(old: Plan, new: Plan) -> float:
     return moved
 
 
-def min_bytes_to_move(plan: Plan, target: float = 1.05) -> float:
-    """A lower bound on the bytes that must leave the PS over ``target`` x mean (memory or traffic).
+def min_bytes_to_move(
+    plan: Plan, target: float = 1.05, cuts: bool | str = True, max_nodes: int = 200_000
+) -> float:
+    """The fewest bytes a re-placement reaching ``target`` x mean (memory and traffic) must move.
 
-    A PS over the traffic target must shed its excess traffic; the cheapest way is its shards
-    with the most traffic per byte first, cut to the exact rows (a fractional knapsack); a PS
-    over the memory target must shed at least its excess bytes.
+    With ``cuts`` (shards may be cut anywhere) a lower bound: a PS over the traffic target must
+    shed its excess traffic, the cheapest way being its shards with the most traffic per byte
+    first, cut to the exact rows (a fractional knapsack); a PS over the memory target must shed
+    at least its excess bytes.
+
+    With ``cuts="none"`` (False: only whole shards move) the exact minimum over every
+    assignment of the current shards to PS, found by a branch and bound over shards largest
+    first; when that search would visit more than ``max_nodes`` assignments, or no assignment
+    of whole shards reaches the target, the fractional bound. With ``cuts="even"`` the
+    fractional bound (an even re-cut can only move more).
     """
+    frac = _fractional_min_bytes(plan, target)
+    if cut_mode(cuts) != "none":
+        return frac
+    exact = _whole_shard_min_bytes(plan, target, max_nodes)
+    return frac if exact is None else max(exact, frac)
+
+
+def _whole_shard_min_bytes(plan: Plan, target: float, max_nodes: int) -> float | None:
+    p = plan.num_ps
+    shards = sorted(plan.shards, key=lambda s: (-s.nbytes, -s.traffic, s.key))
+    mem_cap = target * math.fsum(s.nbytes for s in shards) / p * (1 + 1e-9)
+    tr_cap = target * math.fsum(s.traffic for s in shards) / p * (1 + 1e-9)
+    mem, tr = [0.0] * p, [0.0] * p
+    best = math.inf
+    nodes = 0
+
+    def visit(i: int, moved: float) -> bool:  # False: the node budget ran out
+        nonlocal best, nodes
+        nodes += 1
+        if nodes > max_nodes:
+            return False
+        if moved >= best:
+            return True
+        if i == len(shards):
+            best = moved
+            return True
+        s = shards[i]
+        for q in sorted(range(p), key=lambda q: (q != s.ps, mem[q] + tr[q] / max(tr_cap, 1e-300), q)):
+            if mem[q] + s.nbytes > mem_cap or tr[q] + s.traffic > tr_cap:
+                continue
+            mem[q] += s.nbytes
+            tr[q] += s.traffic
+            ok = visit(i + 1, moved + (0.0 if q == s.ps else s.nbytes))
+            mem[q] -= s.nbytes
+            tr[q] -= s.traffic
+            if not ok:
+                return False
+        return True
+
+    if not visit(0, 0.0) or math.isinf(best):
+        return None
+    return best
+
+
+def _fractional_min_bytes(plan: Plan, target: float) -> float:
     mem, tr = plan.memory(), plan.traffic()
     p = plan.num_ps
     m_mean, t_mean = math.fsum(mem) / p, math.fsum(tr) / p
@@ -125,7 +205,7 @@ def _objective(mem: list[float], tr: list[float]) -> float:
     return max(max_over_mean(mem), max_over_mean(tr))
 
 
-def replan(plan: Plan, target: float = 1.05, max_steps: int | None = None, cuts: bool = True) -> Plan:
+def replan(plan: Plan, target: float = 1.05, max_steps: int | None = None, cuts: bool | str = True) -> Plan:
     """A placement of ``plan``'s shards (with their current traffic) within ``target`` x mean, moving few bytes.
 
     Tries two greedy searches (the cheapest improvement per byte; the largest improvement) and,
@@ -133,17 +213,26 @@ def replan(plan: Plan, target: float = 1.05, max_steps: int | None = None, cuts:
     bytes in place as possible; returns the candidate within target moving the fewest bytes (or
     the most balanced one if none is). Deterministic.
 
-    With ``cuts=False`` only whole shards move or swap (no new or resized shards, no fresh
-    plan): what a TensorFlow partitioner can express, as it cuts every variable evenly.
+    With ``cuts="none"`` (False) only whole shards move or swap (no new or resized shards, no
+    fresh plan). With ``cuts="even"`` also: a variable holding a shard on a PS over the target
+    is re-cut evenly into more shards (up to one per PS, rows as :func:`even_rows`; each new
+    shard's traffic is its rows' share of the measured traffic of the old shards it overlaps),
+    its new shards start on the PS holding most of their rows, and whole shards then move --
+    what a TensorFlow partitioner can express.
     """
+    mode = cut_mode(cuts)
     # aim a little under the target: whole rows overshoot the exact residual by a hair
     aim = target - 0.002 * (target - 1.0 + 0.01) / 0.06
-    results = [_greedy(plan, aim, max_steps, "ratio", cuts), _greedy(plan, aim, max_steps, "gain", cuts)]
-    if cuts and all(max(r.max_over_mean().values()) > target for r in results):
+    free = mode == "free"
+    results = [_greedy(plan, aim, max_steps, "ratio", free), _greedy(plan, aim, max_steps, "gain", free)]
+    if free and all(max(r.max_over_mean().values()) > target for r in results):
         results.append(_fresh(plan))
+    if mode == "even" and all(max(r.max_over_mean().values()) > target for r in results):
+        results.extend(_recut_even(plan, aim, max_steps))
+        results.extend(_recut_top(plan, aim, max_steps))
     ok = [r for r in results if max(r.max_over_mean().values()) <= target + 1e-6]
-    if ok:
-        return min(ok, key=lambda r: bytes_moved(plan, r))
+    if ok:  # the fewest bytes moved, then the fewest partitions
+        return min(ok, key=lambda r: (bytes_moved(plan, r), len(r.shards)))
     return min(results, key=lambda r: (max(r.max_over_mean().values()), bytes_moved(plan, r)))
 
 
@@ -274,6 +363,121 @@ def _greedy(plan: Plan, target: float, max_steps: int | None, pick: str, cuts: b
             ps_top = pieces[i][3]
             _cut(pieces, i, q, d1)
             _cut(pieces, k, ps_top, d2)
+    return _to_plan(plan, pieces)
+
+
+def _recut_even(
+    plan: Plan, target: float, max_steps: int | None, rounds: int = 3, tries: int = 6
+) -> list[Plan]:
+    """Candidates of :func:`replan`'s ``"even"`` mode: up to ``rounds`` variables re-cut in turn,
+    each time the re-cut (of the ``tries`` variables with most traffic on PS over the target,
+    into each larger even count) whose whole-shard placement is best."""
+    out: list[Plan] = []
+    cur = plan
+    for _ in range(rounds):
+        mem, tr = cur.memory(), cur.traffic()
+        p = cur.num_ps
+        m_mean, t_mean = math.fsum(mem) / p, math.fsum(tr) / p
+        hot = {
+            q
+            for q in range(p)
+            if (m_mean and mem[q] / m_mean > target) or (t_mean and tr[q] / t_mean > target)
+        }
+        if not hot:
+            break
+        counts = cur.shard_counts()
+        total_rows = {v: sum(r) for v, r in cur.rows().items()}
+        on_hot: dict[str, float] = {}
+        for s in cur.shards:
+            if s.ps in hot and counts[s.variable] < min(p, total_rows[s.variable]):
+                on_hot[s.variable] = on_hot.get(s.variable, 0.0) + s.traffic
+        best: tuple[tuple[bool, float, float], Plan] | None = None
+        for v in sorted(on_hot, key=lambda v: (-on_hot[v], v))[:tries]:
+            for n in range(counts[v] + 1, min(p, total_rows[v]) + 1):
+                placed = _greedy(_even_cut(cur, v, n), target, max_steps, "gain", False)
+                obj = max(placed.max_over_mean().values())
+                key = (obj > target, obj if obj > target else 0.0, bytes_moved(plan, placed))
+                if best is None or key < best[0]:
+                    best = (key, placed)
+        if best is None:
+            break
+        cur = best[1]
+        out.append(cur)
+        if not best[0][0]:
+            break
+    return out
+
+
+def _recut_top(plan: Plan, target: float, max_steps: int | None, most: int = 8) -> list[Plan]:
+    """More candidates of the ``"even"`` mode: the ``k`` variables with most traffic (k = 1 ..
+    ``most``) re-cut together, into one more shard each or into one per PS, then placed by
+    whole-shard moves. Fixing a hot table often needs a cold one cut too, so that equal halves
+    can swap (and memory stays even)."""
+    p = plan.num_ps
+    counts = plan.shard_counts()
+    rows = {v: sum(r) for v, r in plan.rows().items()}
+    traffic: dict[str, float] = {}
+    for s in plan.shards:
+        traffic[s.variable] = traffic.get(s.variable, 0.0) + s.traffic
+    order = [v for v in sorted(traffic, key=lambda v: (-traffic[v], v)) if counts[v] < min(p, rows[v])]
+    out: list[Plan] = []
+    for k in range(1, min(most, len(order)) + 1):
+        for widest in (False, True):
+            cur = plan
+            for v in order[:k]:
+                cur = _even_cut(cur, v, min(p, rows[v]) if widest else counts[v] + 1)
+            out.append(_uncut_unmoved(plan, _greedy(cur, target, max_steps, "gain", False)))
+    return out
+
+
+def _uncut_unmoved(old: Plan, new: Plan) -> Plan:
+    """``new`` with every re-cut variable whose rows all stayed on their PS given back its old
+    shards: a cut that moves nothing only adds partitions."""
+    keep: set[str] = set()
+    olds: dict[str, list[Shard]] = {}
+    for s in old.shards:
+        olds.setdefault(s.variable, []).append(s)
+    news: dict[str, list[Shard]] = {}
+    for s in new.shards:
+        news.setdefault(s.variable, []).append(s)
+    for v, ns in news.items():
+        os_ = olds[v]
+        if len(ns) != len(os_) and len({s.ps for s in os_}) == 1 and {s.ps for s in ns} == {os_[0].ps}:
+            keep.add(v)
+    if not keep:
+        return new
+    pieces = [
+        [s.variable, s.offset, s.rows, s.ps, s.nbytes, s.traffic]
+        for s in (
+            *(x for x in new.shards if x.variable not in keep),
+            *(x for x in old.shards if x.variable in keep),
+        )
+    ]
+    return _to_plan(new, pieces)
+
+
+def _even_cut(plan: Plan, variable: str, n: int) -> Plan:
+    """``plan`` with ``variable`` cut evenly into ``n`` shards (bytes and traffic pro rata rows
+    of the old shards each overlaps), each on the PS that held most of its rows."""
+    old = sorted((s for s in plan.shards if s.variable == variable), key=lambda s: s.offset)
+    pieces: list[list[Any]] = [
+        [s.variable, s.offset, s.rows, s.ps, s.nbytes, s.traffic]
+        for s in plan.shards
+        if s.variable != variable
+    ]
+    off = 0
+    for r in even_rows(sum(s.rows for s in old), n):
+        m = t = 0.0
+        share: dict[int, int] = {}
+        for s in old:
+            k = min(off + r, s.offset + s.rows) - max(off, s.offset)
+            if k > 0:
+                m += s.nbytes * k / s.rows
+                t += s.traffic * k / s.rows
+                share[s.ps] = share.get(s.ps, 0) + k
+        ps = min(share, key=lambda q: (-share[q], q))
+        pieces.append([variable, off, r, ps, m, t])
+        off += r
     return _to_plan(plan, pieces)
 
 
@@ -446,12 +650,12 @@ class RebalancePolicy:
         threshold: traffic max/mean over which a window counts as hot (> 1).
         windows: consecutive hot windows that trigger a re-placement.
         target: the max/mean (memory and traffic) the re-placement aims for.
-        cuts: whether the re-placement may cut or resize shards (see :func:`replan`); False
-            keeps every shard as it is and only moves or swaps whole shards.
+        cuts: how the re-placement may cut shards (see :func:`replan`): ``"free"`` (True)
+            anywhere, ``"even"`` into more even shards, ``"none"`` (False) whole shards only.
     """
 
     def __init__(
-        self, threshold: float = 1.10, windows: int = 3, target: float = 1.05, cuts: bool = True
+        self, threshold: float = 1.10, windows: int = 3, target: float = 1.05, cuts: bool | str = True
     ) -> None:
         if not threshold > 1.0:
             raise BalanceError(f"threshold must be > 1.0 (a max over mean), got {threshold!r}")
@@ -459,7 +663,8 @@ class RebalancePolicy:
             raise BalanceError(f"windows must be an integer >= 1, got {windows!r}")
         if not 1.0 <= target < threshold:
             raise BalanceError(f"target must be in [1.0, threshold={threshold}), got {target!r}")
-        self.threshold, self.windows, self.target, self.cuts = threshold, windows, target, cuts
+        self.threshold, self.windows, self.target = threshold, windows, target
+        self.cuts = cut_mode(cuts)
         self.hot = 0
 
     def reset(self) -> None:
@@ -478,15 +683,33 @@ class RebalancePolicy:
         before = now.max_over_mean()
         self.hot = self.hot + 1 if before["traffic"] > self.threshold else 0
         if self.hot < self.windows:
-            why = f"traffic max/mean {before['traffic']:.3f} (threshold {self.threshold}), hot windows {self.hot}/{self.windows}"
+            why = (
+                f"traffic max/mean {before['traffic']:.3f} (threshold {self.threshold}), "
+                f"hot windows {self.hot}/{self.windows}"
+            )
             return RebalanceDecision(False, why, before=before, hot_windows=self.hot)
         new = replan(now, self.target, cuts=self.cuts)
         moved = bytes_moved(now, new)
         after = new.max_over_mean()
+        # worth a pause only if it takes off at least half the traffic excess (or reaches the
+        # target) without making memory worse than it is or than the target
+        goal = max(self.target, before["traffic"] - 0.5 * (before["traffic"] - self.target))
+        better = (
+            after["traffic"] <= goal + 1e-9 and after["memory"] <= max(before["memory"], self.target) + 1e-9
+        )
+        if not better or moved <= 0.0:
+            # nothing the allowed cuts can build is better enough: a pause would buy little
+            why = (
+                f"traffic max/mean {before['traffic']:.3f} > {self.threshold} for {self.hot} windows, "
+                f"but no re-placement with cuts={self.cuts!r} takes off half the excess "
+                f"(best: traffic {after['traffic']:.3f}, memory {after['memory']:.3f})"
+            )
+            return RebalanceDecision(False, why, before=before, hot_windows=self.hot)
         why = (
             f"traffic max/mean {before['traffic']:.3f} > {self.threshold} for {self.hot} windows; "
-            f"re-placement moves {moved:.0f} bytes, max/mean memory {after['memory']:.3f} traffic {after['traffic']:.3f}"
+            f"re-placement moves {moved:.0f} bytes, "
+            f"max/mean memory {after['memory']:.3f} traffic {after['traffic']:.3f}"
         )
         return RebalanceDecision(
-            True, why, new, moved, min_bytes_to_move(now, self.target), before, after, self.hot
+            True, why, new, moved, min_bytes_to_move(now, self.target, self.cuts), before, after, self.hot
         )

@@ -63,7 +63,7 @@ class BalancedPlacement(PlacementPolicy):
         if isinstance(rebalance, RebalancePolicy):
             self.rebalance: RebalancePolicy | None = rebalance
         elif rebalance is True:
-            self.rebalance = RebalancePolicy(cuts=False)  # TF1 partitions evenly: whole shards only
+            self.rebalance = RebalancePolicy(cuts="even")  # TF1 partitions evenly: no uneven re-cuts
         elif rebalance is False or rebalance is None:
             self.rebalance = None
         else:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from kubeai_train.balance import BalanceError, Planner, RebalancePolicy, dense, embedding
-from kubeai_train.balance.rebalance import bytes_moved, min_bytes_to_move, replan
+from kubeai_train.balance.planner import even_rows
+from kubeai_train.balance.rebalance import bytes_moved, min_bytes_to_move, observed, replan
+from kubeai_train.balance.types import Plan, Shard
 
 
 def _model(num_tables: int = 40, mlp: bool = True):
@@ -83,3 +85,55 @@ def test_without_cuts_only_whole_shards_move():
     assert d.plan.rows() == plan.rows()  # same shards, same rows: a TF partitioner can express it
     assert d.after["traffic"] < d.before["traffic"]
     assert d.bytes_moved > 0
+
+
+def _four_tables_two_hot_on_one_ps():
+    # four equal tables on 2 PS (t0, t2 on PS 0; t1, t3 on PS 1); then t0 and t2 turn hot
+    plan = Planner(rows="even").plan([embedding(f"t{i}", 10_000, 16, batch_size=512) for i in range(4)], 2)
+    assert len(plan.shards) == 4
+    on0 = [s.key for s in plan.shards if s.ps == 0]
+    traffic = {s.key: s.traffic * (3.0 if s.key in on0 else 1.0) for s in plan.shards}
+    return plan, traffic
+
+
+def test_whole_shard_minimum_is_exact_where_the_fractional_bound_is_loose():
+    plan, traffic = _four_tables_two_hot_on_one_ps()
+    now = observed(plan, traffic)
+    shard = plan.shards[0].nbytes
+    # cutting rows, a quarter of one hot table's rows could go; whole shards need a swap
+    assert min_bytes_to_move(now, 1.05) < shard
+    assert min_bytes_to_move(now, 1.05, cuts=False) == pytest.approx(2 * shard)
+    new = replan(now, 1.05, cuts=False)
+    assert max(new.max_over_mean().values()) <= 1.05 + 1e-9
+    assert bytes_moved(now, new) == pytest.approx(min_bytes_to_move(now, 1.05, cuts=False))
+    # a search over its node budget falls back to the fractional bound (still a bound)
+    assert min_bytes_to_move(now, 1.05, cuts=False, max_nodes=2) == min_bytes_to_move(now, 1.05)
+
+
+def test_policy_reports_the_whole_shard_minimum_when_it_may_not_cut():
+    plan, traffic = _four_tables_two_hot_on_one_ps()
+    policy = RebalancePolicy(windows=1, cuts=False)
+    d = policy.observe(plan, traffic)
+    assert d.rebalance and d.bytes_moved == pytest.approx(d.min_bytes)
+
+
+def test_even_recut_splits_a_hot_table_where_no_whole_shard_move_helps():
+    # two equal tables, one per PS; t1's lookups collapse onto one row, so t0's PS moves ~all bytes
+    nbytes = 2_000 * 16 * 4
+    shards = (Shard("t0", 0, 0, 2_000, 0, nbytes, 1.0), Shard("t1", 0, 0, 2_000, 1, nbytes, 1.0))
+    plan = Plan(2, shards, 1.0, (), "hand-made", 2 * nbytes, 2.0)
+    traffic = {"t0": 1.0, "t1": 0.005}
+    now = observed(plan, traffic)
+    assert now.max_over_mean()["traffic"] > 1.9
+    assert RebalancePolicy(windows=1, cuts="none").observe(plan, traffic).rebalance is False  # nothing helps
+    d = RebalancePolicy(windows=1, cuts="even").observe(plan, traffic)
+    assert d.rebalance and d.after["traffic"] <= 1.05 and d.after["memory"] <= 1.05, d.reason
+    # what TensorFlow's partitioners build: even rows, at most one shard per PS
+    for name, rows in d.plan.rows().items():
+        assert rows == even_rows(2_000, len(rows)) and len(rows) <= 2, (name, rows)
+    assert d.min_bytes <= d.bytes_moved <= 2 * 16_000 * 4  # at most half of each table moves
+
+
+def test_cut_modes_are_checked():
+    with pytest.raises(BalanceError, match="cuts must be one of"):
+        RebalancePolicy(cuts="uneven")

@@ -19,8 +19,10 @@ the running processes, losing no update:
 4. the new chief restores the checkpoint into the new placement (TensorFlow restores a
    partitioned variable by its full name and slices) and the workers continue.
 
-Shards are only moved or swapped whole (``cuts=False``): TF1 partitioners cut variables into
-even parts, so the policy's uneven re-cuts could not be built. The pause (decision to the new
+TF1 partitioners cut a variable into even parts, so the policy runs with ``cuts="even"``: whole
+shards move or swap, and a hot variable may be re-cut into more even shards (up to one per PS;
+TensorFlow restores the checkpoint of the old partitioning into the new one), but never into
+uneven ones. The pause (decision to the new
 chief ready), bytes moved and the policy's lower bound on them are logged and kept in the plan
 file's history, which the placement report (and the published metadata) carries as
 ``"rebalances"``. Asynchronous training only (``sync=True`` ignores it, with a warning).
@@ -104,8 +106,8 @@ class LiveRebalancer:
         plan: the placement in force.
         names: the TensorFlow name of each counted variable, in the counter's order.
         window_steps: steps per window.
-        policy: the decision rule (default: threshold 1.10 for 3 windows, target 1.05, whole
-            shards only).
+        policy: the decision rule (default: threshold 1.10 for 3 windows, target 1.05, even
+            re-cuts and whole-shard moves only).
     """
 
     def __init__(
@@ -118,7 +120,7 @@ class LiveRebalancer:
         if not isinstance(window_steps, int) or window_steps < 1:
             raise BalanceError(f"rebalance window_steps must be an integer >= 1, got {window_steps!r}")
         self.plan = plan
-        self.policy = policy or RebalancePolicy(cuts=False)
+        self.policy = policy or RebalancePolicy(cuts="even")
         self.policy.reset()
         self.window_steps = window_steps
         known = set(plan.assignment())
@@ -148,6 +150,14 @@ def history_entry(
     """What the plan file (and then the placement report) records of one re-placement."""
     before = old.assignment()
     after = decision.plan.assignment() if decision.plan is not None else {}
+    moved = [f"{n}: ps {before[n]} -> ps {t}" for n, t in sorted(after.items()) if before.get(n, t) != t]
+    if decision.plan is not None:
+        # a re-cut variable's shards have new names: say how its rows were cut and placed
+        was, now = old.rows(), decision.plan.rows()
+        for v in sorted(now):
+            if len(now[v]) != len(was.get(v, now[v])):
+                shards = [f"{s.rows} rows on ps {s.ps}" for s in decision.plan.shards if s.variable == v]
+                moved.append(f"{v}: re-cut from {len(was[v])} to {len(now[v])} shards ({', '.join(shards)})")
     return {
         "generation": generation,
         "global_step": global_step,
@@ -157,7 +167,5 @@ def history_entry(
         "min_bytes": decision.min_bytes,
         "before": decision.before,
         "after": decision.after,
-        "moved": [
-            f"{n}: ps {before[n]} -> ps {t}" for n, t in sorted(after.items()) if before.get(n, t) != t
-        ],
+        "moved": moved,
     }

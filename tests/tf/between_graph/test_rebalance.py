@@ -3,7 +3,9 @@
 ``_rebalance_job.py``: four equal tables, two per PS; from global step 40 the two tables on one
 PS look up a single row, so the other PS moves about twice its bytes (max/mean ~1.3). The chief
 measures it window by window, re-places (a swap of whole tables), checkpoints with the worker
-parked, clears the PS and restores into the new placement; training goes on there. Checked:
+parked, clears the PS and restores into the new placement; training goes on there. ``recut``:
+one hot table that no whole-table move can fix is re-cut into two even shards (TensorFlow
+restores the whole-table checkpoint into the partitioned variable). Checked:
 the decision and the pause are recorded, the tables sit where the new plan says, the measured
 traffic after it is even, and every row is trained exactly once (row-id audit).
 """
@@ -38,14 +40,15 @@ def _data(root: Path) -> None:
         pq.write_table(pa.table(cols), root / f"part-{f}.parquet", row_group_size=2048)
 
 
-def test_a_hot_ps_is_rebalanced_mid_run_and_no_update_is_lost(tmp_path):
+@pytest.mark.parametrize("mode", ["swap", "recut"])
+def test_a_hot_ps_is_rebalanced_mid_run_and_no_update_is_lost(tmp_path, mode):
     import tensorflow as tf
 
     _data(tmp_path / "data")
     model_dir = tmp_path / "m"
     res = run_cluster(
         JOB,
-        [str(tmp_path / "data"), str(model_dir), "40"],
+        [str(tmp_path / "data"), str(model_dir), "40", mode],
         ps=2,
         workers=1,
         timeout=300,
@@ -64,10 +67,19 @@ def test_a_hot_ps_is_rebalanced_mid_run_and_no_update_is_lost(tmp_path):
 
     # the final graph's tables sit where the new plan says
     plan = json.loads((model_dir / "placement_plan.json").read_text())
-    planned = {s["variable"]: s["ps"] for s in plan["plan"]["shards"]}
-    for name, dev in report["devices"].items():
-        if name in planned:
-            assert tf.DeviceSpec.from_string(dev).task == planned[name], (name, dev)
+    counts: dict[str, int] = {}
+    for s in plan["plan"]["shards"]:
+        counts[s["variable"]] = counts.get(s["variable"], 0) + 1
+    planned = {
+        (f"{s['variable']}/part_{s['index']}" if counts[s["variable"]] > 1 else s["variable"]): s["ps"]
+        for s in plan["plan"]["shards"]
+    }
+    checked = [name for name in report["devices"] if name in planned]
+    assert len(checked) == len(planned), (sorted(planned), sorted(report["devices"]))
+    for name in checked:
+        assert tf.DeviceSpec.from_string(report["devices"][name]).task == planned[name], name
+    if mode == "recut":  # the hot table now has two even shards, one on each PS
+        assert counts["t0"] == 2 and {planned["t0/part_0"], planned["t0/part_1"]} == {0, 1}, plan
     # measured after the re-placement (the new chief's own steps): even traffic again
     assert report["measured"]["steps"] >= 20
     assert report["max_over_mean"]["measured"]["traffic"] <= 1.08, report["max_over_mean"]
