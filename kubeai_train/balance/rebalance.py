@@ -17,6 +17,7 @@ It reports the bytes moved beside :func:`min_bytes_to_move`, a bound no re-place
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -129,51 +130,105 @@ def min_bytes_to_move(
     With ``cuts="none"`` (False: only whole shards move) the exact minimum over every
     assignment of the current shards to PS, found by a branch and bound over shards largest
     first; when that search would visit more than ``max_nodes`` assignments, or no assignment
-    of whole shards reaches the target, the fractional bound. With ``cuts="even"`` the
-    fractional bound (an even re-cut can only move more).
+    of whole shards reaches the target, the fractional bound. With ``cuts="even"`` the same
+    search also over every even shard count of every variable (up to one shard per PS; a
+    re-cut shard's bytes and traffic pro rata rows of the old shards it overlaps, as
+    :func:`replan` assumes), when there are at most 4,096 combinations of counts.
     """
     frac = _fractional_min_bytes(plan, target)
-    if cut_mode(cuts) != "none":
+    mode = cut_mode(cuts)
+    if mode == "free":
         return frac
-    exact = _whole_shard_min_bytes(plan, target, max_nodes)
+    exact = _exact_min_bytes(plan, target, max_nodes, even=mode == "even")
     return frac if exact is None else max(exact, frac)
 
 
-def _whole_shard_min_bytes(plan: Plan, target: float, max_nodes: int) -> float | None:
-    p = plan.num_ps
-    shards = sorted(plan.shards, key=lambda s: (-s.nbytes, -s.traffic, s.key))
-    mem_cap = target * math.fsum(s.nbytes for s in shards) / p * (1 + 1e-9)
-    tr_cap = target * math.fsum(s.traffic for s in shards) / p * (1 + 1e-9)
-    mem, tr = [0.0] * p, [0.0] * p
-    best = math.inf
-    nodes = 0
+def _items(old: Plan, new: Plan) -> list[tuple[float, float, list[float]]]:
+    """``new``'s shards as (bytes, traffic, bytes moved if placed on each PS) against ``old``."""
+    by_var: dict[str, list[Shard]] = {}
+    for o in old.shards:
+        by_var.setdefault(o.variable, []).append(o)
+    out = []
+    for s in new.shards:
+        cost = [0.0] * old.num_ps
+        for o in by_var[s.variable]:
+            k = min(s.offset + s.rows, o.offset + o.rows) - max(s.offset, o.offset)
+            if k > 0:
+                for q in range(old.num_ps):
+                    if q != o.ps:
+                        cost[q] += o.nbytes * k / o.rows
+        out.append((s.nbytes, s.traffic, cost))
+    return out
 
-    def visit(i: int, moved: float) -> bool:  # False: the node budget ran out
-        nonlocal best, nodes
-        nodes += 1
-        if nodes > max_nodes:
+
+def _exact_min_bytes(plan: Plan, target: float, max_nodes: int, even: bool) -> float | None:
+    """The exact minimum of :func:`min_bytes_to_move` for ``cuts="none"`` / ``"even"`` (every even
+    shard count of every variable, up to one shard per PS), or None past the budget."""
+    p = plan.num_ps
+    counts, rows = plan.shard_counts(), {v: sum(r) for v, r in plan.rows().items()}
+    names = sorted(counts)
+    # the current count first: the search finds the no-re-cut answers early and prunes with them
+    choices = [
+        [counts[v], *(n for n in range(1, min(p, rows[v]) + 1) if n != counts[v])] if even else [counts[v]]
+        for v in names
+    ]
+    if math.prod(len(c) for c in choices) > 4096:
+        return None
+    mem_cap = target * math.fsum(s.nbytes for s in plan.shards) / p * (1 + 1e-9)
+    tr_cap = target * math.fsum(s.traffic for s in plan.shards) / p * (1 + 1e-9)
+    best = math.inf
+    budget = max_nodes
+    for combo in itertools.product(*choices):
+        cut = plan
+        for v, n in zip(names, combo, strict=True):
+            if n != counts[v]:
+                cut = _even_cut(cut, v, n)
+        items = sorted(_items(plan, cut), key=lambda x: (-x[0], -x[1], min(x[2])))
+        found, budget = _branch_and_bound(items, p, mem_cap, tr_cap, best, budget)
+        if budget < 0:
+            return None
+        best = min(best, found)
+    return None if math.isinf(best) else best
+
+
+def _branch_and_bound(
+    items: list[tuple[float, float, list[float]]],
+    p: int,
+    mem_cap: float,
+    tr_cap: float,
+    best: float,
+    budget: int,
+) -> tuple[float, int]:
+    """The cheapest placement of ``items`` within the caps (inf if none beats ``best``), and
+    the node budget left (< 0: it ran out, the answer is not exact)."""
+    mem, tr = [0.0] * p, [0.0] * p
+    out = best
+
+    def visit(i: int, moved: float) -> bool:
+        nonlocal out, budget
+        budget -= 1
+        if budget < 0:
             return False
-        if moved >= best:
+        if moved >= out:
             return True
-        if i == len(shards):
-            best = moved
+        if i == len(items):
+            out = moved
             return True
-        s = shards[i]
-        for q in sorted(range(p), key=lambda q: (q != s.ps, mem[q] + tr[q] / max(tr_cap, 1e-300), q)):
-            if mem[q] + s.nbytes > mem_cap or tr[q] + s.traffic > tr_cap:
+        m, t, cost = items[i]
+        for q in sorted(range(p), key=lambda q: (cost[q], mem[q] + tr[q] / max(tr_cap, 1e-300), q)):
+            if mem[q] + m > mem_cap or tr[q] + t > tr_cap:
                 continue
-            mem[q] += s.nbytes
-            tr[q] += s.traffic
-            ok = visit(i + 1, moved + (0.0 if q == s.ps else s.nbytes))
-            mem[q] -= s.nbytes
-            tr[q] -= s.traffic
+            mem[q] += m
+            tr[q] += t
+            ok = visit(i + 1, moved + cost[q])
+            mem[q] -= m
+            tr[q] -= t
             if not ok:
                 return False
         return True
 
-    if not visit(0, 0.0) or math.isinf(best):
-        return None
-    return best
+    visit(0, 0.0)
+    return (out if out < best else math.inf), budget
 
 
 def _fractional_min_bytes(plan: Plan, target: float) -> float:

@@ -137,3 +137,18 @@ def test_even_recut_splits_a_hot_table_where_no_whole_shard_move_helps():
 def test_cut_modes_are_checked():
     with pytest.raises(BalanceError, match="cuts must be one of"):
         RebalancePolicy(cuts="uneven")
+
+
+def test_even_recut_moves_the_exact_even_minimum_on_a_hand_made_case():
+    # the live test's shape: t0 hot on PS 0 with t1; t2, t3 on PS 1; whole moves cannot fix it
+    nbytes = 2_000 * 16 * 4 * 2
+    shards = tuple(Shard(f"t{i}", 0, 0, 2_000, [0, 0, 1, 1][i], nbytes, 1.0) for i in range(4))
+    plan = Plan(2, shards, 1.0, (), "hand-made", 4 * nbytes, 4.0)
+    traffic = {"t0": 2.0, "t1": 1.0, "t2": 1.0, "t3": 1.0}
+    now = observed(plan, traffic)
+    assert min_bytes_to_move(now, 1.05, cuts="none") == min_bytes_to_move(now, 1.05)  # none reaches it
+    exact = min_bytes_to_move(now, 1.05, cuts="even")
+    assert exact == pytest.approx(nbytes)  # half of t0 out, half of a cold table back
+    assert exact > min_bytes_to_move(now, 1.05)  # the fractional bound assumes uneven cuts
+    d = RebalancePolicy(windows=1, cuts="even").observe(plan, traffic)
+    assert d.rebalance and d.bytes_moved == pytest.approx(exact) and d.min_bytes == pytest.approx(exact)
