@@ -14,7 +14,10 @@ TorchScript program and publishes it to the model repository with its metrics an
 
 ``--straggler adaptive`` keeps the global batch (ranks x ``--batch-size``) and gives each rank a
 share of it that follows its measured speed, in steps of ``--batch-size / --micro-batches``
-rows; slow ranks are logged and listed in the result's ``straggler`` entry.
+rows; slow ranks are logged and listed in the result's ``straggler`` entry. ``--straggler backup
+--backup-workers B`` lets up to B ranks the detector flags slow sit steps out (they take no
+batch; no row is lost); which ranks sat out how many steps is in the same entry. Both pay off
+with ``--assignment dynamic``: with a static split a slow rank still owns its whole shard.
 
 Without a launcher it trains in one process (a process group of one): the baseline.
 ``--model-dir`` holds checkpoints/ (and tensorboard/ when local); reuse it only to resume the
@@ -68,7 +71,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--straggler",
         choices=kt.STRAGGLER_MODES,
         default="none",
-        help="adaptive: local batches follow each rank's measured speed at a fixed global batch",
+        help="adaptive: local batches follow each rank's measured speed at a fixed global batch; "
+        "backup: ranks flagged slow sit steps out",
+    )
+    p.add_argument(
+        "--backup-workers",
+        type=int,
+        default=1,
+        help="with --straggler backup: how many flagged ranks may sit a step out (< world size)",
     )
     p.add_argument(
         "--micro-batches",
@@ -99,6 +109,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             f"--batch-size {args.batch_size} must be a multiple of --micro-batches {args.micro_batches} "
             "(>= 1) with --straggler adaptive"
         )
+    if args.backup_workers < 1:
+        p.error(f"--backup-workers must be >= 1, got {args.backup_workers}")
     return args
 
 
@@ -121,6 +133,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             max_steps=args.max_steps,
             straggler=args.straggler,
             adaptive=kt.AdaptiveBatching(micro_batches=args.micro_batches),
+            backup_workers=args.backup_workers,
         )
         adaptive = args.straggler == "adaptive"
         trainer = kt.Trainer(model, features, config, ctx)

@@ -9,11 +9,28 @@ local batches, i.e. a smaller effective batch. With i.i.d. shares the estimate s
 but noisier; with shares that differ (a worker's data is a different day, region or user
 segment) the model leans toward the fast workers' data. Adaptive batches
 (:mod:`.adaptive`) keep every row and every worker; prefer them when shares are not i.i.d.
+
+The DDP form (:meth:`BackupWorkers.sit_out`). DDP's gradient all-reduce is collective: once a
+slow rank has computed, its gradient is in the sum, and leaving it out would not make the step
+shorter. So the ranks decide *before* a step, from the previous steps' measured speed, which of
+them sit it out: those take no batch and join the all-reduce with a zero gradient, and the
+others' losses are scaled so the average is the mean over the kept ranks' rows. No row is lost
+(unlike TF, where the dropped gradient's rows were read and are gone): the rows a sitting rank
+did not take stay in its reader, for a later step or -- with dynamic assignment -- for the
+other ranks. Only ranks the detector flags sit out, never "always the ``b`` slowest" as
+SyncReplicasOptimizer does: there every replica computes and the step ends at the
+``N - b``-th arrival, so dropping costs no compute; in DDP a rank that sits out idles, and
+idling the ``b`` slowest of equally fast ranks would cut throughput by ``b / N`` for nothing.
+Its bias: each step averages ``N - s`` local batches (``s`` sitting out), a smaller effective
+batch while a rank is slow; with a static split the slow rank's rows are all trained on, but
+later (after the fast ranks' shards, when it trains alone); with dynamic assignment the fast
+ranks read what it did not, so a slow rank's data share shrinks -- the same lean toward the
+fast ranks' data as above when shares are not i.i.d., but every row of the epoch still counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from kubeai_train.straggler.types import StragglerError
 
@@ -54,6 +71,23 @@ class BackupWorkers:
                 raise StragglerError(f"replica {r!r} out of range for {self.world} replicas")
         order = sorted(arrivals, key=lambda r: (arrivals[r], r))
         return tuple(order[: self.to_aggregate])
+
+    def sit_out(
+        self, flagged: Iterable[int], ratio: Mapping[int, float], holding: Iterable[int]
+    ) -> frozenset[int]:
+        """The DDP form, decided before a step: which replicas take no batch in it.
+
+        Up to ``backup`` of the ``flagged`` replicas that still hold data (``holding``), the
+        slowest first (highest ``ratio``: seconds per row over the others' median; unknown
+        counts as 0; ties to the lower index), and never every replica that holds data (the
+        step must train on something, and the last rows must be read).
+        """
+        holders = set(holding)
+        for r in holders:
+            if not isinstance(r, int) or not 0 <= r < self.world:
+                raise StragglerError(f"replica {r!r} out of range for {self.world} replicas")
+        slow = sorted((r for r in set(flagged) if r in holders), key=lambda r: (-ratio.get(r, 0.0), r))
+        return frozenset(slow[: min(self.backup, len(holders) - 1)])
 
     def step_time(self, compute_seconds: Sequence[float]) -> float:
         """Seconds of a step: when the ``world - backup``-th gradient arrives."""

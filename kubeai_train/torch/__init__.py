@@ -8,7 +8,9 @@ embedding gradients (SparseAdam for ``sparse=True`` tables, Adam for the rest), 
 uneven data in lockstep until the last row, writes atomic checkpoints (model, optimizers, the
 data position of every rank) and resumes from them, and computes exact AUC / log loss over all
 ranks. ``TrainConfig(straggler="adaptive")`` sizes each rank's local batch by its measured
-speed at a fixed global batch and reports slow ranks (:mod:`kubeai_train.torch.adaptive`).
+speed at a fixed global batch and reports slow ranks (:mod:`kubeai_train.torch.adaptive`);
+``straggler="backup"`` lets up to ``backup_workers`` ranks flagged slow sit steps out, taking
+no batch (:mod:`kubeai_train.torch.backup`).
 :func:`export` writes a TorchScript program that takes hashed ids and raw floats;
 :func:`publish` puts it into the model repository with metrics and lineage.
 
@@ -30,6 +32,7 @@ Example::
 """
 
 from kubeai_train.torch.adaptive import StragglerReport
+from kubeai_train.torch.backup import BackupReport
 from kubeai_train.torch.checkpoint import CheckpointStore
 from kubeai_train.torch.exporter import export, load, publish
 from kubeai_train.torch.features import CTRFeatures, hash_column
@@ -54,6 +57,7 @@ __all__ = [
     "RETRYABLE_EXIT_CODE",
     "STRAGGLER_MODES",
     "AdaptiveBatching",
+    "BackupReport",
     "CTRFeatures",
     "CheckpointError",
     "CheckpointStore",

@@ -17,8 +17,10 @@ Every row is trained on exactly once per epoch: the loop never drops a rank's ta
 
 With ``TrainConfig(straggler="adaptive")`` a step takes a planned number of reader batches per
 rank instead of one, and the same all-reduce also gathers every rank's compute time of the
-previous step (:mod:`kubeai_train.torch.adaptive`); the default ``"none"`` runs the loop above
-unchanged.
+previous step (:mod:`kubeai_train.torch.adaptive`). With ``straggler="backup"`` the same
+all-reduce gathers the timings and who sat out or ran out, and up to ``backup_workers`` ranks
+flagged slow sit steps out: no batch, a shadow step, a probe of their speed
+(:mod:`kubeai_train.torch.backup`). The default ``"none"`` runs the loop above unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from kubeai_train.torch import metrics as metrics_mod
 from kubeai_train.torch.adaptive import AdaptiveController, StragglerReport, concat_batches, timing_slots
+from kubeai_train.torch.backup import BackupController, BackupReport
 from kubeai_train.torch.checkpoint import CheckpointStore
 from kubeai_train.torch.features import CTRFeatures
 from kubeai_train.torch.group import DistContext, guard
@@ -123,7 +126,8 @@ class FitResult:
         seconds: wall time of the loop.
         examples_per_s: rows of this run per second over all ranks.
         step_times: wall seconds of each step of this run on this rank.
-        straggler: with ``straggler="adaptive"``, the plans and slow-rank detections.
+        straggler: with ``straggler="adaptive"``, the plans and slow-rank detections; with
+            ``"backup"``, which ranks sat out how many steps, and the detections.
     """
 
     steps: int
@@ -134,7 +138,7 @@ class FitResult:
     seconds: float
     examples_per_s: float
     step_times: list[float] = field(default_factory=list, repr=False)
-    straggler: StragglerReport | None = None
+    straggler: StragglerReport | BackupReport | None = None
 
 
 class Trainer:
@@ -267,22 +271,72 @@ class Trainer:
         )
         return iter(loader)
 
-    def _adaptive(self, data: ResumableDataset) -> AdaptiveController:
-        """The controller of ``straggler="adaptive"``; every rank must read the same micro-batch."""
+    def _reader_batch(self, data: ResumableDataset) -> int:
+        """The reader's batch_size, the same on every rank (collective): the unit of the
+        straggler modes' plans and weights."""
+        mode = self.config.straggler
         g = getattr(getattr(data, "options", None), "batch_size", None)
         if not isinstance(g, int) or isinstance(g, bool) or g < 1:
             raise ConfigError(
-                f"straggler='adaptive' takes the reader's batch_size as the micro-batch, got {g!r}; "
+                f"straggler={mode!r} takes the reader's batch_size as its unit of rows, got {g!r}; "
                 "pass a dataset from kubeai_train.data.read(..., batch_size=ROWS)"
             )
-        with guard("checking every rank's micro-batch size"):
+        with guard("checking every rank's batch size"):
             both = torch.tensor([g, -g], dtype=torch.int64)
             dist.all_reduce(both, op=dist.ReduceOp.MAX)
         if int(both[0]) != -int(both[1]):
             raise ConfigError(
                 f"ranks read different batch_size values ({-int(both[1])}..{int(both[0])}, this rank {g}); "
-                "straggler='adaptive' needs the same micro-batch on every rank"
+                f"straggler={mode!r} needs the same batch_size on every rank"
             )
+        return g
+
+    def _backup(self, data: ResumableDataset) -> BackupController:
+        """The controller of ``straggler="backup"``."""
+        g = self._reader_batch(data)
+        bk = BackupController(
+            self.config.adaptive, self.ctx.world_size, self.ctx.rank, self.config.backup_workers, g
+        )
+        if self.ctx.is_chief:
+            log.info(
+                "straggler: backup workers, up to %d of %d ranks flagged slow (%.2fx the median per row "
+                "for %d steps) sit steps out; local batch %d rows",
+                self.config.backup_workers,
+                self.ctx.world_size,
+                self.config.adaptive.slow_factor,
+                self.config.adaptive.slow_steps,
+                g,
+            )
+        return bk
+
+    def _observe_backup(self, bk: BackupController, step: int, sync: torch.Tensor, applies_from: int) -> None:
+        """Feed step ``step``'s gathered timings and the ranks' ends of data (every rank, same numbers)."""
+        n = self.ctx.world_size
+        before = bk.sit_out
+        line = bk.observe(step, sync[4 : 4 + 2 * n].tolist(), sync[4 + 2 * n :].tolist(), applies_from)
+        if not self.ctx.is_chief:
+            return
+        if line:
+            log.warning("straggler: %s (known at step %d)", line, applies_from - 1)
+        if bk.sit_out != before:
+            log.info("straggler: ranks %s sit out from step %d", sorted(bk.sit_out), applies_from)
+            if self.writer is not None:
+                self.writer.scalar("straggler/sitting_out", len(bk.sit_out), applies_from)
+
+    def _probe(self, batch: dict[str, torch.Tensor]) -> tuple[int, float]:
+        """A sitting rank's measure of its speed: forward and loss over part of ``batch``,
+        without gradients or collectives (rows, seconds)."""
+        p = BackupController.probe_rows(len(batch["label"]))
+        device = self.ctx.device
+        t = time.perf_counter()
+        with torch.no_grad():
+            logits = self.module(batch["ids"][:p].to(device), batch["dense"][:p].to(device))
+            F.binary_cross_entropy_with_logits(logits, batch["label"][:p].to(device), reduction="sum")
+        return p, time.perf_counter() - t
+
+    def _adaptive(self, data: ResumableDataset) -> AdaptiveController:
+        """The controller of ``straggler="adaptive"``; every rank must read the same micro-batch."""
+        g = self._reader_batch(data)
         ad = AdaptiveController(self.config.adaptive, self.ctx.world_size, self.ctx.rank, g)
         if self._straggler_state is not None:
             ad.load_state_dict(self._straggler_state, self.step)
@@ -371,7 +425,10 @@ class Trainer:
             # rank 0 restores the dispatcher's state before any rank asks it for pieces
             self.ctx.barrier("restoring the data position")
         ad = self._adaptive(data) if cfg.straggler == "adaptive" else None
-        no_timings: list[float] = [] if ad is None else [0.0] * (2 * self.ctx.world_size)
+        bk = self._backup(data) if cfg.straggler == "backup" else None
+        world = self.ctx.world_size
+        no_timings: list[float] = [] if ad is None and bk is None else [0.0] * (2 * world)
+        last: dict[str, torch.Tensor] | None = None  # backup: this rank's last batch (its probe)
         rows = self._rows_before
         start_step = self.step
         run_loss, run_rows = 0.0, 0
@@ -393,6 +450,8 @@ class Trainer:
             prev = (0.0, 0)  # this rank's loss sum and rows of the previous step
             prev_t = no_timings  # adaptive: this rank's (rows, compute seconds) slots of it
             drained = False  # adaptive: a step took fewer micro-batches than planned
+            if bk is not None:
+                bk.new_pass()
             while True:
                 if cfg.max_steps is not None and self.step >= cfg.max_steps:
                     stop = True
@@ -401,21 +460,37 @@ class Trainer:
                 cur = self.step
                 # take the next batch only now: a checkpoint written at the end of the previous
                 # step must not count a batch that was fetched but not trained on
+                # backup: a rank sitting out takes nothing and is not out of data
+                sitting = bk is not None and bk.sits_out and not exhausted
+                sat = frozenset() if bk is None else bk.sit_out  # observe() replaces it mid-step
                 if ad is None:
-                    pending = None if exhausted or it is None else next(it, None)
+                    pending = None if exhausted or sitting or it is None else next(it, None)
                     got = 1
                 else:
                     pending, got = (
                         (None, 0) if exhausted or drained or it is None else self._take(it, ad.units)
                     )
                     drained = got < ad.units  # never ask an ended DataLoader iterator again
-                exhausted = pending is None
+                exhausted = pending is None and not sitting
                 # [ranks with a batch, previous step's loss sum, rows (, adaptive: every rank's
                 # rows and compute seconds)]; asynchronous, so a rank with a batch goes straight
                 # on (gloo runs a group's collectives in issue order, so this one always precedes
                 # the step's gradient all-reduce on every rank)
+                # (backup: [..., ranks sitting out, every rank's timings, every rank's end of data])
+                ends: list[float] = []
+                if bk is not None:
+                    ends = [0.0] * world
+                    ends[self.ctx.rank] = 1.0 if exhausted else 0.0
                 sync = torch.tensor(
-                    [0.0 if exhausted else 1.0, prev[0], float(prev[1]), *prev_t], dtype=torch.float64
+                    [
+                        0.0 if pending is None else 1.0,
+                        prev[0],
+                        float(prev[1]),
+                        *([] if bk is None else [1.0 if sitting else 0.0]),
+                        *prev_t,
+                        *ends,
+                    ],
+                    dtype=torch.float64,
                 )
                 with guard(f"step {self.step} (input sync)"):
                     work = dist.all_reduce(sync, async_op=True)
@@ -426,11 +501,23 @@ class Trainer:
                     win[0], win[1] = win[0] + float(sync[1]), win[1] + int(sync[2])
                     if ad is not None:  # a new plan applies from this step when the pass ends here
                         self._observe(ad, cur - 1, sync, cur if sync[0] == 0 else cur + 1)
+                    if bk is not None:
+                        self._observe_backup(bk, cur - 1, sync, cur if sync[0] == 0 else cur + 1)
                     if sync[0] == 0:
+                        if bk is not None and sync[3] > 0:
+                            # the others ran out while the last holders sat out: nobody trains
+                            # (every rank sees it here), no update; they train from the next
+                            bk.skipped()
+                            prev, prev_t = (0.0, 0), no_timings
+                            continue
                         break
-                loss_sum, n = self._train_step(pending, None if ad is None else ad.loss_scale)
+                probe = self._probe(last) if sitting and last is not None else (0, 0.0)
+                scale = ad.loss_scale if ad is not None else (None if bk is None else bk.loss_scale)
+                loss_sum, n = self._train_step(pending, scale)
                 compute = self._forward_done - ts
                 self.step += 1
+                if bk is not None:
+                    bk.stepped(sat)
                 if pending is not None:
                     with guard(f"step {self.step - 1} (input sync)"):
                         work.wait()  # long done: the gradient all-reduce came after it
@@ -438,11 +525,17 @@ class Trainer:
                     win[0], win[1] = win[0] + float(sync[1]), win[1] + int(sync[2])
                     if ad is not None:  # this step's batches are taken: a plan applies from the next
                         self._observe(ad, cur - 1, sync, cur + 1)
+                    if bk is not None:
+                        self._observe_backup(bk, cur - 1, sync, cur + 1)
+                        last = pending
                     taken += got
                     rows += n
                 prev = (loss_sum, n)
                 if ad is not None:
                     prev_t = timing_slots(self.ctx.world_size, self.ctx.rank, n, compute if n else 0.0)
+                elif bk is not None:
+                    r_, s_ = probe if sitting else (n, compute if n else 0.0)
+                    prev_t = timing_slots(world, self.ctx.rank, r_, s_)
                 step_times.append(time.perf_counter() - ts)
                 if self.ctx.is_chief and self.step % cfg.log_every == 0:
                     self._log_window(win)
@@ -483,7 +576,7 @@ class Trainer:
             seconds=seconds,
             examples_per_s=run_rows / seconds if seconds > 0 else math.nan,
             step_times=step_times,
-            straggler=None if ad is None else ad.report,
+            straggler=ad.report if ad is not None else (None if bk is None else bk.report),
         )
         if self.ctx.is_chief:
             log.info(

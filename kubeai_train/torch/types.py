@@ -74,7 +74,7 @@ def _positive_float(name: str, value: Any) -> None:
 
 
 #: What ``TrainConfig.straggler`` accepts.
-STRAGGLER_MODES = ("none", "adaptive")
+STRAGGLER_MODES = ("none", "adaptive", "backup")
 
 
 @dataclass(frozen=True)
@@ -142,10 +142,15 @@ class TrainConfig:
         log_every: log loss / throughput every this many steps on rank 0.
         num_workers: DataLoader worker processes per rank (0 reads in the training process).
         max_steps: stop after this many global steps (None: until the data ends).
-        straggler: ``"none"`` (every rank trains one reader batch per step) or ``"adaptive"``
+        straggler: ``"none"`` (every rank trains one reader batch per step), ``"adaptive"``
             (local batches follow measured speed, slow ranks are detected and reported; see
-            :class:`AdaptiveBatching` and :mod:`kubeai_train.torch.adaptive`).
-        adaptive: the settings of ``straggler="adaptive"``.
+            :class:`AdaptiveBatching` and :mod:`kubeai_train.torch.adaptive`) or ``"backup"``
+            (up to ``backup_workers`` ranks flagged slow sit steps out, taking no batch; see
+            :mod:`kubeai_train.torch.backup`).
+        adaptive: the settings of ``straggler="adaptive"``; its ``slow_factor`` and
+            ``slow_steps`` are also the detector of ``straggler="backup"``.
+        backup_workers: with ``straggler="backup"``, how many flagged ranks may sit a step out
+            (``b``, 1 <= b < world; see :mod:`kubeai_train.torch.backup`).
     """
 
     dense_lr: float = 1e-3
@@ -159,6 +164,7 @@ class TrainConfig:
     max_steps: int | None = None
     straggler: str = "none"
     adaptive: AdaptiveBatching = field(default_factory=AdaptiveBatching)
+    backup_workers: int = 1
 
     def __post_init__(self) -> None:
         _positive_float("dense_lr", self.dense_lr)
@@ -173,6 +179,7 @@ class TrainConfig:
             raise ConfigError(
                 f"straggler must be one of {', '.join(STRAGGLER_MODES)}, got {self.straggler!r}"
             )
+        _positive_int("backup_workers", self.backup_workers)
         if not isinstance(self.adaptive, AdaptiveBatching):
             raise ConfigError(
                 f"adaptive must be an AdaptiveBatching, got {type(self.adaptive).__name__}; "

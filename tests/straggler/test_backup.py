@@ -33,3 +33,16 @@ def test_bad_input_names_the_value():
         BackupWorkers(world=4, backup=1).aggregate({0: 1.0, 1: 1.0})
     with pytest.raises(StragglerError, match=r"replica 7 out of range for 4 replicas"):
         BackupWorkers(world=4, backup=1).aggregate({0: 1.0, 1: 1.0, 7: 1.0})
+
+
+def test_sit_out_takes_the_slowest_flagged_holders_and_never_all_of_them():
+    b = BackupWorkers(world=4, backup=1)
+    ratio = {0: 1.0, 1: 2.5, 2: 3.1, 3: 1.0}
+    assert b.sit_out(set(), ratio, range(4)) == frozenset()  # nobody flagged: everyone trains
+    assert b.sit_out({1, 2}, ratio, range(4)) == {2}  # at most b, the slowest first
+    assert b.sit_out({1, 2}, ratio, {0, 1, 3}) == {1}  # rank 2 holds no data: nothing to sit out
+    assert BackupWorkers(world=4, backup=2).sit_out({1, 2}, ratio, range(4)) == {1, 2}
+    assert b.sit_out({1}, ratio, {1}) == frozenset()  # the last holder must read its rows
+    assert b.sit_out({1, 2}, {}, range(4)) == {1}  # unknown ratios: ties to the lower index
+    with pytest.raises(StragglerError, match=r"replica 9 out of range for 4 replicas"):
+        b.sit_out({1}, ratio, {0, 9})

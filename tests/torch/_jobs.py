@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from kubeai_train import data
 from kubeai_train import torch as kt
+from kubeai_train.torch.trainer import TransformedBatches
 
 FEATURES = kt.CTRFeatures(buckets=64)
 
@@ -139,6 +140,75 @@ def slowed(data_root: str, per_row_s: float, slow_from: int, slow_until: int) ->
                 "steps": res.steps,
                 "rows_per_rank": res.rows_per_rank,
                 "straggler": res.straggler.as_dict(),
+                "model": _digest(trainer.module.state_dict()),
+                "optimizer": _digest(trainer.optimizer.state_dict()),
+            }
+            ctx.barrier()
+            return out
+
+    return kt.run(main)
+
+
+def backup_slowed(data_root: str, per_row_s: float, slow_from: int, slow_until: int) -> dict[str, Any]:
+    """``straggler="backup"``: every rank's forward sleeps ``per_row_s`` per row, rank 1's three
+    times that in steps ``[slow_from, slow_until)``. Returns, besides the report and digests,
+    whether the rows trained on are exactly the rank's shard (each row once)."""
+    torch.set_num_threads(1)
+
+    def fingerprints(batch: dict[str, torch.Tensor]) -> list[bytes]:
+        rows = torch.cat([batch["dense"], batch["ids"].to(torch.float32), batch["label"][:, None]], 1)
+        return [r.numpy().tobytes() for r in rows]
+
+    def main() -> dict[str, Any]:
+        with kt.process_group(timeout_s=60) as ctx:
+            torch.manual_seed(0)
+            model = kt.DLRM(FEATURES.sizes, len(FEATURES.dense), dim=8)
+            cfg = kt.TrainConfig(
+                dense_lr=0.01,
+                sparse_lr=0.05,
+                log_every=5,
+                straggler="backup",
+                backup_workers=1,
+                adaptive=kt.AdaptiveBatching(slow_factor=1.5, slow_steps=2),
+            )
+            trainer = kt.Trainer(model, FEATURES, cfg, ctx)
+            forward = trainer.module.forward
+
+            def slow_forward(ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+                factor = 3 if ctx.rank == 1 and slow_from <= trainer.step < slow_until else 1
+                time.sleep(factor * per_row_s * len(ids))
+                return forward(ids, dense)
+
+            trainer.module.forward = slow_forward  # type: ignore[method-assign]
+            trained: list[bytes] = []
+            train_step = trainer._train_step
+
+            def recording_step(batch: Any, scale: Any = None) -> Any:
+                if batch is not None:
+                    trained.extend(fingerprints(batch))
+                return train_step(batch, scale)
+
+            trainer._train_step = recording_step  # type: ignore[method-assign]
+
+            def shard() -> Any:
+                return data.read(
+                    os.path.join(data_root, f"rank{ctx.rank}"),
+                    batch_size=64,
+                    rank=0,
+                    world_size=1,
+                    **FEATURES.read_options(),
+                )
+
+            res = trainer.fit(shard(), epochs=1)
+            assert isinstance(res.straggler, kt.BackupReport)
+            every = [f for b in TransformedBatches(shard().to_torch(), FEATURES) for f in fingerprints(b)]
+            out = {
+                "rank": ctx.rank,
+                "steps": res.steps,
+                "rows_per_rank": res.rows_per_rank,
+                "straggler": res.straggler.as_dict(),
+                "exactly_once": sorted(trained) == sorted(every) and len(set(every)) == len(every),
+                "trained": len(trained),
                 "model": _digest(trainer.module.state_dict()),
                 "optimizer": _digest(trainer.optimizer.state_dict()),
             }

@@ -71,7 +71,7 @@ def test_state_round_trip_and_shape_check():
 
 
 def test_bad_config_names_the_value():
-    with pytest.raises(ConfigError, match="straggler must be one of none, adaptive, got 'fast'"):
+    with pytest.raises(ConfigError, match="straggler must be one of none, adaptive, backup, got 'fast'"):
         TrainConfig(straggler="fast")
     with pytest.raises(ConfigError, match="slow_factor must be > 1"):
         AdaptiveBatching(slow_factor=1.0)
