@@ -8,7 +8,14 @@ import tempfile
 
 import pytest
 
-from kubeai_train.tf import DeepFM, GreedyBytesPlacement, RoundRobinPlacement, RunResult, cli
+from kubeai_train.tf import (
+    BalancedPlacement,
+    DeepFM,
+    GreedyBytesPlacement,
+    RoundRobinPlacement,
+    RunResult,
+    cli,
+)
 from kubeai_train.tf import coordinator as coord
 
 REQUIRED = ["--train-data", "/d/train", "--eval-data", "/d/eval", "--model-repo", "/repo"]
@@ -31,7 +38,9 @@ def test_common_args_defaults_and_mode_flags_together():
     assert (args.epochs, args.batch_size, args.learning_rate, args.embedding_dim) == (1, 512, 0.2, 8)
     assert (args.hash_buckets, args.checkpoint_steps, args.log_steps, args.max_steps) == (10000, 500, 100, 7)
     assert args.model_dir is None and args.result_json is None and not args.no_shuffle and args.seed == 0
-    assert args.sync and isinstance(cli.placement_from_args(args), RoundRobinPlacement)
+    assert args.sync and isinstance(cli.placement_from_args(args), BalancedPlacement)  # the examples' default
+    rr = _parser().parse_args([*REQUIRED, "--placement", "round_robin"])
+    assert isinstance(cli.placement_from_args(rr), RoundRobinPlacement)
     greedy = _parser().parse_args([*REQUIRED, "--placement", "greedy_bytes"])
     assert isinstance(cli.placement_from_args(greedy), GreedyBytesPlacement)
 

@@ -17,7 +17,7 @@ SLOW_FROM, SLOW_UNTIL, R = 6, 18, 4
 def test_slowed_rank_gets_a_smaller_batch_and_replicas_stay_identical(tmp_path):
     for r in range(2):
         write_parquet(tmp_path / f"rank{r}", ctr_columns(4096, seed=10 + r), files=2, row_group=256)
-    kw = {"data_root": str(tmp_path), "per_row_s": 0.001, "slow_from": SLOW_FROM, "slow_until": SLOW_UNTIL}
+    kw = {"data_root": str(tmp_path), "per_row_s": 0.002, "slow_from": SLOW_FROM, "slow_until": SLOW_UNTIL}
     res = run_processes("tests.torch._jobs:slowed", workers=2, kwargs=kw, env=ENV, timeout=180).results
     r0, r1 = res["master:0"], res["worker:0"]
     st = r0["straggler"]
