@@ -31,25 +31,41 @@ measured speed:
   One exception: SyncReplicasOptimizer starts with ``N`` spare tokens, so in the first steps a
   replica can run one step ahead; a step then may mix plans, which changes its row count, not
   the weight of a row (next point).
-* **Unbiased gradients.** SyncReplicasOptimizer averages the ``N`` replicas' gradients. A replica
-  with ``n`` rows scales its mean loss by ``N n / G`` (:func:`kubeai_train.straggler.loss_weight`),
-  i.e. its summed loss by ``N / G`` (:func:`weighted_loss`), so the average is the sum of row
-  gradients over ``G``: the global-batch mean, for dense and sparse (IndexedSlices) gradients
-  alike, since both are linear in the loss.
+* **Unbiased gradients.** SyncReplicasOptimizer averages the ``N`` replicas' dense gradients
+  (a ConditionalAccumulator divides by the number of gradients). A replica with ``n`` rows scales
+  its mean loss by ``N n / G`` (:func:`kubeai_train.straggler.loss_weight`), i.e. its summed
+  loss by ``N / G`` (:func:`weighted_loss`), so the average is the sum of row gradients over
+  ``G``: the global-batch mean. Sparse (IndexedSlices) gradients need one more step: TF's
+  SparseConditionalAccumulator divides each table row by the number of replicas whose batch
+  touched *that row*, which no local factor can undo (it depends on the other replicas' ids).
+  Adaptive training therefore builds those accumulators summing (:func:`summed_sparse_gradients`)
+  and each replica divides its sparse gradients by ``N`` (:func:`scale_sparse`): the sum over
+  replicas is again the sum of row gradients over ``G``. (Plain sync training keeps TF's
+  per-row mean.)
 
 A restarted chief starts again from equal shares (the policies' state is not checkpointed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubeai_train.straggler import AdaptiveBatchPolicy, SlowWorkerDetector, WorkerTiming, equal_batches
 from kubeai_train.tf.types import AdaptiveBatching, TrainError
 
-__all__ = ["AdaptiveChief", "StragglerReport", "plan_vector", "units_for", "weighted_loss"]
+__all__ = [
+    "AdaptiveChief",
+    "StragglerReport",
+    "plan_vector",
+    "scale_sparse",
+    "summed_sparse_gradients",
+    "units_for",
+    "weighted_loss",
+]
 
 
 def weighted_loss(row_losses: Any, world: int, global_rows: int) -> Any:
@@ -62,6 +78,49 @@ def weighted_loss(row_losses: Any, world: int, global_rows: int) -> Any:
     if not isinstance(world, int) or world < 1 or not isinstance(global_rows, int) or global_rows < 1:
         raise TrainError(f"world and global_rows must be integers >= 1, got {world!r}, {global_rows!r}")
     return tf.reduce_sum(row_losses) * tf.constant(world / global_rows, row_losses.dtype)
+
+
+@contextlib.contextmanager
+def summed_sparse_gradients() -> Iterator[None]:
+    """While open, SparseConditionalAccumulators are built with ``reduction_type="SUM"``: wrap
+    ``SyncReplicasOptimizer.apply_gradients`` in it (it builds one per sparse gradient and offers
+    no option; the default MEAN divides each row by how many replicas touched it)."""
+    from tensorflow.python.training import sync_replicas_optimizer as sro
+
+    original = sro.data_flow_ops
+    # only the optimizer module's view changes (the class itself stays: its __init__ calls
+    # super() by its global name)
+    sro.data_flow_ops = _SummingSparse(original)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sro.data_flow_ops = original
+
+
+class _SummingSparse:
+    """``data_flow_ops`` as SyncReplicasOptimizer sees it, with summing sparse accumulators."""
+
+    def __init__(self, module: Any) -> None:
+        self._module = module
+        self.SparseConditionalAccumulator = functools.partial(
+            module.SparseConditionalAccumulator, reduction_type="SUM"
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+def scale_sparse(grads_and_vars: Sequence[tuple[Any, Any]], world: int) -> list[tuple[Any, Any]]:
+    """``grads_and_vars`` with every IndexedSlices gradient divided by ``world`` (summed over the
+    replicas by :func:`summed_sparse_gradients` they then average like the dense ones)."""
+    import tensorflow as tf
+
+    out = []
+    for g, v in grads_and_vars:
+        if isinstance(g, tf.IndexedSlices):
+            g = tf.IndexedSlices(g.values / tf.constant(world, g.values.dtype), g.indices, g.dense_shape)
+        out.append((g, v))
+    return out
 
 
 def plan_vector(applies_from: int, new: Sequence[int], old: Sequence[int]) -> list[int]:

@@ -368,7 +368,14 @@ class _Trainer:
             self.sync_opt = opt
         # minimize() in its two halves: the per-variable gradients are what the traffic count sees
         self.grads_and_vars = opt.compute_gradients(grad_loss)
-        self.train_op = opt.apply_gradients(self.grads_and_vars, global_step=self.global_step)
+        if self.adaptive:
+            # sparse gradients summed over the replicas, each divided by N: the global-batch mean
+            # like the dense ones (TF's sparse mean is per touched row; adaptive.py)
+            self.grads_and_vars = _adaptive.scale_sparse(self.grads_and_vars, self.world)
+            with _adaptive.summed_sparse_gradients():
+                self.train_op = opt.apply_gradients(self.grads_and_vars, global_step=self.global_step)
+        else:
+            self.train_op = opt.apply_gradients(self.grads_and_vars, global_step=self.global_step)
         if self.adaptive:
             # forward + backward timed in the graph: from the start of the step's run to the last
             # gradient, before the push to the accumulators and the wait for the sync token
