@@ -9,6 +9,10 @@ SavedModel taking raw Criteo features and publishes it with its eval AUC / log l
         examples/tf_ps_ctr.py --train-data /tmp/ctr/train --eval-data /tmp/ctr/eval \\
         --model-repo /tmp/models --model-dir /tmp/ctr_model
 
+Synchronous, with slow-worker mitigation: ``--sync --max-steps N --straggler adaptive``
+(``--batch-size`` is then the micro-batch; see ``kubeai_train.tf.between_graph.adaptive``)
+or ``--straggler backup`` (``--backup-workers``, default 1).
+
 Without a launcher (no TF_CONFIG) it trains in one process: the single-process baseline.
 """
 
@@ -33,6 +37,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="with --sync: aggregate each step without waiting for this many replicas (slow workers)",
     )
+    cli.add_straggler_args(p)
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds a worker waits for the chief")
     p.add_argument("--audit-column", default=None, help="record this int64 column of every applied batch")
     return p.parse_args(argv)
@@ -48,6 +53,7 @@ def main(argv: list[str] | None = None, hooks: Sequence[Callable[[ktf.StepInfo],
         hooks=hooks,
         sync=args.sync,
         backup_workers=args.backup_workers,
+        **cli.straggler_from_args(args),
         audit_column=args.audit_column,
         ready_timeout=args.ready_timeout,
     )

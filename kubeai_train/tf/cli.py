@@ -24,16 +24,19 @@ from typing import Any, TypeVar
 from kubeai_train import cluster
 from kubeai_train.tf.balanced import POLICIES, BalancedPlacement, placement_policy
 from kubeai_train.tf.features import CtrFeatures
-from kubeai_train.tf.types import PlacementPolicy, StepInfo, TrainConfig
+from kubeai_train.tf.types import STRAGGLER_MODES, AdaptiveBatching, PlacementPolicy, StepInfo, TrainConfig
 
 __all__ = [
     "ASSIGNMENTS",
     "PLACEMENTS",
+    "STRAGGLERS",
     "add_common_args",
+    "add_straggler_args",
     "config_from_args",
     "deepfm_from_args",
     "placement_from_args",
     "report_result",
+    "straggler_from_args",
 ]
 
 M = TypeVar("M")
@@ -42,6 +45,8 @@ M = TypeVar("M")
 PLACEMENTS = POLICIES
 #: ``--assignment`` choices (``kubeai_train.data.read(assignment=...)``).
 ASSIGNMENTS = ("static", "dynamic")
+#: ``--straggler`` choices (``TrainConfig.straggler``).
+STRAGGLERS = STRAGGLER_MODES
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -109,6 +114,50 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--result-json", default=None, help="the chief writes its RunResult here")
     return p
+
+
+def add_straggler_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the slow-worker mitigation flags of synchronous training to ``parser``:
+    ``--straggler`` (none | adaptive | backup), ``--micro-batches`` (8: micro-batches of
+    ``--batch-size`` rows per replica at equal shares) and ``--replan-every`` (10 steps)."""
+    parser.add_argument(
+        "--straggler",
+        choices=STRAGGLERS,
+        default="none",
+        help="with --sync: adaptive (a fixed global batch of workers x micro-batches x batch-size rows, "
+        "local batches following each replica's speed) or backup (do not wait for --backup-workers, "
+        "default 1, replicas per step)",
+    )
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=AdaptiveBatching.micro_batches,
+        help="--straggler adaptive: micro-batches (of --batch-size rows) per replica at equal shares",
+    )
+    parser.add_argument(
+        "--replan-every",
+        type=int,
+        default=AdaptiveBatching.replan_every,
+        help="--straggler adaptive: steps between re-plans of the local batches",
+    )
+    return parser
+
+
+def straggler_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TrainConfig`` fields ``--straggler`` and its options describe (exits with one line
+    naming the flag when they do not fit ``--sync`` / ``--backup-workers``)."""
+    mode = str(getattr(args, "straggler", "none"))
+    backup = int(getattr(args, "backup_workers", 0) or 0)
+    if mode != "none" and not getattr(args, "sync", False):
+        raise SystemExit(
+            f"--straggler {mode} needs --sync (asynchronous training does not wait for slow workers)"
+        )
+    if mode == "adaptive" and backup:
+        raise SystemExit(f"--straggler adaptive aggregates every replica; drop --backup-workers {backup}")
+    out: dict[str, Any] = {"straggler": mode}
+    if mode == "adaptive":
+        out["adaptive"] = AdaptiveBatching(micro_batches=args.micro_batches, replan_every=args.replan_every)
+    return out
 
 
 def placement_from_args(args: argparse.Namespace) -> PlacementPolicy:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "STRAGGLER_MODES",
+    "AdaptiveBatching",
     "RunResult",
     "RETRYABLE_EXIT_CODE",
     "ClusterUnavailableError",
@@ -171,6 +173,53 @@ class StepInfo:
     seconds: float
 
 
+#: What ``TrainConfig.straggler`` accepts.
+STRAGGLER_MODES = ("none", "adaptive", "backup")
+
+
+@dataclass(frozen=True)
+class AdaptiveBatching:
+    """How ``straggler="adaptive"`` sizes each replica's local batch in synchronous training.
+
+    The reader's ``batch_size`` is the *micro-batch* (``g`` rows, the granularity of a local
+    batch); a replica takes a whole number ``k_i >= 1`` of micro-batches per step. At equal
+    shares each takes ``micro_batches`` of them, so the global batch is ``world x micro_batches
+    x batch_size`` rows and stays that while the shares follow the replicas' measured speed.
+    The same settings (and defaults) as ``kubeai_train.torch.AdaptiveBatching``.
+
+    Attributes:
+        micro_batches: micro-batches per replica at equal shares (the resolution of a re-plan).
+        replan_every: the chief's observed steps between re-plans (R).
+        hysteresis: adopt a new plan only when it predicts a step at least this fraction shorter.
+        smoothing: weight of the newest step in a replica's speed (exponential average, (0, 1]).
+        slow_factor: a replica is slow when its compute time per row exceeds this many times the
+            median of the others' (k, > 1) ...
+        slow_steps: ... for this many consecutive steps (m); as many normal steps clear it.
+    """
+
+    micro_batches: int = 8
+    replan_every: int = 10
+    hysteresis: float = 0.05
+    smoothing: float = 0.5
+    slow_factor: float = 1.5
+    slow_steps: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batches", "replan_every", "slow_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise TrainError(f"adaptive.{name} must be an integer >= 1, got {value!r}")
+        h, s, k = self.hysteresis, self.smoothing, self.slow_factor
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 <= h < 1:
+            raise TrainError(f"adaptive.hysteresis must be a fraction in [0, 1), got {h!r}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1:
+            raise TrainError(f"adaptive.smoothing must be in (0, 1], got {s!r}")
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not (math.isfinite(k) and k > 1):
+            raise TrainError(
+                f"adaptive.slow_factor must be a finite number > 1 (times the median), got {k!r}"
+            )
+
+
 @dataclass
 class TrainConfig:
     """How to train; every role of a job gets the same config.
@@ -197,7 +246,15 @@ class TrainConfig:
         save_checkpoint_steps: the chief checkpoints every N of its own steps (and at the end).
         log_steps: loss and examples/s logged (and written as summaries) every N local steps.
         sync: synchronous updates through SyncReplicasOptimizer (needs ``max_steps``).
-        backup_workers: with ``sync``, gradients of this many replicas per step are not waited for.
+        backup_workers: with ``sync``, gradients of this many replicas per step are not waited for
+            (``straggler="backup"``; 1 when ``straggler="backup"`` leaves it 0).
+        straggler: slow-worker mitigation of synchronous training: ``"none"``, ``"backup"``
+            (``backup_workers`` replicas per step are dropped: the slow ones; the bias is written
+            down in :mod:`kubeai_train.straggler.backup`) or ``"adaptive"`` (a fixed global batch
+            with local batches that follow each replica's measured speed, gradients weighted so
+            the average is the global-batch mean; see
+            :mod:`kubeai_train.tf.between_graph.adaptive`). Both need ``sync=True``.
+        adaptive: the settings of ``straggler="adaptive"``.
         max_steps: stop at this global step (required with ``sync``; optional otherwise).
         ready_timeout: seconds a worker waits for the chief to initialise / restore the model.
         ready_poll: seconds between readiness polls (SessionManager waits 30 s; we poll fast).
@@ -229,6 +286,8 @@ class TrainConfig:
     log_steps: int = 100
     sync: bool = False
     backup_workers: int = 0
+    straggler: str = "none"
+    adaptive: AdaptiveBatching = field(default_factory=AdaptiveBatching)
     max_steps: int | None = None
     ready_timeout: float = 300.0
     ready_poll: float = 0.1
@@ -266,10 +325,31 @@ class TrainConfig:
             raise TrainError(f"max_steps must be >= 1 or None, got {self.max_steps}")
         if self.sync and self.max_steps is None:
             raise TrainError("sync=True needs max_steps: synchronous replicas stop together at a global step")
+        if not isinstance(self.backup_workers, int) or isinstance(self.backup_workers, bool):
+            raise TrainError(f"backup_workers must be an integer >= 0, got {self.backup_workers!r}")
         if self.backup_workers < 0:
             raise TrainError(f"backup_workers must be >= 0, got {self.backup_workers}")
+        if self.straggler not in STRAGGLER_MODES:
+            raise TrainError(f"straggler must be one of {', '.join(STRAGGLER_MODES)}, got {self.straggler!r}")
+        if self.straggler != "none" and not self.sync:
+            raise TrainError(
+                f"straggler={self.straggler!r} mitigates slow workers in synchronous training; "
+                "set sync=True (asynchronous training does not wait for them)"
+            )
+        if not isinstance(self.adaptive, AdaptiveBatching):
+            raise TrainError(f"adaptive must be an AdaptiveBatching, got {type(self.adaptive).__name__}")
+        if self.straggler == "adaptive" and self.backup_workers:
+            raise TrainError(
+                f"straggler='adaptive' aggregates every replica's gradient; got backup_workers="
+                f"{self.backup_workers}: use straggler='backup' or backup_workers=0"
+            )
         if self.backup_workers and not self.sync:
             raise TrainError("backup_workers only applies with sync=True")
+        # backup workers are the "backup" mitigation whichever way they are asked for
+        if self.straggler == "backup" and not self.backup_workers:
+            self.backup_workers = 1
+        elif self.backup_workers and self.straggler == "none":
+            self.straggler = "backup"
         for name in ("ready_timeout", "ready_poll", "worker_wait_timeout", "operation_timeout"):
             if getattr(self, name) <= 0:
                 raise TrainError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
@@ -280,6 +360,7 @@ class TrainConfig:
         ``user:password@`` part)."""
         out = {k: v for k, v in self.__dict__.items() if k not in ("hooks",)}
         out["hooks"] = len(self.hooks)
+        out["adaptive"] = dict(self.adaptive.__dict__)
         out["reader_options"] = {
             k: (sorted(v) if isinstance(v, Mapping) else "***") if _SECRET.search(k) else v
             for k, v in self.reader_options.items()
@@ -342,3 +423,6 @@ class RunResult:
     train_seconds: float = 0.0
     first_step_seconds: float = 0.0
     first_step_examples: int = 0
+    #: with ``straggler="adaptive"``: plans, slow-worker detections and speeds (the chief's in
+    #: full; a worker's holds the micro-batch counts it applied)
+    straggler: dict[str, Any] | None = None

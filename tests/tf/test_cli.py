@@ -98,3 +98,27 @@ def test_model_config_and_report_from_the_common_args(tmp_path, capsys, monkeypa
     }
     written = json.loads(out.read_text())
     assert written["version"] == 3 and "placement" not in written and written["role"] == "chief"
+
+
+def test_straggler_flags_become_config_fields():
+    p = cli.add_straggler_args(_parser())
+    p.add_argument("--backup-workers", type=int, default=0)
+    none = p.parse_args(REQUIRED)
+    assert cli.straggler_from_args(none) == {"straggler": "none"}
+    args = p.parse_args(
+        [*REQUIRED, "--sync", "--straggler", "adaptive", "--micro-batches", "4", "--replan-every", "5"]
+    )
+    got = cli.straggler_from_args(args)
+    assert got["straggler"] == "adaptive"
+    assert (got["adaptive"].micro_batches, got["adaptive"].replan_every) == (4, 5)
+    assert cli.straggler_from_args(p.parse_args([*REQUIRED, "--sync", "--straggler", "backup"])) == {
+        "straggler": "backup"
+    }
+    with pytest.raises(SystemExit, match="--straggler adaptive needs --sync"):
+        cli.straggler_from_args(p.parse_args([*REQUIRED, "--straggler", "adaptive"]))
+    with pytest.raises(SystemExit, match="drop --backup-workers 1"):
+        cli.straggler_from_args(
+            p.parse_args([*REQUIRED, "--sync", "--straggler", "adaptive", "--backup-workers", "1"])
+        )
+    with pytest.raises(SystemExit):
+        p.parse_args([*REQUIRED, "--straggler", "fast"])

@@ -7,6 +7,7 @@ import pickle
 import pytest
 
 from kubeai_train.tf.types import (
+    AdaptiveBatching,
     ClusterUnavailableError,
     PlacementError,
     PlacementPlan,
@@ -58,6 +59,15 @@ def test_plan_report_bytes_per_ps():
         ({"ready_timeout": 0}, "ready_timeout must be > 0"),
         ({"max_steps": 0}, "max_steps must be >= 1"),
         ({"train_data": ""}, "train_data must be set"),
+        ({"straggler": "fast"}, "straggler must be one of none, adaptive, backup, got 'fast'"),
+        ({"straggler": "adaptive"}, "straggler='adaptive' .* set sync=True"),
+        ({"straggler": "backup"}, "straggler='backup' .* set sync=True"),
+        (
+            {"straggler": "adaptive", "sync": True, "max_steps": 5, "backup_workers": 1},
+            "aggregates every replica's gradient; got backup_workers=1",
+        ),
+        ({"backup_workers": -1, "sync": True, "max_steps": 5}, "backup_workers must be >= 0, got -1"),
+        ({"adaptive": {"micro_batches": 4}}, "adaptive must be an AdaptiveBatching, got dict"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -86,3 +96,32 @@ def test_config_describe_and_errors_pickle():
         again = pickle.loads(pickle.dumps(err))
         assert type(again) is type(err) and str(again) == str(err)
     assert ClusterUnavailableError.exit_code >= 128
+
+
+def test_straggler_modes_and_backup_workers_agree():
+    base = {"model_dir": "/tmp/x", "train_data": "/tmp/d", "sync": True, "max_steps": 5}
+    assert TrainConfig(**base).straggler == "none"
+    backup = TrainConfig(**base, straggler="backup")
+    assert (backup.straggler, backup.backup_workers) == ("backup", 1)
+    two = TrainConfig(**base, straggler="backup", backup_workers=2)
+    assert (two.straggler, two.backup_workers) == ("backup", 2)
+    implied = TrainConfig(**base, backup_workers=1)
+    assert implied.straggler == "backup"
+    adaptive = TrainConfig(**base, straggler="adaptive", adaptive=AdaptiveBatching(micro_batches=4))
+    assert adaptive.describe()["adaptive"]["micro_batches"] == 4 and adaptive.backup_workers == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"micro_batches": 0}, "adaptive.micro_batches must be an integer >= 1, got 0"),
+        ({"replan_every": 1.5}, "adaptive.replan_every must be an integer >= 1, got 1.5"),
+        ({"slow_steps": 0}, "adaptive.slow_steps"),
+        ({"hysteresis": 1.0}, "adaptive.hysteresis must be a fraction in \\[0, 1\\), got 1.0"),
+        ({"smoothing": 0}, "adaptive.smoothing must be in \\(0, 1\\], got 0"),
+        ({"slow_factor": 1.0}, "adaptive.slow_factor must be a finite number > 1"),
+    ],
+)
+def test_adaptive_batching_validation(kwargs, match):
+    with pytest.raises(TrainError, match=match):
+        AdaptiveBatching(**kwargs)

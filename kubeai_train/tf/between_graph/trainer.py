@@ -40,6 +40,7 @@ import tensorflow as tf
 from kubeai_train import cluster
 from kubeai_train.tf import export as _export
 from kubeai_train.tf.balanced import BalancedPlacement, load_report, measured_line, placement_policy
+from kubeai_train.tf.between_graph import adaptive as _adaptive
 from kubeai_train.tf.between_graph import checkpoints as _checkpoints
 from kubeai_train.tf.between_graph import rebalancing as _rebalancing
 from kubeai_train.tf.between_graph.balanced import TrafficCounter, resident_bytes, shard_counts_scope
@@ -265,9 +266,38 @@ class _Trainer:
         self.rebalances: list[dict[str, Any]] = []
         self.rebalancer: _rebalancing.LiveRebalancer | None = None
         self.balance_plan: Any = None
+        self.adaptive = self._adaptive_wanted()
+        self.chief_policy: _adaptive.AdaptiveChief | None = None
+        self.report: _adaptive.StragglerReport | None = None
         if self.is_chief:
             check_url(config.export_dir, config.storage_options, "export_dir")  # before, not after, training
             self.dir.makedirs()
+
+    def _adaptive_wanted(self) -> bool:
+        """Whether this run uses adaptive local batches (sync, ``straggler="adaptive"``, >= 2 replicas)."""
+        cfg = self.config
+        if cfg.sync and self.distributed and cfg.backup_workers >= self.world:
+            raise TrainError(
+                f"backup_workers={cfg.backup_workers} must be < the {self.world} replicas (chief + workers): "
+                "a step needs at least one gradient"
+            )
+        if cfg.straggler != "adaptive":
+            return False
+        if not (cfg.sync and self.distributed and self.world > 1):
+            if self.is_chief:
+                log.warning(
+                    "%s straggler='adaptive' needs synchronous training with >= 2 replicas (this run: "
+                    "%d); training with one batch per step",
+                    self.tag,
+                    self.world,
+                )
+            return False
+        return True
+
+    @property
+    def global_rows(self) -> int:
+        """Adaptive: planned rows per step over all replicas (``N x micro_batches x g``)."""
+        return self.world * self.config.adaptive.micro_batches * self.config.batch_size
 
     # ----------------------------------------------------------------------------- graph
     def _state_variables(self) -> None:
@@ -293,6 +323,25 @@ class _Trainer:
             self.gen_in = tf.compat.v1.placeholder(tf.int64, [])
             self.set_gen = self.replace_gen.assign(self.gen_in, read_value=False)
             self.set_parked = self.parked[self.rank].assign(self.gen_in, read_value=False)
+            if self.adaptive:
+                # adaptive batches: each replica's (local step, rows, compute seconds) of its last
+                # step, and the chief's plan [applies_from, new units..., units before...]
+                self.timing = [
+                    tf.compat.v1.get_variable(
+                        f"straggler_timing_{r}", initializer=tf.zeros([3], tf.float64), trainable=False
+                    )
+                    for r in range(self.world)
+                ]
+                equal = [self.config.adaptive.micro_batches] * self.world
+                self.plan_var = tf.compat.v1.get_variable(
+                    "straggler_plan",
+                    initializer=tf.constant(_adaptive.plan_vector(0, equal, equal), tf.int64),
+                    trainable=False,
+                )
+                self.timing_in = tf.compat.v1.placeholder(tf.float64, [3])
+                self.set_timing = self.timing[self.rank].assign(self.timing_in, read_value=False)
+                self.plan_in = tf.compat.v1.placeholder(tf.int64, [1 + 2 * self.world])
+                self.set_plan = self.plan_var.assign(self.plan_in, read_value=False)
 
     def _model_and_train_op(self, features: Mapping[str, Any]) -> None:
         self.global_step = tf.compat.v1.train.get_or_create_global_step()
@@ -300,8 +349,14 @@ class _Trainer:
             {k: features[k] for k in self.model.raw_features()}, num_ps=self.num_ps, training=True
         )
         labels = tf.cast(features[self.model.label], tf.float32)
-        self.loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+        row_losses = tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
+        self.loss = tf.reduce_mean(row_losses)
         self.batch_rows = tf.shape(labels)[0]
+        # adaptive: N n / G on the mean of this replica's n rows (the averaged gradient is the
+        # global-batch mean; adaptive.py); otherwise the plain mean
+        grad_loss = (
+            _adaptive.weighted_loss(row_losses, self.world, self.global_rows) if self.adaptive else self.loss
+        )
         opt = self.model.optimizer()
         self.sync_opt = None
         if self.config.sync and self.world > 1:
@@ -312,8 +367,26 @@ class _Trainer:
             )
             self.sync_opt = opt
         # minimize() in its two halves: the per-variable gradients are what the traffic count sees
-        self.grads_and_vars = opt.compute_gradients(self.loss)
-        self.train_op = opt.apply_gradients(self.grads_and_vars, global_step=self.global_step)
+        self.grads_and_vars = opt.compute_gradients(grad_loss)
+        if self.adaptive:
+            # sparse gradients summed over the replicas, each divided by N: the global-batch mean
+            # like the dense ones (TF's sparse mean is per touched row; adaptive.py)
+            self.grads_and_vars = _adaptive.scale_sparse(self.grads_and_vars, self.world)
+            with _adaptive.summed_sparse_gradients():
+                self.train_op = opt.apply_gradients(self.grads_and_vars, global_step=self.global_step)
+        else:
+            self.train_op = opt.apply_gradients(self.grads_and_vars, global_step=self.global_step)
+        if self.adaptive:
+            # forward + backward timed in the graph: from the start of the step's run to the last
+            # gradient, before the push to the accumulators and the wait for the sync token
+            self.t_start = tf.timestamp()
+            done = [
+                g.values if isinstance(g, tf.IndexedSlices) else g
+                for g, _ in self.grads_and_vars
+                if g is not None
+            ]
+            with tf.control_dependencies(done):
+                self.t_grads = tf.timestamp()
         if self.sync_opt is not None:
             # built by SyncReplicasOptimizer for its hook; unused in the planning pass (quiet tf_should_use)
             getattr(self.sync_opt.ready_for_local_init_op, "mark_used", lambda: None)()
@@ -423,6 +496,15 @@ class _Trainer:
         )
         self.iterator = tf.compat.v1.data.make_initializable_iterator(ds)
         features, position = self.iterator.get_next()
+        if self.adaptive:
+            # a step is k fetched micro-batches fed as one local batch (adaptive.py)
+            self.next_batch = (features, position)
+            features = {
+                name: tf.compat.v1.placeholder(_tf_dtype(kind), [None], name=f"local_{name}")
+                for name, kind in self.kinds.items()
+            }
+            position = tf.compat.v1.placeholder(tf.string, [], name="local_position")
+            self.feed_features, self.feed_position = features, position
         self.audit = features[self.config.audit_column] if self.config.audit_column else None
         self._model_and_train_op(features)
         # the batch's position is written in the same session.run as its update, in parallel with
@@ -435,6 +517,8 @@ class _Trainer:
                 # read + increment of the global step: 8 bytes each way per step
                 self.traffic = TrafficCounter(self.grads_and_vars, extra=[(self.global_step, 16)])
             counted.append(self.traffic.update)
+        if self.adaptive:
+            counted.append(self.set_timing)  # the previous step's timing rides with this step
         self.step_op = tf.group(
             self.train_op, self.positions[self.rank].assign(position, read_value=False), *counted
         )
@@ -505,6 +589,8 @@ class _Trainer:
         else:
             self.holder.state = position.get("data") if position else None
             sess.run([self.iterator.initializer, self.local_init])
+            if self.adaptive:
+                self._adaptive_start(sess)
             coord = tf.train.Coordinator()
             if self.sync_opt is not None:
                 self.sync_hook.after_create_session(sess, coord)
@@ -633,6 +719,8 @@ class _Trainer:
         fetches = [self.step_op, self.loss, self.global_step if step_gstep else self.step_op, self.batch_rows]
         if self.audit is not None:
             fetches.append(self.audit)
+        if self.adaptive:
+            fetches += [self.t_start, self.t_grads]
         audit: list[np.ndarray] = []
         chunk = 0
         t_log = t_loop = time.perf_counter()
@@ -640,16 +728,26 @@ class _Trainer:
         last_loss = float("nan")
         step = 0
         gstep = 0
+        prev_timing = [0.0, 0.0, 0.0]  # adaptive: (local step, rows, compute seconds) of the last step
         try:
             while True:
                 try:
-                    out = sess.run(fetches)
+                    if self.adaptive:
+                        feed, t_input = self._take(sess)
+                        feed[self.timing_in] = prev_timing
+                        out = sess.run(fetches, feed)
+                        compute = t_input + max(0.0, float(out[-1]) - float(out[-2]))
+                        prev_timing = [float(step + 1), float(out[3]), compute]
+                    else:
+                        out = sess.run(fetches)
                     _, last_loss, gstep, rows = out[:4]
                     if self.audit is not None:
                         audit.append(out[4])
                 except tf.errors.OutOfRangeError:
                     break
                 step += 1
+                if self.chief_policy is not None:
+                    self._observe_timings(sess, writer)
                 result.examples += int(rows)
                 ex_log += int(rows)
                 if step == 1 and not result.first_step_seconds:
@@ -711,12 +809,80 @@ class _Trainer:
                 self._write_audit(audit, chunk)
         result.train_seconds += time.perf_counter() - t_loop
         result.local_steps += step
+        if self.report is not None:
+            result.straggler = self.report.as_dict()
         if result.replaced:
             return  # the variables are being cleared: nothing more to read or mark
         result.global_step = int(sess.run(self.global_step))
         # the position of the last applied batch is already stored; mark it done
         position = self._read_position(sess) or {}
         sess.run(self.set_position, {self.position_in: json.dumps({**position, "done": True})})
+
+    # ----------------------------------------------------------------------------- adaptive batches
+    def _adaptive_start(self, sess: Any) -> None:
+        """Adaptive: the chief (re)starts from equal shares and owns the policies; every replica
+        keeps a report of the micro-batch counts it applies."""
+        g = self.config.batch_size
+        if self.is_chief:
+            self.chief_policy = _adaptive.AdaptiveChief(self.config.adaptive, self.world, g)
+            self.report = self.chief_policy.report
+            sess.run(self.set_plan, {self.plan_in: self.chief_policy.vector})
+            opts = self.config.adaptive
+            log.info(
+                "%s straggler: adaptive local batches, %d rows per step over %d replicas in micro-batches "
+                "of %d, re-planned every %d steps; slow = %.2fx the median per row for %d steps",
+                self.tag,
+                self.global_rows,
+                self.world,
+                g,
+                opts.replan_every,
+                opts.slow_factor,
+                opts.slow_steps,
+            )
+        else:
+            self.report = _adaptive.StragglerReport(g, self.global_rows)
+
+    def _take(self, sess: Any) -> tuple[dict[Any, Any], float]:
+        """The feed of this replica's next local batch (the plan's number of micro-batches, fewer
+        at the end of its data) and the seconds it took; OutOfRangeError when no data is left."""
+        t0 = time.perf_counter()
+        # the first micro-batch comes with the global step and the plan (one run, one PS read)
+        first, gstep, vector = sess.run([self.next_batch, self.global_step, self.plan_var])
+        units = _adaptive.units_for([int(v) for v in vector], int(gstep), self.rank, self.world)
+        if self.report is not None and (not self.report.applied or self.report.applied[-1]["units"] != units):
+            self.report.applied.append({"global_step": int(gstep), "units": units})
+        parts = [first]
+        for _ in range(units - 1):
+            try:
+                parts.append(sess.run(self.next_batch))
+            except tf.errors.OutOfRangeError:
+                break  # the end of this replica's data: train on what there is
+        if len(parts) == 1:
+            features = parts[0][0]
+        else:
+            features = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+        feed: dict[Any, Any] = {self.feed_features[k]: v for k, v in features.items()}
+        feed[self.feed_position] = parts[-1][1]  # the reader's position after the last micro-batch
+        return feed, time.perf_counter() - t0
+
+    def _observe_timings(self, sess: Any, writer: Any) -> None:
+        """The chief after each step: read the timing slots, feed the policies, write a new plan."""
+        policy = self.chief_policy
+        if policy is None:
+            return
+        slots, gstep = sess.run([self.timing, self.global_step])
+        line, vector = policy.observe([[float(x) for x in v] for v in slots], int(gstep))
+        if line:
+            log.warning("%s straggler: %s", self.tag, line)
+        if vector is not None:
+            sess.run(self.set_plan, {self.plan_in: vector})
+            log.info(
+                "%s straggler: local batches %s rows from global step %d", self.tag, policy.sizes(), vector[0]
+            )
+        if writer is not None and (line or vector is not None):
+            values = {"straggler/slow_workers": float(len(policy.report.flagged))}
+            values.update({f"straggler/local_batch/{r}": float(b) for r, b in enumerate(policy.sizes())})
+            writer.add_summary(_summary(values), int(gstep))
 
     # ----------------------------------------------------------------------------- re-placement
     def _park(self, sess: Any, generation: int) -> None:
@@ -930,7 +1096,7 @@ class _Trainer:
             config=self.config,
             model_dir=self.model_dir,
             cluster_spec=self.info.cluster,
-            params={"sync": self.config.sync},
+            params={"sync": self.config.sync, "straggler": self.config.straggler},
         )
 
 
