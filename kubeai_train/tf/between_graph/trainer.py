@@ -813,6 +813,13 @@ class _Trainer:
             result.straggler = self.report.as_dict()
         if result.replaced:
             return  # the variables are being cleared: nothing more to read or mark
+        if self.close_tokens is not None and cfg.max_steps is not None and gstep >= cfg.max_steps:
+            # the global step fetched with a step may be read before or after that step's update,
+            # so a replica can stop at max_steps while another starts one more step, whose
+            # aggregate (needing this replica's gradients) never comes: closing the token queue
+            # ends that replica's wait (OutOfRange) instead of leaving it blocked until killed.
+            # Every step below max_steps is applied already, so no update is lost.
+            sess.run(self.close_tokens)
         result.global_step = int(sess.run(self.global_step))
         # the position of the last applied batch is already stored; mark it done
         position = self._read_position(sess) or {}
