@@ -197,6 +197,14 @@ def time_to(curve: list[list[float]], target: float) -> float:
     return float("inf")
 
 
+def steps_to(curve: list[list[float]], target: float) -> float:
+    """Steps trained by the first evaluation with AUC >= target (inf: never)."""
+    for _, step, a in curve:
+        if a >= target:
+            return float(step)
+    return float("inf")
+
+
 # --------------------------------------------------------------------------------------------
 # simulator
 
@@ -219,7 +227,7 @@ def simulate(
     n = len(scheds)
     det = SlowWorkerDetector(k=k, m=m)
     backup = BackupWorkers(n, 1)
-    policy = AdaptiveBatchPolicy(n * micro, n, replan_every=replan)
+    policy = AdaptiveBatchPolicy(n * micro, n, replan_every=replan, reset_steps=m)
     g = batch // micro
     sit: frozenset[int] = frozenset()
     ratio: dict[int, float] = {}
@@ -241,7 +249,8 @@ def simulate(
             timings.append(WorkerTiming(i, work_rows, dur))
         if prev is not None:
             if mode == "adaptive":
-                policy.observe(step - 1, prev)
+                d = det.observe(step - 1, prev)
+                policy.observe(step - 1, prev, changed=d.new | d.cleared)
             elif mode == "backup":
                 ratio.update(det.observe(step - 1, prev).ratio)
                 sit = backup.sit_out(det.flagged, ratio, range(n))
@@ -256,12 +265,12 @@ def simulate(
 
 def main() -> None:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    p.add_argument("--rows-per-rank", type=int, default=8192)
+    p.add_argument("--rows-per-rank", type=int, default=32768)
     p.add_argument("--eval-rows", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=256, help="rows per rank per step at equal shares")
-    p.add_argument("--micro-batches", type=int, default=4, help="adaptive: micro-batches per equal share")
+    p.add_argument("--batch", type=int, default=512, help="rows per rank per step at equal shares")
+    p.add_argument("--micro-batches", type=int, default=16, help="adaptive: micro-batches per equal share")
     p.add_argument("--replan-every", type=int, default=3, help="adaptive: R")
-    p.add_argument("--cost-us", type=float, default=500.0, help="speed-1 sleep work per row, microseconds")
+    p.add_argument("--cost-us", type=float, default=300.0, help="speed-1 sleep work per row, microseconds")
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument(
         "--target", type=float, default=0.98, help="time-to-target: this x the plain no-straggler final AUC"
@@ -313,15 +322,17 @@ def main() -> None:
             base = med("none", "plain")
             target = args.target * base["curve"][-1][2]
             base_ttt = time_to(base["curve"], target)
+            base_stt = steps_to(base["curve"], target)
             o = base["epoch"] / t0
             print(
                 f"  x/none = epoch / plain no-straggler epoch; x/T* = that / (T*/T0); own/T* = epoch / the same "
                 f"mode's no-straggler epoch / (T*/T0);\n  ttt = time to AUC {target:.4f} / the plain "
-                f"no-straggler run's ({base_ttt:.2f}s); o = plain no-straggler epoch / T0 = {o:.3f}"
+                f"no-straggler run's ({base_ttt:.2f}s); ttt/T* = ttt / (T*/T0);\n  stt = steps to it / the plain no-straggler run's ({base_stt:.0f}; backup's steps hold fewer rows); o = plain no-straggler epoch / T0 = {o:.3f}"
             )
             print(
                 f"{'N':>3} {'sched':>6} {'T*/T0':>6} | {'plain':>6} {'backup':>6} {'adapt':>6} | "
                 f"{'plain':>6} {'backup':>6} {'adapt':>6} x/T* | {'backup':>6} {'adapt':>6} own/T* | {'plain':>6} {'backup':>6} {'adapt':>6} ttt | "
+                f"{'plain':>6} {'backup':>6} {'adapt':>6} ttt/T* | {'plain':>6} {'backup':>6} {'adapt':>6} stt | "
                 f"{'aucP':>6} {'aucB':>6} {'aucA':>6} | sat_out"
             )
             for sc in SCENARIOS:
@@ -329,6 +340,7 @@ def main() -> None:
                 ms = {mode: med(sc, mode) for mode in MODES}
                 x = {mode: ms[mode]["epoch"] / base["epoch"] for mode in MODES}
                 ttt = {mode: time_to(ms[mode]["curve"], target) / base_ttt for mode in MODES}
+                stt = {mode: steps_to(ms[mode]["curve"], target) / base_stt for mode in MODES}
                 st = ms["backup"]["straggler"] or {}
                 print(
                     f"{n:>3} {sc:>6} {ts:6.3f} | "
@@ -339,6 +351,10 @@ def main() -> None:
                     + " ".join(f"{ms[mm]['epoch'] / med('none', mm)['epoch'] / ts:6.3f}" for mm in MODES[1:])
                     + "        | "
                     + " ".join(f"{ttt[mm]:6.3f}" for mm in MODES)
+                    + "     | "
+                    + " ".join(f"{ttt[mm] / ts:6.3f}" for mm in MODES)
+                    + "        | "
+                    + " ".join(f"{stt[mm]:6.3f}" for mm in MODES)
                     + "     | "
                     + " ".join(f"{ms[mm]['curve'][-1][2]:6.4f}" for mm in MODES)
                     + f" | {st.get('sat_out')}"

@@ -140,6 +140,7 @@ class AdaptiveController:
             hysteresis=options.hysteresis,
             min_local=1,
             smoothing=options.smoothing,
+            reset_steps=options.slow_steps,
         )
         self.detector = SlowWorkerDetector(k=options.slow_factor, m=options.slow_steps)
         self.report = StragglerReport(micro_batch, self.global_rows)
@@ -187,7 +188,7 @@ class AdaptiveController:
             )
         self.report.flagged = sorted(det.flagged)
         # the policy sees rows, not micro-batches: speeds are ratios, the plan is in units
-        plan = self.policy.observe(step, timings)
+        plan = self.policy.observe(step, timings, changed=det.new | det.cleared)
         self.report.speeds = list(self.policy.speeds)
         if plan is not None:
             self._record_plan(applies_from)

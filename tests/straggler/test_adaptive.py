@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 from hypothesis import given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 
 from kubeai_train.straggler import (
     AdaptiveBatchPolicy,
+    SlowWorkerDetector,
     StragglerError,
     WorkerTiming,
     capacity_bound,
@@ -108,3 +110,58 @@ def test_policy_state_and_bad_input():
     with pytest.raises(StragglerError, match=r"local batch must be an integer in \[0, 8\], got 9"):
         loss_weight(9, 8, 2)
     assert loss_weight(6, 8, 2) == 1.5
+
+
+def _timings(sizes, per_row, noise=None):
+    """Compute time proportional to the local batch (times a per-step noise factor)."""
+    return [
+        WorkerTiming(w, b, b * per_row[w] * (1.0 if noise is None else noise[w])) for w, b in enumerate(sizes)
+    ]
+
+
+def test_a_regime_change_replans_at_once_from_the_new_speed():
+    p = AdaptiveBatchPolicy(global_batch=400, world=4, replan_every=10, smoothing=0.5)
+    det = SlowWorkerDetector(k=1.5, m=2)
+    per_row = [0.001] * 4
+    plans = []
+    for s in range(40):
+        if s == 12:
+            per_row = [0.001, 0.001, 0.001, 0.003]  # worker 3 turns 3x slower
+        if s == 30:
+            per_row = [0.001] * 4  # and recovers
+        t = _timings(p.plan.sizes, per_row)
+        d = det.observe(s, t)
+        new = p.observe(s, t, changed=d.new | d.cleared)
+        if new is not None:
+            plans.append((s, new))
+    # flagged at its 2nd slow step (13): planned from the slow steps alone, not a smoothed mix of
+    # old and new (that would give worker 3 more than a 3x slower share and need a second plan)
+    assert [(s, q.step, q.sizes) for s, q in plans] == [
+        (13, 14, (120, 120, 120, 40)),
+        (31, 32, (100, 100, 100, 100)),
+    ]
+
+
+def test_iid_jitter_does_not_move_the_plan_but_a_lasting_difference_does():
+    rng = random.Random(7)
+    world = 8
+
+    def run(noise_z, slow_from=None, steps=300):
+        p = AdaptiveBatchPolicy(global_batch=64 * world, world=world, replan_every=3, noise_z=noise_z)
+        plans = []
+        for s in range(steps):
+            per_row = [0.001] * world
+            if slow_from is not None and s >= slow_from:
+                per_row[5] = 0.0013  # 1.3x: under the detector's k, only the periodic re-plan sees it
+            noise = [rng.lognormvariate(0, 0.15) for _ in range(world)]
+            new = p.observe(s, _timings(p.plan.sizes, per_row, noise))
+            if new is not None:
+                plans.append(new)
+        return plans
+
+    assert len(run(0.0)) > 50  # without the noise test it chases the jitter (~1 plan per R)
+    assert len(run(3.0)) <= 10  # with it, a rare noise plan (a worker 3 se off its median)
+    lasting = run(3.0, slow_from=100)
+    moved = [q for q in lasting if q.step > 100 and q.sizes[5] <= 56]  # 1/1.3 of 64 is 49
+    assert moved and moved[0].step <= 100 + 20, lasting
+    assert lasting[-1].sizes[5] <= 56, lasting

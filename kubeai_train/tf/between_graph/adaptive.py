@@ -201,6 +201,7 @@ class AdaptiveChief:
             hysteresis=options.hysteresis,
             min_local=1,
             smoothing=options.smoothing,
+            reset_steps=options.slow_steps,
         )
         self.detector = SlowWorkerDetector(k=options.slow_factor, m=options.slow_steps)
         equal = list(equal_batches(units, world))
@@ -240,7 +241,7 @@ class AdaptiveChief:
                 }
             )
         self.report.flagged = sorted(det.flagged)
-        plan = self.policy.observe(step, timings)
+        plan = self.policy.observe(step, timings, changed=det.new | det.cleared)
         self.report.speeds = list(self.policy.speeds)
         if plan is None:
             return det.describe(), None
