@@ -165,3 +165,27 @@ def test_iid_jitter_does_not_move_the_plan_but_a_lasting_difference_does():
     moved = [q for q in lasting if q.step > 100 and q.sizes[5] <= 56]  # 1/1.3 of 64 is 49
     assert moved and moved[0].step <= 100 + 20, lasting
     assert lasting[-1].sizes[5] <= 56, lasting
+
+
+def test_flags_wait_when_slow_spells_have_been_short_and_state_keeps_them():
+    p = AdaptiveBatchPolicy(global_batch=400, world=4, replan_every=100, smoothing=1.0, min_regime=8)
+    fast = [WorkerTiming(w, 100, 0.1) for w in range(4)]
+    slow = [*fast[:3], WorkerTiming(3, 100, 0.3)]
+    for s in range(4):
+        p.observe(s, fast)
+    p.observe(4, slow)
+    assert p.observe(5, slow, changed={3}) is not None  # no spell seen yet: react
+    p.observe(6, fast)
+    p.observe(7, fast, changed={3})  # a 2-step spell, undone
+    assert p.plan.sizes == (100, 100, 100, 100)
+    q = AdaptiveBatchPolicy(global_batch=400, world=4, replan_every=100, smoothing=1.0, min_regime=8)
+    q.load_state_dict(p.state_dict())
+    for pol in (p, q):  # short spells so far: the next flag waits ...
+        pol.observe(8, slow)
+        assert pol.observe(9, slow, changed={3}) is None
+        for s in range(10, 17):
+            assert pol.observe(s, slow) is None
+        new = pol.observe(17, slow)  # ... until it has lasted 8 steps
+        assert new is not None and new.sizes == (120, 120, 120, 40)
+    with pytest.raises(StragglerError, match=r"min_regime must be an integer >= 0 \(steps\), got -1"):
+        AdaptiveBatchPolicy(global_batch=8, world=2, min_regime=-1)
