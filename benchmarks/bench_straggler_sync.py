@@ -250,7 +250,7 @@ def simulate(
         if prev is not None:
             if mode == "adaptive":
                 d = det.observe(step - 1, prev)
-                policy.observe(step - 1, prev, changed=d.new | d.cleared)
+                policy.observe(step - 1, prev, new=d.new, cleared=d.cleared)
             elif mode == "backup":
                 ratio.update(det.observe(step - 1, prev).ratio)
                 sit = backup.sit_out(det.flagged, ratio, range(n))

@@ -199,12 +199,16 @@ class AdaptiveBatchPolicy:
         return tuple(self._speeds)
 
     def observe(
-        self, step: int, timings: Iterable[WorkerTiming], changed: Iterable[int] = ()
+        self,
+        step: int,
+        timings: Iterable[WorkerTiming],
+        new: Iterable[int] = (),
+        cleared: Iterable[int] = (),
     ) -> BatchPlan | None:
         """Take one step's timings; returns the plan for step ``step + 1`` on when it changes.
 
-        ``changed``: workers whose regime changed at this step (the detector's new and cleared
-        flags): their speeds restart from their newest ``reset_steps`` steps and the policy
+        ``new`` / ``cleared``: workers the detector flagged / cleared at this step (a regime
+        change): their speeds restart from their newest ``reset_steps`` steps and the policy
         re-plans now instead of at the next R boundary."""
         for t in timings:
             if t.worker >= self.world:
@@ -218,21 +222,23 @@ class AdaptiveBatchPolicy:
             raw.append(v)
             del raw[: -self.WINDOW]
         react = []
-        for w in sorted({int(w) for w in changed}):
+        for w in sorted({int(w) for w in (*new, *cleared)}):
             if not 0 <= w < self.world:
                 raise StragglerError(f"worker {w} out of range for world {self.world}")
-            if w in self._flag_since:  # a clear
-                self._spells = [*self._spells, step - self._flag_since.pop(w)][-8:]
-                if w in self._waiting:
-                    self._waiting.discard(w)  # never reacted to: nothing to undo
-                else:
-                    react.append(w)
-            else:  # a flag
-                self._flag_since[w] = step
-                if self._spells and statistics.median(self._spells) < self.min_regime:
-                    self._waiting.add(w)
-                else:
-                    react.append(w)
+        for w in sorted({int(w) for w in cleared}):
+            since = self._flag_since.pop(w, None)
+            if since is not None:
+                self._spells = [*self._spells, step - since][-8:]
+            if w in self._waiting:
+                self._waiting.discard(w)  # never reacted to: nothing to undo
+            else:
+                react.append(w)
+        for w in sorted({int(w) for w in new}):
+            self._flag_since[w] = step
+            if self._spells and statistics.median(self._spells) < self.min_regime:
+                self._waiting.add(w)
+            else:
+                react.append(w)
         for w in sorted(self._waiting):
             if step - self._flag_since[w] >= self.min_regime:  # lasted: react after all
                 self._waiting.discard(w)
@@ -242,15 +248,14 @@ class AdaptiveBatchPolicy:
             if recent:
                 self._raw[w] = list(recent)
                 self._speeds[w] = sum(recent) / len(recent)
-        now_changed = react
         self._since += 1
         if any(v is None for v in self._speeds):
             return None
-        if not now_changed and self._since < self.replan_every:
+        if not react and self._since < self.replan_every:
             return None
         self._since = 0
         speeds = [float(v) for v in self._speeds if v is not None]
-        planned = speeds if now_changed else self._denoised(speeds)
+        planned = speeds if react else self._denoised(speeds)
         target = plan_local_batches(self.global_batch, planned, self.min_local)
         now, then = step_time(self.plan.sizes, planned), step_time(target, planned)
         if target == self.plan.sizes or then > now * (1 - self.hysteresis):

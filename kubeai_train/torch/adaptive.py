@@ -188,7 +188,7 @@ class AdaptiveController:
             )
         self.report.flagged = sorted(det.flagged)
         # the policy sees rows, not micro-batches: speeds are ratios, the plan is in units
-        plan = self.policy.observe(step, timings, changed=det.new | det.cleared)
+        plan = self.policy.observe(step, timings, new=det.new, cleared=det.cleared)
         self.report.speeds = list(self.policy.speeds)
         if plan is not None:
             self._record_plan(applies_from)

@@ -131,7 +131,7 @@ def test_a_regime_change_replans_at_once_from_the_new_speed():
             per_row = [0.001] * 4  # and recovers
         t = _timings(p.plan.sizes, per_row)
         d = det.observe(s, t)
-        new = p.observe(s, t, changed=d.new | d.cleared)
+        new = p.observe(s, t, new=d.new, cleared=d.cleared)
         if new is not None:
             plans.append((s, new))
     # flagged at its 2nd slow step (13): planned from the slow steps alone, not a smoothed mix of
@@ -174,15 +174,15 @@ def test_flags_wait_when_slow_spells_have_been_short_and_state_keeps_them():
     for s in range(4):
         p.observe(s, fast)
     p.observe(4, slow)
-    assert p.observe(5, slow, changed={3}) is not None  # no spell seen yet: react
+    assert p.observe(5, slow, new={3}) is not None  # no spell seen yet: react
     p.observe(6, fast)
-    p.observe(7, fast, changed={3})  # a 2-step spell, undone
+    p.observe(7, fast, cleared={3})  # a 2-step spell, undone
     assert p.plan.sizes == (100, 100, 100, 100)
     q = AdaptiveBatchPolicy(global_batch=400, world=4, replan_every=100, smoothing=1.0, min_regime=8)
     q.load_state_dict(p.state_dict())
     for pol in (p, q):  # short spells so far: the next flag waits ...
         pol.observe(8, slow)
-        assert pol.observe(9, slow, changed={3}) is None
+        assert pol.observe(9, slow, new={3}) is None
         for s in range(10, 17):
             assert pol.observe(s, slow) is None
         new = pol.observe(17, slow)  # ... until it has lasted 8 steps

@@ -241,7 +241,7 @@ class AdaptiveChief:
                 }
             )
         self.report.flagged = sorted(det.flagged)
-        plan = self.policy.observe(step, timings, changed=det.new | det.cleared)
+        plan = self.policy.observe(step, timings, new=det.new, cleared=det.cleared)
         self.report.speeds = list(self.policy.speeds)
         if plan is None:
             return det.describe(), None
