@@ -141,7 +141,7 @@ def job(
             trainer._train_step = step_and_eval  # type: ignore[method-assign]
             ds = data.read(
                 train,
-                batch_size=batch // micro if mode == "adaptive" else batch,
+                batch_size=batch,
                 assignment="dynamic",
                 **opts,
             )

@@ -135,12 +135,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             adaptive=kt.AdaptiveBatching(micro_batches=args.micro_batches),
             backup_workers=args.backup_workers,
         )
-        adaptive = args.straggler == "adaptive"
         trainer = kt.Trainer(model, features, config, ctx)
         train_data = data.read(
             args.train_data,
-            # adaptive: the reader delivers micro-batches, the trainer takes a planned number a step
-            batch_size=args.batch_size // args.micro_batches if adaptive else args.batch_size,
+            batch_size=args.batch_size,
             shuffle=not args.no_shuffle,
             seed=args.seed,
             num_epochs=1,  # the trainer runs the epochs

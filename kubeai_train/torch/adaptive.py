@@ -3,10 +3,15 @@
 Synchronous DDP waits for the slowest rank every step. With ``TrainConfig(straggler="adaptive")``
 the global batch stays fixed and each rank's share follows its measured speed:
 
-* **Granularity.** The reader's ``batch_size`` is a micro-batch of ``g`` rows; a rank takes
-  ``k_r >= 1`` micro-batches per step and trains on their concatenation. Plans are in units of
-  micro-batches, so the reader position a checkpoint stores stays a whole number of DataLoader
-  batches (the same exact bookkeeping as with one batch per step).
+* **Granularity.** The reader's ``batch_size`` ``B`` is the local batch at equal shares, as
+  without adaptive batches (so switching the mode on keeps the global batch ``N B``). A plan is
+  in units of ``u = B / micro_batches`` rows; a rank takes ``k_r >= 1`` units per step.
+  :class:`RowSlicer` cuts them out of the reader's big batches (views, a copy only where a step
+  spans two reader batches), so the reader keeps its batch size and its per-batch cost. The
+  rows of a reader batch not trained on yet (the *carry*, fewer than ``B``) go into a
+  checkpoint next to the reader's position after that batch, and a resumed rank trains on them
+  first: the same exactly-once bookkeeping as with one batch per step, for the static and the
+  dynamic assignment alike.
 * **Measurement.** A rank's compute time of a step runs from the moment it starts taking its
   micro-batches to the end of forward and loss: reading and transforming its input (or waiting
   for its DataLoader workers), the host-to-device copy, forward and the loss. Backward is left
@@ -34,17 +39,28 @@ that follow speed need the data to follow speed too, which dynamic assignment of
 
 from __future__ import annotations
 
+import base64
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from kubeai_train.straggler import AdaptiveBatchPolicy, SlowWorkerDetector, StragglerError, WorkerTiming
 from kubeai_train.torch.types import AdaptiveBatching, ConfigError
 
-__all__ = ["AdaptiveController", "StragglerReport", "concat_batches", "timing_slots", "unpack_timings"]
+__all__ = [
+    "AdaptiveController",
+    "RowSlicer",
+    "StragglerReport",
+    "concat_batches",
+    "decode_carry",
+    "encode_carry",
+    "timing_slots",
+    "unpack_timings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +93,109 @@ def concat_batches(parts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, tor
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+class RowSlicer:
+    """Local batches of a planned number of rows, cut out of a reader's bigger batches.
+
+    Args:
+        batches: the reader's batches (dicts of tensors with the same leading dimension).
+        carry: rows of a batch taken before a restart and not trained on (they come first).
+
+    :meth:`take` returns views of the current reader batch while a step fits in it and copies
+    only where a step spans two batches; :attr:`fetched` counts the reader batches taken from
+    ``batches`` (what the reader's position counts) and :meth:`carry` is what is left of the
+    last of them.
+    """
+
+    def __init__(
+        self, batches: Iterator[dict[str, torch.Tensor]], carry: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        self._it = batches
+        self._head = carry if carry is not None and _rows_of(carry) else None
+        self._offset = 0
+        self.fetched = 0
+        self.ended = False
+
+    def take(self, rows: int) -> dict[str, torch.Tensor] | None:
+        """Up to ``rows`` rows (fewer only at the end of the batches); None when none are left."""
+        if rows < 1:
+            raise ValueError(f"a local batch needs at least one row, got {rows}")
+        parts: list[dict[str, torch.Tensor]] = []
+        need = rows
+        while need:
+            if self._head is None:
+                b = None if self.ended else next(self._it, None)
+                if b is None:
+                    self.ended = True  # never ask an ended DataLoader iterator again
+                    break
+                self.fetched += 1
+                self._head, self._offset = b, 0
+            n = _rows_of(self._head) - self._offset
+            k = min(n, need)
+            if self._offset == 0 and k == n:
+                parts.append(self._head)
+            else:
+                parts.append({c: v[self._offset : self._offset + k] for c, v in self._head.items()})
+            need -= k
+            self._offset += k
+            if self._offset == _rows_of(self._head):
+                self._head, self._offset = None, 0
+        return concat_batches(parts) if parts else None
+
+    def carry(self) -> dict[str, torch.Tensor] | None:
+        """The rows of the last fetched batch not taken yet (None: none)."""
+        if self._head is None:
+            return None
+        return {c: v[self._offset :] for c, v in self._head.items()}
+
+
+def _rows_of(batch: Mapping[str, torch.Tensor]) -> int:
+    return len(next(iter(batch.values()))) if batch else 0
+
+
+def encode_carry(batch: Mapping[str, torch.Tensor] | None) -> dict[str, Any] | None:
+    """A carry as JSON (dtype, shape and base64 bytes per column) for a checkpoint's data state."""
+    if batch is None:
+        return None
+    out: dict[str, Any] = {}
+    for c, v in batch.items():
+        if not isinstance(v, torch.Tensor):
+            raise ConfigError(
+                f"straggler='adaptive' checkpoints hold tensor columns only; column {c!r} is "
+                f"{type(v).__name__}: transform it to a tensor in the features"
+            )
+        a = v.detach().cpu().contiguous().numpy()
+        out[c] = {
+            "dtype": a.dtype.str,
+            "shape": list(a.shape),
+            "data": base64.b64encode(a.tobytes()).decode(),
+        }
+    return out
+
+
+def decode_carry(state: Mapping[str, Any] | None) -> dict[str, torch.Tensor] | None:
+    """The inverse of :func:`encode_carry`."""
+    if not state:
+        return None
+    try:
+        return {
+            c: torch.from_numpy(
+                np.frombuffer(base64.b64decode(v["data"]), dtype=np.dtype(v["dtype"]))
+                .reshape(v["shape"])
+                .copy()
+            )
+            for c, v in state.items()
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"the checkpoint's carried rows are unreadable ({e}); delete the checkpoint") from e
+
+
 @dataclass
 class StragglerReport:
     """What ``straggler="adaptive"`` did in a fit (the same on every rank).
 
     Attributes:
-        micro_batch: rows of a micro-batch (the reader's ``batch_size``).
+        micro_batch: rows of a micro-batch, the plan's unit (the reader's ``batch_size`` over
+            ``micro_batches``).
         global_batch: planned rows per step over all ranks.
         plans: ``{"step": first step it applied to, "sizes": rows per rank}``, the initial
             equal plan first.
@@ -118,7 +231,8 @@ class AdaptiveController:
         options: the :class:`AdaptiveBatching` settings.
         world: ranks in the job.
         rank: this rank.
-        micro_batch: rows of a reader batch (``g``).
+        micro_batch: rows of the plan's unit ``u`` (the reader's ``batch_size`` over
+            ``options.micro_batches``).
 
     Every rank builds one and calls :meth:`observe` with the same timings at the same steps, so
     all of them hold the same plan (pure functions of the timings).
@@ -127,7 +241,7 @@ class AdaptiveController:
     def __init__(self, options: AdaptiveBatching, world: int, rank: int, micro_batch: int) -> None:
         if not isinstance(micro_batch, int) or isinstance(micro_batch, bool) or micro_batch < 1:
             raise ConfigError(
-                f"the reader's batch_size (the micro-batch) must be an integer >= 1, got {micro_batch!r}"
+                f"a micro-batch (batch_size / micro_batches) must be an integer >= 1 rows, got {micro_batch!r}"
             )
         self.options = options
         self.world = world
@@ -155,6 +269,11 @@ class AdaptiveController:
     def units(self) -> int:
         """Micro-batches this rank takes in the next step."""
         return self.policy.plan.sizes[self.rank]
+
+    @property
+    def rows(self) -> int:
+        """Rows this rank takes in the next step."""
+        return self.units * self.micro_batch
 
     def sizes(self) -> list[int]:
         """Planned rows per rank."""
@@ -210,7 +329,7 @@ class AdaptiveController:
         if int(state.get("micro_batch", -1)) != self.micro_batch:
             raise ConfigError(
                 f"the checkpoint was trained with micro-batches of {state.get('micro_batch')!r} rows, "
-                f"this run reads {self.micro_batch}; resume with the same batch_size"
+                f"this run's are {self.micro_batch}; resume with the same batch_size and micro_batches"
             )
         try:
             self.policy.load_state_dict(dict(state["policy"]))

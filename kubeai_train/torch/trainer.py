@@ -15,8 +15,8 @@ so the logged loss is the job's, not rank 0's, at no extra collective.
 
 Every row is trained on exactly once per epoch: the loop never drops a rank's tail.
 
-With ``TrainConfig(straggler="adaptive")`` a step takes a planned number of reader batches per
-rank instead of one, and the same all-reduce also gathers every rank's compute time of the
+With ``TrainConfig(straggler="adaptive")`` a step takes a planned number of rows per rank, cut
+from the reader's batches, instead of one batch, and the same all-reduce also gathers every rank's compute time of the
 previous step (:mod:`kubeai_train.torch.adaptive`). With ``straggler="backup"`` the same
 all-reduce gathers the timings and who sat out or ran out, and up to ``backup_workers`` ranks
 flagged slow sit steps out: no batch, a shadow step, a probe of their speed
@@ -43,7 +43,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, IterableDataset
 
 from kubeai_train.torch import metrics as metrics_mod
-from kubeai_train.torch.adaptive import AdaptiveController, StragglerReport, concat_batches, timing_slots
+from kubeai_train.torch.adaptive import (
+    AdaptiveController,
+    RowSlicer,
+    StragglerReport,
+    decode_carry,
+    encode_carry,
+    timing_slots,
+)
 from kubeai_train.torch.backup import BackupController, BackupReport
 from kubeai_train.torch.checkpoint import CheckpointStore
 from kubeai_train.torch.features import CTRFeatures
@@ -189,6 +196,7 @@ class Trainer:
         self._epoch_done = False  # ... and whether this rank had taken all its batches of it
         self._resumed_from: int | None = None
         self._straggler_state: dict[str, Any] | None = None  # the adaptive plan a checkpoint held
+        self._carry: dict[str, torch.Tensor] | None = None  # ... and the rows it had not trained on
         self._forward_done = 0.0  # when the last step's forward and loss were done
         if self.ctx.is_chief:  # the resolved config once per job (URIs without user:password@)
             log.info(
@@ -228,6 +236,7 @@ class Trainer:
         self._epoch = int(saved.get("epoch", 0))
         self._epoch_done = bool(saved.get("epoch_done", False))
         self._straggler_state = saved.get("straggler")
+        self._carry = decode_carry(saved.get("carry"))
         self.step = ck.step
         self._resumed_from = ck.step
         if self.ctx.is_chief:
@@ -241,18 +250,23 @@ class Trainer:
         epoch: int,
         epoch_done: bool,
         straggler: dict[str, Any] | None = None,
+        carry: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Write a checkpoint of the current step (collective: every rank must call it).
 
         ``epoch_done``: this rank has taken every batch of ``epoch`` (its reader would start the
         next epoch from that position, while other ranks may still be in this one).
         ``straggler``: the adaptive batch plan and slow flags, resumed with the job.
+        ``carry``: adaptive: the rows of the last reader batch not trained on yet (the data
+        state is the position after that batch); a resumed rank trains on them first.
         """
         if self.store is None:
             return
         state: dict[str, Any] = {"data": data_state, "rows": rows, "epoch": epoch, "epoch_done": epoch_done}
         if straggler is not None:
             state["straggler"] = straggler
+        if carry is not None:
+            state["carry"] = encode_carry(carry)
         self.store.write_data_state(self.step, self.ctx.rank, state)
         self.ctx.barrier(f"checkpoint barrier at step {self.step}")
         if self.ctx.is_chief:
@@ -335,34 +349,32 @@ class Trainer:
         return p, time.perf_counter() - t
 
     def _adaptive(self, data: ResumableDataset) -> AdaptiveController:
-        """The controller of ``straggler="adaptive"``; every rank must read the same micro-batch."""
+        """The controller of ``straggler="adaptive"``; every rank must read the same batch_size, a
+        multiple of ``adaptive.micro_batches`` (the plan's unit is their ratio)."""
         g = self._reader_batch(data)
-        ad = AdaptiveController(self.config.adaptive, self.ctx.world_size, self.ctx.rank, g)
+        m = self.config.adaptive.micro_batches
+        if g % m:
+            raise ConfigError(
+                f"straggler='adaptive' cuts the reader's batch_size {g} into adaptive.micro_batches={m} "
+                f"micro-batches: make batch_size a multiple of {m} (e.g. {max(m, g - g % m)})"
+            )
+        ad = AdaptiveController(self.config.adaptive, self.ctx.world_size, self.ctx.rank, g // m)
         if self._straggler_state is not None:
             ad.load_state_dict(self._straggler_state, self.step)
         if self.ctx.is_chief:
             log.info(
-                "straggler: adaptive local batches, %d rows per step over %d ranks in micro-batches of %d, "
+                "straggler: adaptive local batches, %d rows per step over %d ranks in micro-batches of %d "
+                "(cut from reader batches of %d), "
                 "re-planned every %d steps; slow = %.2fx the median per row for %d steps",
                 ad.global_rows,
                 self.ctx.world_size,
+                g // m,
                 g,
                 self.config.adaptive.replan_every,
                 self.config.adaptive.slow_factor,
                 self.config.adaptive.slow_steps,
             )
         return ad
-
-    @staticmethod
-    def _take(it: Iterator[dict[str, torch.Tensor]], k: int) -> tuple[dict[str, torch.Tensor] | None, int]:
-        """Up to ``k`` micro-batches of ``it`` as one local batch, and how many there were."""
-        parts = []
-        for _ in range(k):
-            b = next(it, None)
-            if b is None:
-                break
-            parts.append(b)
-        return (concat_batches(parts) if parts else None), len(parts)
 
     def _observe(self, ad: AdaptiveController, step: int, sync: torch.Tensor, applies_from: int) -> None:
         """Feed step ``step``'s gathered timings to the policies (every rank, same numbers)."""
@@ -440,6 +452,7 @@ class Trainer:
         epoch = self._epoch if resumed else 0
         stop = False
         taken = 0
+        slicer: RowSlicer | None = None
         while epoch < epochs and not stop:
             if not (resumed and epoch == self._epoch):
                 source.set_epoch(epoch)  # a resumed epoch keeps the position load_state_dict set
@@ -449,7 +462,9 @@ class Trainer:
             taken = 0  # batches of this pass trained on (what the data state counts)
             prev = (0.0, 0)  # this rank's loss sum and rows of the previous step
             prev_t = no_timings  # adaptive: this rank's (rows, compute seconds) slots of it
-            drained = False  # adaptive: a step took fewer micro-batches than planned
+            # adaptive: local batches cut from the reader's batches, the resumed carry first
+            carry, self._carry = (self._carry if resumed and epoch == self._epoch else None), None
+            slicer = None if ad is None or it is None else RowSlicer(it, carry)
             if bk is not None:
                 bk.new_pass()
             while True:
@@ -467,10 +482,8 @@ class Trainer:
                     pending = None if exhausted or sitting or it is None else next(it, None)
                     got = 1
                 else:
-                    pending, got = (
-                        (None, 0) if exhausted or drained or it is None else self._take(it, ad.units)
-                    )
-                    drained = got < ad.units  # never ask an ended DataLoader iterator again
+                    pending = None if exhausted or slicer is None else slicer.take(ad.rows)
+                    got = 0  # the slicer counts the reader batches it fetched
                 exhausted = pending is None and not sitting
                 # [ranks with a batch, previous step's loss sum, rows (, adaptive: every rank's
                 # rows and compute seconds)]; asynchronous, so a rank with a batch goes straight
@@ -528,7 +541,7 @@ class Trainer:
                     if bk is not None:
                         self._observe_backup(bk, cur - 1, sync, cur + 1)
                         last = pending
-                    taken += got
+                    taken = slicer.fetched if slicer is not None else taken + got
                     rows += n
                 prev = (loss_sum, n)
                 if ad is not None:
@@ -541,13 +554,16 @@ class Trainer:
                     self._log_window(win)
                 if self.store is not None and self.step % cfg.checkpoint_every == 0:
                     state = source.state_dict() if lazy else source.state_dict(taken, cfg.num_workers)
+                    left = None if slicer is None else slicer.carry()
                     self.checkpoint(
                         state,
                         rows,
                         epoch,
                         # a dynamic dataset's state knows by itself whether its epoch is done
-                        exhausted or (not lazy and _pass_done(source, taken, cfg.num_workers)),
+                        left is None
+                        and (exhausted or (not lazy and _pass_done(source, taken, cfg.num_workers))),
                         None if ad is None else ad.state_dict(),
+                        left,
                     )
                     last_ckpt = self.step
             if stop:
@@ -558,9 +574,10 @@ class Trainer:
         if self.store is not None and self.step != last_ckpt:
             # ``taken`` counts the batches of the last pass: all of them unless max_steps stopped it
             state = source.state_dict() if lazy else source.state_dict(taken, cfg.num_workers)
-            done = not stop or (not lazy and _pass_done(source, taken, cfg.num_workers))
+            left = None if slicer is None or not stop else slicer.carry()
+            done = left is None and (not stop or (not lazy and _pass_done(source, taken, cfg.num_workers)))
             self.checkpoint(
-                state, rows, min(epoch, epochs - 1), done, None if ad is None else ad.state_dict()
+                state, rows, min(epoch, epochs - 1), done, None if ad is None else ad.state_dict(), left
             )
         with guard("summing rows over ranks"):
             per_rank = torch.zeros(self.ctx.world_size, dtype=torch.int64)

@@ -81,10 +81,10 @@ STRAGGLER_MODES = ("none", "adaptive", "backup")
 class AdaptiveBatching:
     """How ``straggler="adaptive"`` sizes each rank's local batch.
 
-    The reader's ``batch_size`` is the *micro-batch* (the granularity of a local batch); a
-    rank takes a whole number of micro-batches per step, at least one. At equal shares each rank
-    takes ``micro_batches`` of them, so the global batch is ``world x micro_batches x
-    batch_size`` rows and stays that while the shares follow the ranks' measured speed.
+    The reader's ``batch_size`` is the local batch at equal shares, as without adaptive
+    batches, so the global batch stays ``world x batch_size`` rows while the shares follow the
+    ranks' measured speed. A share is a whole number (at least one) of *micro-batches* of
+    ``batch_size / micro_batches`` rows, cut from the reader's batches by the trainer.
 
     Attributes:
         micro_batches: micro-batches per rank at equal shares (the resolution of a re-plan:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from typing import Any
@@ -128,7 +129,7 @@ def slowed(data_root: str, per_row_s: float, slow_from: int, slow_until: int) ->
             trainer.module.forward = slow_forward  # type: ignore[method-assign]
             ds = data.read(
                 os.path.join(data_root, f"rank{ctx.rank}"),
-                batch_size=16,
+                batch_size=128,  # micro-batches of 16 rows
                 rank=0,
                 world_size=1,
                 **FEATURES.read_options(),
@@ -211,6 +212,83 @@ def backup_slowed(data_root: str, per_row_s: float, slow_from: int, slow_until: 
                 "trained": len(trained),
                 "model": _digest(trainer.module.state_dict()),
                 "optimizer": _digest(trainer.optimizer.state_dict()),
+            }
+            ctx.barrier()
+            return out
+
+    return kt.run(main)
+
+
+def adaptive_resume(data_root: str, ckpt: str, per_row_s: float, stop_at: int) -> dict[str, Any]:
+    """``straggler="adaptive"`` with checkpoints: rank 1 is 2x slow, so the plan cuts local
+    batches across reader batches; the first fit stops at ``stop_at`` with rows of a reader
+    batch not trained on (the carry), a second trainer resumes. Returns whether every row of the
+    rank's shard was trained on exactly once over both fits."""
+    torch.set_num_threads(1)
+
+    def fingerprints(batch: dict[str, torch.Tensor]) -> list[bytes]:
+        rows = torch.cat([batch["dense"], batch["ids"].to(torch.float32), batch["label"][:, None]], 1)
+        return [r.numpy().tobytes() for r in rows]
+
+    def main() -> dict[str, Any]:
+        with kt.process_group(timeout_s=60) as ctx:
+            trained: list[bytes] = []
+
+            def trainer(max_steps: int | None) -> kt.Trainer:
+                torch.manual_seed(0)
+                model = kt.DLRM(FEATURES.sizes, len(FEATURES.dense), dim=8)
+                cfg = kt.TrainConfig(
+                    dense_lr=0.01,
+                    sparse_lr=0.05,
+                    straggler="adaptive",
+                    adaptive=kt.AdaptiveBatching(
+                        micro_batches=8, replan_every=2, slow_factor=1.5, slow_steps=2
+                    ),
+                    checkpoint_dir=ckpt,
+                    checkpoint_every=1000,
+                    max_steps=max_steps,
+                )
+                t = kt.Trainer(model, FEATURES, cfg, ctx)
+                forward, train_step = t.module.forward, t._train_step
+
+                def slow_forward(ids: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+                    time.sleep((2 if ctx.rank == 1 else 1) * per_row_s * len(ids))
+                    return forward(ids, dense)
+
+                def recording_step(batch: Any, scale: Any = None) -> Any:
+                    if batch is not None:
+                        trained.extend(fingerprints(batch))
+                    return train_step(batch, scale)
+
+                t.module.forward = slow_forward  # type: ignore[method-assign]
+                t._train_step = recording_step  # type: ignore[method-assign]
+                return t
+
+            def shard() -> Any:
+                return data.read(
+                    os.path.join(data_root, f"rank{ctx.rank}"),
+                    batch_size=96,  # micro-batches of 12 rows
+                    rank=0,
+                    world_size=1,
+                    num_epochs=1,
+                    **FEATURES.read_options(),
+                )
+
+            first = trainer(stop_at).fit(shard(), epochs=1)
+            ctx.barrier()
+            with open(os.path.join(ckpt, f"step-{stop_at:012d}", f"data-{ctx.rank:05d}.json")) as f:
+                state = json.load(f)
+            second = trainer(None).fit(shard(), epochs=1)
+            every = [f for b in TransformedBatches(shard().to_torch(), FEATURES) for f in fingerprints(b)]
+            out = {
+                "rank": ctx.rank,
+                "first_steps": first.steps,
+                "resumed_from": second.resumed_from,
+                "carry_rows": state["carry"]["label"]["shape"][0] if state.get("carry") else 0,
+                "plans": [p["sizes"] for p in first.straggler.plans] if first.straggler else [],
+                "exactly_once": sorted(trained) == sorted(every) and len(set(every)) == len(every),
+                "trained": len(trained),
+                "rows": len(every),
             }
             ctx.barrier()
             return out

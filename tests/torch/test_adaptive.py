@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from kubeai_train.straggler import WorkerTiming, loss_weight
-from kubeai_train.torch.adaptive import AdaptiveController, concat_batches, timing_slots, unpack_timings
+from kubeai_train.torch.adaptive import (
+    AdaptiveController,
+    RowSlicer,
+    concat_batches,
+    decode_carry,
+    encode_carry,
+    timing_slots,
+    unpack_timings,
+)
 from kubeai_train.torch.types import AdaptiveBatching, ConfigError, TrainConfig
 
 
@@ -22,6 +30,50 @@ def test_concat_keeps_rows_in_order():
     assert out["ids"].tolist() == [[0, 1], [2, 3], [4, 5]] and out["label"].tolist() == [0.0, 1.0, 1.0]
     with pytest.raises(ValueError):
         concat_batches([])
+
+
+def _batches(sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    out, start = [], 0
+    for n in sizes:
+        ids = torch.arange(start, start + n)
+        out.append({"ids": ids.view(n, 1).repeat(1, 2), "label": ids.to(torch.float32)})
+        start += n
+    return out
+
+
+def test_slicer_cuts_planned_rows_in_order_and_counts_fetched_batches():
+    batches = _batches([8, 8, 5])  # a shard's last batch is short
+    sl = RowSlicer(iter(batches))
+    first = sl.take(3)
+    assert first is not None and first["label"].tolist() == [0, 1, 2] and sl.fetched == 1
+    # a view of the reader's batch, not a copy, while the step fits in it
+    assert first["ids"].untyped_storage().data_ptr() == batches[0]["ids"].untyped_storage().data_ptr()
+    assert sl.take(8)["label"].tolist() == list(range(3, 11)) and sl.fetched == 2  # spans two
+    assert sl.carry()["label"].tolist() == list(range(11, 16))
+    whole = sl.take(5)
+    assert whole["ids"] is not None and sl.carry() is None
+    assert sl.take(8)["label"].tolist() == [16, 17, 18, 19, 20]  # fewer at the end
+    assert sl.ended and sl.take(4) is None and sl.fetched == 3
+    with pytest.raises(ValueError, match="at least one row"):
+        sl.take(0)
+
+
+def test_carry_survives_json_and_comes_first():
+    import json
+
+    sl = RowSlicer(iter(_batches([8])))
+    sl.take(3)
+    state = json.loads(json.dumps(encode_carry(sl.carry())))
+    carry = decode_carry(state)
+    assert carry is not None and carry["ids"].dtype == torch.int64 and carry["ids"].shape == (5, 2)
+    resumed = RowSlicer(iter(_batches([8, 8])[1:]), carry)
+    got = resumed.take(8)
+    assert got["label"].tolist() == [3, 4, 5, 6, 7, 8, 9, 10] and resumed.fetched == 1
+    assert encode_carry(None) is None and decode_carry(None) is None
+    with pytest.raises(ConfigError, match="carried rows are unreadable"):
+        decode_carry({"ids": {"dtype": "<i8", "shape": [5, 2], "data": "AAAA"}})
+    with pytest.raises(ConfigError, match="tensor columns only; column 'name'"):
+        encode_carry({"name": ["a", "b"]})  # type: ignore[dict-item]
 
 
 def test_loss_scale_is_the_unbiased_weight_over_rows():

@@ -40,3 +40,20 @@ def test_slowed_rank_gets_a_smaller_batch_and_replicas_stay_identical(tmp_path):
     # every row trained once, replicas and optimizer states bit-identical
     assert r0["rows_per_rank"] == r1["rows_per_rank"] == [4096, 4096]
     assert r0["model"] == r1["model"] and r0["optimizer"] == r1["optimizer"]
+
+
+def test_resume_mid_reader_batch_trains_every_row_once(tmp_path):
+    # 1,000 rows per rank in reader batches of 96: rank 1 twice as slow, so a plan of 12-row
+    # micro-batches near 2:1 (11 and 5 of them) cuts steps across reader batches
+    for r in range(2):
+        write_parquet(tmp_path / f"rank{r}", ctr_columns(1000, seed=20 + r), files=2, row_group=128)
+    kw = {"data_root": str(tmp_path), "ckpt": str(tmp_path / "ckpt"), "per_row_s": 0.001, "stop_at": 9}
+    res = run_processes(
+        "tests.torch._jobs:adaptive_resume", workers=2, kwargs=kw, env=ENV, timeout=180
+    ).results
+    for out in res.values():
+        print(out)
+        assert out["first_steps"] == 9 and out["resumed_from"] == 9
+        assert out["exactly_once"] and out["trained"] == out["rows"] == 1000
+    assert any(len(set(p)) > 1 for p in res["master:0"]["plans"])  # the plan did move
+    assert any(out["carry_rows"] > 0 for out in res.values())  # and a checkpoint held a carry
