@@ -43,18 +43,26 @@ measured speed:
   replicas is again the sum of row gradients over ``G``. (Plain sync training keeps TF's
   per-row mean.)
 
-A restarted chief starts again from equal shares (the policies' state is not checkpointed).
+A restarted chief resumes the policies: their state (plan, speeds, slow flags) is a string
+variable under the trainer's state scope, written with each new plan and before each checkpoint,
+so it is in the checkpoint and on the PS a restarted chief finds alive.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubeai_train.straggler import AdaptiveBatchPolicy, SlowWorkerDetector, WorkerTiming, equal_batches
+from kubeai_train.straggler import (
+    AdaptiveBatchPolicy,
+    SlowWorkerDetector,
+    StragglerError,
+    WorkerTiming,
+    equal_batches,
+)
 from kubeai_train.tf.types import AdaptiveBatching, TrainError
 
 __all__ = [
@@ -251,6 +259,37 @@ class AdaptiveChief:
             {"step": int(global_step) + 1, "sizes": [k * self.micro_batch for k in plan.sizes]}
         )
         return det.describe(), list(self.vector)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The policies' state and the plan vector (JSON-serialisable)."""
+        return {
+            "policy": self.policy.state_dict(),
+            "detector": self.detector.state_dict(),
+            "vector": list(self.vector),
+            "micro_batch": self.micro_batch,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], global_step: int) -> None:
+        """Resume a saved state at ``global_step``; a state of another shape (replicas, batch
+        size, micro-batches) raises TrainError naming it."""
+        if int(state.get("micro_batch", -1)) != self.micro_batch:
+            raise TrainError(
+                f"the saved adaptive plan is in micro-batches of {state.get('micro_batch')!r} rows, this "
+                f"run reads {self.micro_batch}; resume with the same batch_size"
+            )
+        vector = [int(v) for v in state.get("vector", ())]
+        if len(vector) != 1 + 2 * self.world:
+            raise TrainError(
+                f"the saved adaptive plan is for {(len(vector) - 1) // 2} replicas, this job has {self.world}"
+            )
+        try:
+            self.policy.load_state_dict(dict(state["policy"]))
+            self.detector.load_state_dict(dict(state["detector"]))
+        except (KeyError, StragglerError) as e:
+            raise TrainError(f"cannot resume the adaptive batch plan: {e}") from e
+        self.vector = vector
+        self.report.plans = [{"step": int(global_step), "sizes": self.sizes()}]
+        self.report.flagged = sorted(self.detector.flagged)
 
     def sizes(self) -> list[int]:
         """Rows per replica of the newest plan."""

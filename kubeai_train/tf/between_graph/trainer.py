@@ -341,7 +341,15 @@ class _Trainer:
                 self.timing_in = tf.compat.v1.placeholder(tf.float64, [3])
                 self.set_timing = self.timing[self.rank].assign(self.timing_in, read_value=False)
                 self.plan_in = tf.compat.v1.placeholder(tf.int64, [1 + 2 * self.world])
-                self.set_plan = self.plan_var.assign(self.plan_in, read_value=False)
+                # the chief's policies as JSON: checkpointed, and read by a restarted chief
+                self.policy_var = tf.compat.v1.get_variable(
+                    "straggler_policy", initializer=tf.constant(""), trainable=False
+                )
+                self.policy_in = tf.compat.v1.placeholder(tf.string, [])
+                self.set_plan = tf.group(
+                    self.plan_var.assign(self.plan_in, read_value=False),
+                    self.policy_var.assign(self.policy_in, read_value=False),
+                )
 
     def _model_and_train_op(self, features: Mapping[str, Any]) -> None:
         self.global_step = tf.compat.v1.train.get_or_create_global_step()
@@ -833,7 +841,17 @@ class _Trainer:
         if self.is_chief:
             self.chief_policy = _adaptive.AdaptiveChief(self.config.adaptive, self.world, g)
             self.report = self.chief_policy.report
-            sess.run(self.set_plan, {self.plan_in: self.chief_policy.vector})
+            saved, gstep = sess.run([self.policy_var, self.global_step])
+            if saved:
+                self.chief_policy.load_state_dict(json.loads(saved), int(gstep))
+                log.info(
+                    "%s straggler: resumed the adaptive plan %s rows (flagged %s) at global step %d",
+                    self.tag,
+                    self.chief_policy.sizes(),
+                    self.chief_policy.report.flagged,
+                    int(gstep),
+                )
+            self._write_plan(sess, self.chief_policy.vector)
             opts = self.config.adaptive
             log.info(
                 "%s straggler: adaptive local batches, %d rows per step over %d replicas in micro-batches "
@@ -882,7 +900,7 @@ class _Trainer:
         if line:
             log.warning("%s straggler: %s", self.tag, line)
         if vector is not None:
-            sess.run(self.set_plan, {self.plan_in: vector})
+            self._write_plan(sess, vector)
             log.info(
                 "%s straggler: local batches %s rows from global step %d", self.tag, policy.sizes(), vector[0]
             )
@@ -890,6 +908,13 @@ class _Trainer:
             values = {"straggler/slow_workers": float(len(policy.report.flagged))}
             values.update({f"straggler/local_batch/{r}": float(b) for r, b in enumerate(policy.sizes())})
             writer.add_summary(_summary(values), int(gstep))
+
+    def _write_plan(self, sess: Any, vector: Sequence[int]) -> None:
+        """The chief: the plan vector and the policies' state, in one run."""
+        if self.chief_policy is None:
+            return
+        state = json.dumps(self.chief_policy.state_dict())
+        sess.run(self.set_plan, {self.plan_in: list(vector), self.policy_in: state})
 
     # ----------------------------------------------------------------------------- re-placement
     def _park(self, sess: Any, generation: int) -> None:
@@ -977,6 +1002,8 @@ class _Trainer:
 
     def _save(self, sess: Any, gstep: int) -> str:
         t0 = time.perf_counter()
+        if self.chief_policy is not None:  # the policies' newest speeds and flags go with it
+            self._write_plan(sess, self.chief_policy.vector)
         path = self.ckpts.save(sess, int(gstep))
         log.info(
             "%s checkpoint %s (%.2f s)",

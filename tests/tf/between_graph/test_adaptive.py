@@ -132,3 +132,26 @@ def test_chief_flags_replans_and_ignores_stale_slots():
     assert chief.report.flagged == [1] and chief.sizes() == [vec[1] * 32, vec[2] * 32]
     with pytest.raises(TrainError, match="3 timing slots for 2 replicas"):
         chief.observe([[0, 0, 0]] * 3, 6)
+
+
+def test_chief_state_round_trips_through_json_and_checks_its_shape():
+    import json
+
+    opts = AdaptiveBatching(micro_batches=4, replan_every=2, slow_steps=2)
+    chief = AdaptiveChief(opts, 2, 32)
+    for step in range(1, 4):
+        chief.observe([[step, 128, 0.128], [step, 128, 0.384]], step + 2)
+    assert chief.report.flagged == [1] and chief.sizes()[1] < chief.sizes()[0]
+    state = json.loads(json.dumps(chief.state_dict()))
+    again = AdaptiveChief(opts, 2, 32)
+    again.load_state_dict(state, 9)
+    assert again.vector == chief.vector and again.report.flagged == [1]
+    assert again.report.plans == [{"step": 9, "sizes": chief.sizes()}]
+    # the resumed policies go on from the saved speeds: the same next decision as the original
+    assert again.observe([[9, 128, 0.128], [9, 128, 0.384]], 12) == chief.observe(
+        [[9, 128, 0.128], [9, 128, 0.384]], 12
+    )
+    with pytest.raises(TrainError, match="micro-batches of 32 rows, this run reads 64"):
+        AdaptiveChief(opts, 2, 64).load_state_dict(state, 9)
+    with pytest.raises(TrainError, match="for 2 replicas, this job has 3"):
+        AdaptiveChief(opts, 3, 32).load_state_dict(state, 9)
