@@ -36,6 +36,9 @@ TF_ROLES = ("chief", "master", "worker", "ps", "evaluator")
 # ``host:port`` of the job's data dispatcher (``data.read(..., assignment="dynamic")``), when it
 # cannot be derived from the cluster: the local launcher sets it (all tasks share 127.0.0.1)
 DISPATCHER_ENV = "KUBEAI_TRAIN_DISPATCHER"
+# the directory a job's processes share the split plan of their file datasets through
+# (kubeai_train.data.plan); the local launcher sets one per job
+PLAN_DIR_ENV = "KUBEAI_TRAIN_PLAN_DIR"
 TORCH_ROLES = ("master", "worker")
 
 

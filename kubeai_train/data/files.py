@@ -42,6 +42,8 @@ import pyarrow.csv as pacsv
 import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 
+from kubeai_train import cluster
+from kubeai_train.data import plan as _plan
 from kubeai_train.data._retry import RetryPolicy, call_with_retry
 from kubeai_train.data.registry import storage_options_for
 from kubeai_train.data.types import (
@@ -196,6 +198,20 @@ class FileSource(Source):
         csv_options: ``delimiter``, ``column_names`` (no header line), ``column_types``.
         retries / backoff: transient errors while opening files (reads are retried by the
             pipeline).
+        plan_dir: a directory (local path or fsspec URL) the job's processes share, where
+            the split plan is made once per job: the planner reads the footers and writes
+            them with the bounds; the others list the files, load the plan and read no footer
+            (:mod:`kubeai_train.data.plan`). Default ``KUBEAI_TRAIN_PLAN_DIR`` (the local
+            launcher sets it per job); None / "" plans in this process as before.
+        planner: True: this process plans (reading the footers) unless a matching plan is
+            there; False: it waits for another's. Default: in a local or mounted directory
+            the first process to take the plan's lock file plans while the others wait (so a
+            dataset only some ranks read is planned by one of them); in an object store
+            (``oss://...``, no atomic create) rank 0 plans and the others wait.
+        plan_timeout: how long a process waits for another's plan before it plans by itself
+            (with a warning): a slow planner costs time, never a wrong or hung read.
+        plan_storage_options: fsspec options for ``plan_dir`` (default: ``storage_options``
+            when ``plan_dir`` is on the same scheme as the data, else none).
 
     Raises:
         DatasetNotFoundError: nothing matched ``url`` (after filtering).
@@ -218,6 +234,10 @@ class FileSource(Source):
         csv_options: Mapping[str, Any] | None = None,
         retries: int = 3,
         backoff: float = 0.2,
+        plan_dir: str | os.PathLike[str] | None = None,
+        planner: bool | None = None,
+        plan_timeout: float = 60.0,
+        plan_storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         urls = [url] if isinstance(url, (str, os.PathLike)) else list(url)
         if not urls or not all(isinstance(u, (str, os.PathLike)) and str(u) for u in urls):
@@ -245,6 +265,16 @@ class FileSource(Source):
                 f"csv_options {sorted(unknown)} not understood; use delimiter, column_names, column_types"
             )
         self.retry = RetryPolicy(retries=retries, backoff=backoff)
+        if plan_dir is None:
+            plan_dir = os.environ.get(_plan.PLAN_DIR_ENV) or None
+        if isinstance(plan_timeout, bool) or not isinstance(plan_timeout, (int, float)) or plan_timeout < 0:
+            raise ValueError(f"plan_timeout must be a number of seconds >= 0, got {plan_timeout!r}")
+        self.plan_dir = os.fspath(plan_dir) if plan_dir else None
+        self.planner = planner
+        self.plan_timeout = float(plan_timeout)
+        self.plan_storage_options = plan_storage_options
+        self.plan_source = "none"  # how the splits were planned: none | wrote | loaded | own
+        self._raw_footers: dict[str, bytes] = {}
         self._fs: fsspec.AbstractFileSystem | None = None
         self._fs_pid = 0
         # parsed Parquet footers of the files read last, this process only: bounded, since a
@@ -359,13 +389,121 @@ class FileSource(Source):
                 f"no files under {self.url!r} match partition_filter={self.partition_filter!r}",
                 path=self.url,
             )
-        for f in files:
-            call_with_retry(
-                functools.partial(self._inspect, f), self.is_transient, self.retry, f"opening {f.path}"
-            )
+        fp = self._plan_file()
+        applied, locked = (False, False) if fp is None else self._from_plan(fp, files)
+        try:
+            if not applied:
+                for f in files:
+                    call_with_retry(
+                        functools.partial(self._inspect, f),
+                        self.is_transient,
+                        self.retry,
+                        f"opening {f.path}",
+                    )
+                if fp is not None:
+                    self._write_plan(fp, files)
+        finally:
+            if locked and fp is not None:
+                fp.release()
         self._files = files
         self._by_path = {f.path: f for f in files}
         self._schema = self._unify(files)
+
+    # -- the job's shared plan -----------------------------------------------------------------
+    def _plan_file(self) -> _plan.FilePlan | None:
+        if not self.plan_dir:
+            return None
+        flt = self.partition_filter
+        if flt is not None and not isinstance(flt, (Mapping, list, tuple)):
+            # a callable's identity differs between processes: no key they would all agree on
+            log.info("a callable partition_filter: each process plans %s by itself", self.url)
+            return None
+        key = _plan.plan_key(
+            {
+                "urls": self.urls,
+                "format": self.format,
+                "partition_filter": flt,
+                "partition_columns": self.partition_columns,
+                "split_rows": self.split_rows,
+                "csv": self.csv_options,
+            }
+        )
+        opts = self.plan_storage_options
+        if opts is None:
+            same = fsspec.core.split_protocol(self.plan_dir)[0] == fsspec.core.split_protocol(self.urls[0])[0]
+            opts = storage_options_for(self.plan_dir, self.storage_options if same else None)
+        return _plan.FilePlan(self.plan_dir, key, opts)
+
+    def _planner(self) -> bool:
+        if self.planner is not None:
+            return bool(self.planner)
+        try:
+            return cluster.current().rank == 0
+        except cluster.ClusterError:  # a malformed cluster env is reported by whoever uses it
+            return True
+
+    def _from_plan(self, fp: _plan.FilePlan, files: list[_File]) -> tuple[bool, bool]:
+        """Fill ``files`` from the job's plan if one matches their listing.
+
+        Returns (applied, locked): whether the plan was applied, and whether this process holds
+        the plan's lock (it plans and writes; the caller releases it).
+        """
+        listing = [(f.path, f.stamp) for f in files]
+        plan = fp.load()
+        if plan is None or not fp.matches(plan, listing):
+            if self.planner is None and fp.local:
+                # a local (or mounted) directory: whoever comes first plans, under a lock; the
+                # others wait while the lock is held, so a dataset only some ranks read plans too
+                plan, locked = fp.plan_or_lock(listing, self.plan_timeout)
+                if locked:
+                    return False, True
+            elif self._planner():
+                return False, False
+            else:
+                log.info(
+                    "waiting up to %.0fs for the split plan of %s in %s", self.plan_timeout, self.url, fp
+                )
+                plan = fp.wait(listing, self.plan_timeout)
+            if plan is None:
+                log.warning(
+                    "no split plan of %s from the planner in %s within %.0fs; reading the footers here",
+                    self.url,
+                    fp,
+                    self.plan_timeout,
+                )
+                self.plan_source = "own"
+                return False, False
+        for f, entry in zip(files, fp.files_of(plan), strict=True):
+            f.bounds = [int(x) for x in entry["bounds"]]
+            footer = entry.get("footer")
+            if footer is not None:
+                self._raw_footers[f.path] = footer
+                f.schema = _plan.parse_footer(footer).schema.to_arrow_schema()
+            elif entry.get("schema") is not None:
+                f.schema = _plan.parse_schema(entry["schema"])
+        self.plan_source = "loaded"
+        return True, False
+
+    def _write_plan(self, fp: _plan.FilePlan, files: list[_File]) -> None:
+        entries = []
+        for f in files:
+            entries.append(
+                {
+                    "path": f.path,
+                    "format": f.format,
+                    "partitions": f.partitions,
+                    "stamp": f.stamp,
+                    "bounds": f.bounds,
+                    "schema": _plan.schema_bytes(f.schema) if f.schema is not None else None,
+                    "footer": self._raw_footers.get(f.path),
+                }
+            )
+        try:
+            fp.write(entries)
+            if self.plan_source != "own":
+                self.plan_source = "wrote"
+        except OSError as e:
+            log.warning("could not write the split plan to %s (%s); the others plan by themselves", fp, e)
 
     def _inspect(self, f: _File) -> None:
         """Read the footer / header of ``f``: its schema and row group / stripe boundaries."""
@@ -375,6 +513,8 @@ class FileSource(Source):
                     pf = pq.ParquetFile(fh)
                     md = pf.metadata
                     self._remember(f.path, md)
+                    if self.plan_dir:  # every footer goes into the plan (the parsed cache is bounded)
+                        self._raw_footers[f.path] = _plan.footer_bytes(md)
                     f.schema = pf.schema_arrow
                     f.bounds = [0]
                     for i in range(md.num_row_groups):
@@ -422,6 +562,11 @@ class FileSource(Source):
         md = self._meta.get(path)
         if md is not None:
             self._meta.move_to_end(path)
+            return md
+        raw = self._raw_footers.get(path)
+        if raw is not None:  # the job's plan carried it: no footer read
+            md = _plan.parse_footer(raw)
+            self._remember(path, md)
         return md
 
     def _unify(self, files: Sequence[_File]) -> pa.Schema:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from kubeai_train.cluster import DISPATCHER_ENV
+from kubeai_train.cluster import DISPATCHER_ENV, PLAN_DIR_ENV
 from kubeai_train.launch import env as envmod
 from kubeai_train.launch._ports import PortLease, reserve_ports
 from kubeai_train.launch.types import RESERVED_ENV, JobSpec, LaunchError, ScriptNotFoundError, exit_code_of
@@ -539,6 +539,9 @@ class LocalJob:
         # in the job's own env wins)
         env[DISPATCHER_ENV] = f"127.0.0.1:{self.dispatcher_port}"
         env.update(proc.plan.env)
+        if self.log_dir is not None and PLAN_DIR_ENV not in env:
+            # file datasets are planned once per job: rank 0 reads the footers, the others its plan
+            env[PLAN_DIR_ENV] = str(self.log_dir / "plans")
         if self.spec.framework == "tf":
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         if self._result_file is not None:
