@@ -22,7 +22,8 @@ and ``TF_NUM_INTEROP_THREADS``, which TF 2.21 reads when a session's ConfigProto
 pools at 0 (ours do); both are set to the share, what TF picks by itself on a machine of that
 many cores. Each variable is set only when the caller did not name it in ``keep``: a value the
 job sets (``env``, ``secret_env``), or the launcher's own environment, always wins, variable by
-variable. torch's inter-op pool has no variable and stays at torch's default.
+variable, and a given ``OMP_NUM_THREADS`` also keeps ``MKL_NUM_THREADS`` unset (torch reads the
+latter first). torch's inter-op pool has no variable and stays at torch's default.
 
 Cores are logical CPUs as the kernel numbers them; SMT siblings and NUMA nodes are not
 considered. Nothing here reads the environment or touches a process.
@@ -55,6 +56,9 @@ THREAD_VARS: Mapping[str, tuple[str, ...]] = {
     "tf": ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"),
 }
 
+# a variable left unset when the one it defaults to is the caller's
+_FOLLOWS = {"MKL_NUM_THREADS": "OMP_NUM_THREADS"}
+
 _SUFFIX = {
     "": Fraction(1),
     "n": Fraction(1, 10**9),
@@ -80,7 +84,10 @@ _QUANTITY_PARTS = re.compile(
 
 
 def thread_env(framework: str, threads: int, keep: Collection[str] = ()) -> dict[str, str]:
-    """The thread variables of ``framework`` set to ``threads``, except those named in ``keep``.
+    """The thread variables of ``framework`` set to ``threads``, except those named in ``keep``;
+    when ``keep`` names ``OMP_NUM_THREADS``, ``MKL_NUM_THREADS`` is left unset too, so that it
+    follows the kept value (MKL falls back to it, and torch reads ``MKL_NUM_THREADS`` over it:
+    setting ours would override the user's ``OMP_NUM_THREADS`` in torch).
 
     Raises:
         ValueError: ``threads`` < 1 or an unknown framework.
@@ -89,7 +96,11 @@ def thread_env(framework: str, threads: int, keep: Collection[str] = ()) -> dict
         raise ValueError(f"threads must be >= 1, got {threads}")
     if framework not in THREAD_VARS:
         raise ValueError(f"framework must be one of {', '.join(THREAD_VARS)}, got {framework!r}")
-    return {k: str(threads) for k in THREAD_VARS[framework] if k not in keep}
+    return {
+        k: str(threads)
+        for k in THREAD_VARS[framework]
+        if k not in keep and not (k in _FOLLOWS and _FOLLOWS[k] in keep)
+    }
 
 
 def share_cores(n: int, cpus: Sequence[int]) -> list[tuple[int, ...]]:

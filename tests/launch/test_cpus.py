@@ -62,10 +62,13 @@ def test_thread_variables_per_framework_and_what_the_caller_keeps():
         "TF_NUM_INTRAOP_THREADS": "2",
         "TF_NUM_INTEROP_THREADS": "2",
     }
-    assert cpus.thread_env("tf", 2, keep={"OMP_NUM_THREADS", "TF_NUM_INTEROP_THREADS"}) == {
-        "MKL_NUM_THREADS": "2",
+    assert cpus.thread_env("tf", 2, keep={"MKL_NUM_THREADS", "TF_NUM_INTEROP_THREADS"}) == {
+        "OMP_NUM_THREADS": "2",
         "TF_NUM_INTRAOP_THREADS": "2",
     }
+    # a given OMP_NUM_THREADS keeps MKL_NUM_THREADS unset: torch would read ours over it
+    assert cpus.thread_env("torch", 4, keep={"OMP_NUM_THREADS"}) == {}
+    assert cpus.thread_env("torch", 4, keep={"MKL_NUM_THREADS"}) == {"OMP_NUM_THREADS": "4"}
     with pytest.raises(ValueError, match="threads must be >= 1, got 0"):
         cpus.thread_env("torch", 0)
 
@@ -91,7 +94,7 @@ def test_bind_keeps_what_the_job_or_the_environment_sets_variable_by_variable():
     ]
     bound = cpus.bind(plans, [0, 1, 2, 3], "torch", keep={"OMP_NUM_THREADS"})
     assert [p.env["OMP_NUM_THREADS"] for p in bound] == ["6", "6"]
-    assert [p.env["MKL_NUM_THREADS"] for p in bound] == ["2", "2"]
+    assert all("MKL_NUM_THREADS" not in p.env for p in bound)  # follows the given OMP_NUM_THREADS
     assert [p.cpus for p in bound] == [(0, 1), (2, 3)]  # the affinity applies all the same
     assert cpus.describe(bound, "torch").startswith("master:0 cpus 0-1 threads 2 OMP_NUM_THREADS=6; ")
 
