@@ -4,6 +4,7 @@
 
     python -m kubeai_train.launch --framework tf --ps 2 --workers 2 [--no-chief] [--evaluator] script.py [args...]
     python -m kubeai_train.launch --framework torch --workers 2 [--nproc-per-node N] script.py [args...]
+    python -m kubeai_train.launch --cpu-bind cores ...   # locally, a disjoint share of cores per process
     python -m kubeai_train.launch ... --target k8s --image IMG --name NAME [--namespace NS] --dry-run
     python -m kubeai_train.launch ... --target k8s --image IMG --name NAME
     python -m kubeai_train.launch --job job.yaml [script args...]
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-available", type=int, help="k8s: volcano minAvailable (default all replicas)")
     p.add_argument("--ttl-seconds-after-finished", type=int)
     p.add_argument("--clean-pod-policy", help="k8s: None, Running (default for PS jobs) or All")
+    p.add_argument(
+        "--cpu-bind",
+        metavar="none|cores",
+        help="local: 'cores' gives each process a disjoint share of the launcher's cores (round-robin when "
+        "there are fewer cores than processes) and thread variables to match; default 'none' (every core)",
+    )
     p.add_argument("--log-dir", help="local: per-process logs (default a new temporary directory)")
     p.add_argument(
         "--timeout",
@@ -193,6 +200,8 @@ def spec_from_args(ns: argparse.Namespace, rest: list[str]) -> JobSpec:
         overrides["ttl_seconds_after_finished"] = ns.ttl_seconds_after_finished
     if ns.clean_pod_policy is not None:
         overrides["clean_pod_policy"] = ns.clean_pod_policy
+    if ns.cpu_bind is not None:
+        overrides["cpu_bind"] = ns.cpu_bind
     if ns.volume:
         overrides["volumes"] = tuple(ns.volume)
     if ns.node_selector:

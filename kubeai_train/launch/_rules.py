@@ -14,6 +14,7 @@ from kubeai_train.launch.errors import SpecError
 
 __all__ = [
     "CLEAN_POD_POLICIES",
+    "CPU_BIND_MODES",
     "CREDENTIAL_ENV",
     "DEFAULT_PORTS",
     "DNS1035",
@@ -45,6 +46,8 @@ RESTART_POLICIES = ("Never", "OnFailure", "ExitCode", "Always")
 CLEAN_POD_POLICIES = ("None", "Running", "All")
 GANG_SCHEDULERS = ("volcano", "kueue")
 SUCCESS_POLICIES = ("", "AllWorkers")
+# local target: "none" leaves every process on every core; "cores" gives each a share (launch.cpus)
+CPU_BIND_MODES = ("none", "cores")
 DEFAULT_PORTS = {"tf": 2222, "torch": 23456}
 
 # Variables the launcher (or the operator, or torchrun) owns; a job may not set them itself.

@@ -201,8 +201,9 @@ def torchrun_env(
 
 @dataclass(frozen=True)
 class ProcessPlan:
-    """One local process: which replica it is, what it runs, and the variables it gets on top
-    of the launcher's environment (with inherited cluster variables removed)."""
+    """One local process: which replica it is, what it runs, the variables it gets on top of
+    the launcher's environment (with inherited cluster variables removed), and the cores it may
+    run on (``()``: every core the launcher may use; set by ``cpus.bind``)."""
 
     role: str
     index: int
@@ -210,6 +211,7 @@ class ProcessPlan:
     argv: tuple[str, ...]
     env: Mapping[str, str]
     nproc: int = 1
+    cpus: tuple[int, ...] = ()
 
     @property
     def replica(self) -> tuple[str, int]:

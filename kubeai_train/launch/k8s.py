@@ -16,7 +16,10 @@ Rendering choices: containers are named ``tensorflow`` / ``pytorch`` with the po
 ``tfjob-port`` 2222 / ``pytorchjob-port`` 23456; ``restartPolicy`` and ``backoffLimit`` are
 always explicit; PS jobs default to ``cleanPodPolicy: Running`` (parameter servers never exit);
 ``nprocPerNode`` is always explicit and several processes per node run under ``torchrun``;
-credentials appear only as Secret references (``secretKeyRef`` / ``envFrom``). Gang
+credentials appear only as Secret references (``secretKeyRef`` / ``envFrom``); a role with a
+CPU limit gets ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` (TF: ``TF_NUM_INTRAOP_THREADS`` /
+``TF_NUM_INTEROP_THREADS`` too) of ``ceil(limit / nprocPerNode)``, at least 1, unless the job
+sets them itself (``cpus.limit_threads``); without a limit none are set. Gang
 scheduling: Volcano through ``runPolicy.schedulingPolicy`` (+ ``schedulerName: volcano``),
 Kueue through the ``kueue.x-k8s.io/queue-name`` label.
 """
@@ -33,6 +36,7 @@ import yaml
 from kubeflow.training import models as kf
 from kubernetes import client as k8s_client
 
+from kubeai_train.launch import cpus
 from kubeai_train.launch.schema import manifest_errors
 from kubeai_train.launch.types import (
     CREDENTIAL_ENV,
@@ -89,7 +93,13 @@ def _container(spec: JobSpec, kind: str, role: str) -> k8s_client.V1Container:
                 f"env {name} looks like a credential; a manifest may only reference it: "
                 f"use secret_env: {{{name}: <secret-name>/<key>}} (or --secret-env {name}=<secret>/<key>)"
             )
-    env = [k8s_client.V1EnvVar(name=k, value=v) for k, v in sorted(spec.env.items())]
+    res = spec.role_resources.get(role) or spec.resources
+    values = dict(spec.env)
+    threads = cpus.limit_threads((res.get("limits") or {}).get("cpu"), spec.nproc_per_node)
+    if threads is not None:
+        # the runtimes would size their pools from the node's cores, not the limit
+        values.update(cpus.thread_env(spec.framework, threads, keep={*spec.env, *spec.secret_env}))
+    env = [k8s_client.V1EnvVar(name=k, value=v) for k, v in sorted(values.items())]
     env += [
         k8s_client.V1EnvVar(
             name=k,
@@ -103,7 +113,6 @@ def _container(spec: JobSpec, kind: str, role: str) -> k8s_client.V1Container:
         k8s_client.V1EnvFromSource(secret_ref=k8s_client.V1SecretEnvSource(name=s))
         for s in spec.env_from_secrets
     ]
-    res = spec.role_resources.get(role) or spec.resources
     resources = (
         k8s_client.V1ResourceRequirements(
             requests=dict(res.get("requests") or {}) or None, limits=dict(res.get("limits") or {}) or None

@@ -28,6 +28,12 @@ Guarantees:
 * a closing line: the job's result, wall time and, when a process published a model
   (``kubeai_train.repository.announce`` through ``KUBEAI_TRAIN_RESULT_FILE``), the version,
   its URI and its metrics;
+* CPU binding (``cpu_bind: cores``): each process runs on its share of the launcher's cores
+  (``cpus.bind``: disjoint shares, round-robin single cores when there are fewer cores than
+  processes), applied with ``sched_setaffinity`` between fork and exec so that the runtimes
+  size themselves inside it, with ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS`` (and TF's
+  ``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS``) set to its size unless the job or this
+  environment sets them; the binding is logged once; a restarted replica keeps its cores;
 * no orphans: each process leads its own process group, dies with the launcher
   (``PR_SET_PDEATHSIG``), and a watchdog process kills the groups if the launcher is SIGKILLed;
   SIGINT/SIGTERM to the launcher are forwarded to every group.
@@ -45,15 +51,23 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from kubeai_train.cluster import DISPATCHER_ENV, PLAN_DIR_ENV
+from kubeai_train.launch import cpus as cpumod
 from kubeai_train.launch import env as envmod
 from kubeai_train.launch._ports import PortLease, reserve_ports
-from kubeai_train.launch.types import RESERVED_ENV, JobSpec, LaunchError, ScriptNotFoundError, exit_code_of
+from kubeai_train.launch.types import (
+    RESERVED_ENV,
+    JobSpec,
+    LaunchError,
+    ScriptNotFoundError,
+    SpecError,
+    exit_code_of,
+)
 
 __all__ = ["TF_NOISE", "Decision", "LocalJob", "ProcessExit", "decide", "is_retryable", "run_local"]
 
@@ -76,12 +90,15 @@ except (OSError, AttributeError):  # not Linux: the watchdog alone guards agains
     _prctl = None
 
 
-def _child_setup(parent_pid: int) -> None:
+def _child_setup(parent_pid: int, cpus: tuple[int, ...]) -> None:
     # runs in the child between fork and exec: only async-signal-safe-ish calls
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent_pid:  # the launcher died before prctl took effect
         os._exit(137)
+    if cpus:
+        # before exec: OpenMP, MKL and TF size their pools from the mask they start in
+        os.sched_setaffinity(0, cpus)
 
 
 _WATCHDOG = r"""
@@ -245,6 +262,8 @@ class LocalJob:
         handle_signals: forward SIGINT/SIGTERM to the job (only when ``run()`` is called in the
             main thread).
         python: the interpreter for ``script`` / ``module`` jobs.
+        cpus: the cores ``cpu_bind: cores`` shares out (default the launcher's own affinity,
+            ``os.sched_getaffinity(0)``).
     """
 
     def __init__(
@@ -261,6 +280,7 @@ class LocalJob:
         restart_delay: float = 0.5,
         handle_signals: bool = True,
         python: str = sys.executable,
+        cpus: Sequence[int] | None = None,
     ):
         self.spec = spec
         self.log_dir = Path(log_dir) if log_dir is not None else None
@@ -274,6 +294,7 @@ class LocalJob:
         self.restart_delay = restart_delay
         self.handle_signals = handle_signals
         self.python = python
+        self._cpus = None if cpus is None else tuple(cpus)
         self.restarts = 0
         self.exit_code: int | None = None
         self.failed: str | None = None
@@ -318,11 +339,24 @@ class LocalJob:
     # -- the run ------------------------------------------------------------------------------
 
     def check_inputs(self) -> None:
-        """Raises ScriptNotFoundError when the script is missing (before anything starts)."""
+        """Raises ScriptNotFoundError when the script is missing, SpecError when ``cpu_bind:
+        cores`` cannot be applied here (before anything starts)."""
         if self.spec.script and not Path(self.spec.script).is_file():
             raise ScriptNotFoundError(
                 f"script {self.spec.script} not found (cwd {os.getcwd()}): give the path of a Python file"
             )
+        if self.spec.cpu_bind == "cores":
+            if not hasattr(os, "sched_setaffinity"):
+                raise SpecError(
+                    f"cpu_bind cores needs os.sched_setaffinity, which {sys.platform} lacks; use cpu_bind none"
+                )
+            if self._cpus is not None and not self._cpus:
+                raise SpecError("cpu_bind cores was given no cpus to share; give at least one")
+
+    def _available_cpus(self) -> tuple[int, ...]:
+        if self._cpus is not None:
+            return self._cpus
+        return tuple(sorted(os.sched_getaffinity(0)))
 
     def run(self) -> int:
         """Run the job to its end and return its exit code: 0 when it succeeded, else the exit
@@ -349,6 +383,10 @@ class LocalJob:
         self.dispatcher_port = self._lease.ports[-1]
         endpoints = envmod.local_endpoints(spec, self.ports)
         plans = envmod.local_plan(spec, endpoints, self.python)
+        if spec.cpu_bind == "cores":
+            # the job's env and this environment keep their thread variables (as torchrun does)
+            keep = {*spec.env, *spec.secret_env, *self._base_env}
+            plans = cpumod.bind(plans, self._available_cpus(), spec.framework, keep)
         self._procs = [_Proc(p, self.log_dir / f"{p.label.replace(':', '-')}.log") for p in plans]
         self._result_file = self.log_dir / "published.jsonl"
         try:
@@ -356,6 +394,9 @@ class LocalJob:
         except OSError:
             pass
         self.say(f"{spec.summary()} target=local log_dir={self.log_dir}")
+        if spec.cpu_bind == "cores":
+            cores = cpumod.format_cpus(self._available_cpus())
+            self.say(f"cpu_bind cores over cpus {cores}: {cpumod.describe(plans, spec.framework)}")
         missing = [k for k in spec.secret_env if k not in self._base_env]
         if missing:
             # locally a secret reference is read from this environment under the same name
@@ -563,12 +604,18 @@ class LocalJob:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=lambda: _child_setup(parent),
+                preexec_fn=lambda: _child_setup(parent, proc.plan.cpus),
                 close_fds=True,
             )
         except OSError as e:
             log.close()
             raise LaunchError(f"cannot start {proc.plan.label} ({proc.plan.argv[0]}): {e.strerror}") from e
+        except subprocess.SubprocessError as e:  # only _child_setup raises in the child: the affinity
+            log.close()
+            raise LaunchError(
+                f"cannot bind {proc.plan.label} to cpus {cpumod.format_cpus(proc.plan.cpus)} "
+                f"(the launcher's cpus changed?): {e}; use cpu_bind none"
+            ) from e
         proc.exit_code = None
         proc.stopped = False
         proc.cleaned = False

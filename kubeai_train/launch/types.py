@@ -27,6 +27,7 @@ from typing import Any
 from kubeai_train.launch import jobfile
 from kubeai_train.launch._rules import (
     CLEAN_POD_POLICIES,
+    CPU_BIND_MODES,
     CREDENTIAL_ENV,
     DEFAULT_PORTS,
     DNS1123,
@@ -83,6 +84,13 @@ class JobSpec:
     Exactly one of ``script`` (a Python file), ``module`` (``python -m``) or ``command`` (an
     argv) says what every process runs; ``args`` follow it.
 
+    ``cpu_bind`` (local target only): ``"none"`` (the default) leaves every process on every
+    core the launcher may use, as before; ``"cores"`` gives each process a disjoint share of
+    them and sets its thread variables to match (``kubeai_train.launch.cpus``). ``none`` is the
+    default because a binding assumes the job owns the cores it sees: two jobs launched side by
+    side would both be bound to the same first cores. On Kubernetes the thread variables come
+    from each role's CPU limit whatever this says; pinning there is the kubelet's CPU manager's.
+
     Raises (from the constructor):
         SpecError: naming the bad field, the value and what to do.
     """
@@ -120,6 +128,7 @@ class JobSpec:
     port: int | None = None
     enable_dynamic_worker: bool = False
     elastic: Elastic | None = None
+    cpu_bind: str = "none"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -268,6 +277,10 @@ class JobSpec:
             raise SpecError(
                 f"clean_pod_policy must be one of {', '.join(CLEAN_POD_POLICIES)}, got {self.clean_pod_policy!r}"
             )
+        if self.cpu_bind not in CPU_BIND_MODES:
+            raise SpecError(
+                f"cpu_bind must be 'none' (every process on every core) or 'cores' (a disjoint share of cores per process), got {self.cpu_bind!r}"
+            )
         if self.success_policy not in SUCCESS_POLICIES:
             raise SpecError(
                 f"success_policy must be '' (chief, or worker 0) or 'AllWorkers', got {self.success_policy!r}"
@@ -358,6 +371,8 @@ class JobSpec:
             parts.append(f"secret_env={secret}")
         if self.image:
             parts.append(f"image={self.image}")
+        if self.cpu_bind != "none":
+            parts.append(f"cpu_bind={self.cpu_bind}")
         return " ".join(parts)
 
     # -- construction -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ and submission through the real kubernetes client to a local HTTP server."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubeai_train.launch import k8s
+from kubeai_train.launch import cpus, k8s
 from kubeai_train.launch.__main__ import main
 from kubeai_train.launch.types import Elastic, JobSpec, ManifestError, Scheduling, SubmitError
 from kubeai_train.testing.kube_api import KubeApiServer
@@ -174,6 +175,59 @@ def test_quantities_may_be_numbers_and_free_form_fields_anything():
         k8s.validate(m)
 
 
+def _env(m, rtype):
+    field = "tfReplicaSpecs" if m["kind"] == "TFJob" else "pytorchReplicaSpecs"
+    (c,) = m["spec"][field][rtype]["template"]["spec"]["containers"]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def test_thread_variables_follow_each_roles_cpu_limit():
+    limits = {"requests": {"cpu": "2"}, "limits": {"cpu": "4", "memory": "8Gi"}}
+    m = k8s.render(
+        tf(
+            workers=2,
+            ps=1,
+            resources=limits,
+            role_resources={"ps": {"limits": {"cpu": "500m"}}, "chief": {"requests": {"cpu": "8"}}},
+            env={"LR": "0.1"},
+        )
+    )
+    tf_vars = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+    assert _env(m, "Worker") == {"LR": "0.1", **dict.fromkeys(tf_vars, "4")}
+    assert _env(m, "PS") == {"LR": "0.1", **dict.fromkeys(tf_vars, "1")}  # 500m rounds up
+    assert _env(m, "Chief") == {"LR": "0.1"}  # a request is no limit: nothing to size from
+    assert list(_env(m, "Worker")) == sorted(_env(m, "Worker"))  # one sorted list, deterministic
+
+    # torch: its variables only, the limit shared by the pod's torchrun processes
+    m = k8s.render(torch(workers=2, nproc_per_node=2, resources={"limits": {"cpu": "2500m"}}))
+    assert _env(m, "Master") == _env(m, "Worker") == {"MKL_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    m = k8s.render(torch(workers=2, resources={"limits": {"cpu": "1.5"}}))
+    assert _env(m, "Worker") == {"MKL_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    assert (
+        "env"
+        not in k8s.render(torch(workers=2))["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"][
+            "containers"
+        ][0]
+    )
+
+
+def test_the_jobs_own_thread_variables_win_in_manifests():
+    m = k8s.render(
+        tf(
+            workers=1,
+            resources={"limits": {"cpu": "8"}},
+            env={"TF_NUM_INTEROP_THREADS": "2"},
+            secret_env={"TF_NUM_INTRAOP_THREADS": "tuning/intra"},
+        )
+    )
+    env = _env(m, "Worker")
+    assert env["TF_NUM_INTEROP_THREADS"] == "2" and env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "8"
+    assert env["TF_NUM_INTRAOP_THREADS"] == {"secretKeyRef": {"key": "intra", "name": "tuning"}}
+    m = k8s.render(torch(workers=2, resources={"limits": {"cpu": "8"}}, env={"OMP_NUM_THREADS": "3"}))
+    # MKL_NUM_THREADS follows the given OMP_NUM_THREADS (torch would read ours first)
+    assert _env(m, "Master") == {"OMP_NUM_THREADS": "3"}
+
+
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [
@@ -269,6 +323,7 @@ resources = st.one_of(
             "limits": st.fixed_dictionaries({"memory": quantities}),
         }
     ),
+    st.fixed_dictionaries({"limits": st.fixed_dictionaries({"cpu": quantities})}),
 )
 tolerations = st.lists(
     st.fixed_dictionaries(
@@ -367,6 +422,13 @@ def test_sweep_every_spec_renders_a_strictly_valid_manifest(spec):
             assert ("value" in e) != ("valueFrom" in e)
             if e["name"] in spec.secret_env:
                 assert "value" not in e
+        env = {e["name"]: e.get("value") for e in c.get("env", []) if e["name"] not in spec.secret_env}
+        limit = (spec.resources.get("limits") or {}).get("cpu")
+        omp = spec.env.get("OMP_NUM_THREADS")
+        if omp is None and "OMP_NUM_THREADS" not in spec.secret_env and limit is not None:
+            omp = str(max(1, math.ceil(cpus.cpu_cores(limit) / spec.nproc_per_node)))
+        assert env.get("OMP_NUM_THREADS") == omp
+        assert {k for k in env if k not in spec.env} <= set(cpus.THREAD_VARS[spec.framework])
     if spec.replicas.get("ps") and spec.clean_pod_policy is None:
         assert m["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
     text = k8s.to_yaml(m)

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kubeai_train.launch import JobSpec, LocalJob, run_processes
+from kubeai_train.launch import JobSpec, LocalJob, cpus, run_processes
 from kubeai_train.launch.__main__ import main
 from kubeai_train.launch._ports import port_range, reserve_ports
 
@@ -76,6 +76,7 @@ def test_every_bad_input_is_one_line_exit_2_before_anything_starts(tmp_path, cap
         (["--framework", "torch", "--restart-policy", "Sometimes", ok], "restart_policy must be one of"),
         (["--framework", "torch", "--workers", "2"], "no script given"),
         (["--workerz", "2", ok], "unknown launcher flag --workerz"),
+        (["--framework", "torch", "--cpu-bind", "foo", ok], "cpu_bind must be 'none' (every process on"),
     ]
     # three through a real `python -m` process, the rest in-process through the same main()
     for n, (args, needle) in enumerate(cases):
@@ -581,3 +582,77 @@ def test_the_last_line_says_what_was_published_where(tmp_path):
     res = launch(["--framework", "torch", "--workers", "1", script(tmp_path, "print('hi')\n", "noop.py")])
     last = res.stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"\[launch\] job noop succeeded in \d+\.\ds; no model was published", last), last
+
+
+# -- CPU binding ----------------------------------------------------------------------------------
+
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+BOUND = """
+import json, os, sys, time
+from kubeai_train import cluster
+c = cluster.current()
+names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+seen = {"cpus": sorted(os.sched_getaffinity(0)), "env": {k: os.environ.get(k) for k in names}}
+if os.environ.get("WITH_TORCH"):
+    import torch
+    seen["torch_threads"] = torch.get_num_threads()
+out, me = sys.argv[1], f"{c.role}-{c.index}"
+with open(os.path.join(out, me + ".tmp"), "w") as f:
+    json.dump(seen, f)
+os.replace(os.path.join(out, me + ".tmp"), os.path.join(out, me + ".json"))
+deadline = time.time() + 30  # the head stays until everyone has written
+while len([n for n in os.listdir(out) if n.endswith(".json")]) < int(sys.argv[2]) and time.time() < deadline:
+    time.sleep(0.02)
+"""
+
+
+def _bound_run(tmp_path, name, flags, expect, env=None):
+    out = tmp_path / name
+    out.mkdir()
+    job = script(tmp_path, BOUND, "bound.py")
+    base = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    res = launch([*flags, job, out, expect], env={**base, **(env or {})})
+    assert res.returncode == 0, res.stderr
+    seen = {p.stem: json.loads(p.read_text()) for p in sorted(out.glob("*.json"))}
+    assert len(seen) == expect, (seen, res.stderr)
+    return seen, res.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to show disjoint shares")
+def test_cpu_bind_cores_gives_each_process_its_own_cores_and_matching_threads(tmp_path):
+    avail = sorted(os.sched_getaffinity(0))
+    flags = ["--framework", "torch", "--workers", "2", "--cpu-bind", "cores"]
+    seen, err = _bound_run(tmp_path, "torch", flags, 2, env={"WITH_TORCH": "1"})
+    master, worker = seen["master-0"]["cpus"], seen["worker-0"]["cpus"]
+    assert not set(master) & set(worker) and sorted(master + worker) == avail
+    assert abs(len(master) - len(worker)) <= 1
+    for s in seen.values():
+        share = str(len(s["cpus"]))
+        assert s["env"]["OMP_NUM_THREADS"] == s["env"]["MKL_NUM_THREADS"] == share
+        assert s["torch_threads"] == len(s["cpus"])  # torch sizes its pool from them
+        assert s["env"]["TF_NUM_INTRAOP_THREADS"] is None  # a torch job gets torch's variables only
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("[launch] cpu_bind cores over cpus ")]
+    assert f"master:0 cpus {cpus.format_cpus(master)} threads {len(master)};" in line
+
+    # more processes than cores: single cores, round-robin, TF's variables too; the job's env and
+    # the launcher's environment keep theirs
+    flags = ["--framework", "tf", "--workers", "2", "--ps", "1", "--cpu-bind", "cores"]
+    flags += ["--env", "TF_NUM_INTEROP_THREADS=2"]
+    seen, _ = _bound_run(tmp_path, "tf", flags, 4, env={"OMP_NUM_THREADS": "3"})
+    order = ["chief-0", "worker-0", "worker-1", "ps-0"]
+    assert [seen[k]["cpus"] for k in order] == [list(share) for share in cpus.share_cores(4, avail)]
+    assert len({seen[k]["cpus"][0] for k in order}) == min(4, len(avail))  # every core in use
+    for s in seen.values():
+        assert s["env"] == {
+            "OMP_NUM_THREADS": "3",  # the launcher's environment
+            "MKL_NUM_THREADS": None,  # follows it
+            "TF_NUM_INTRAOP_THREADS": "1",
+            "TF_NUM_INTEROP_THREADS": "2",  # the job's
+        }
+
+    # the default leaves every process on every core and sets nothing
+    seen, err = _bound_run(tmp_path, "none", ["--framework", "torch", "--workers", "2"], 2)
+    assert all(s["cpus"] == avail and set(s["env"].values()) == {None} for s in seen.values())
+    assert "cpu_bind=" not in err and "[launch] cpu_bind cores" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kubeai_train.launch.__main__ import UsageError, build_parser, spec_from_args, split_argv
+from kubeai_train.launch.types import SpecError
 
 
 def parse(argv):
@@ -57,3 +58,14 @@ def test_env_and_secret_flags():
 def test_a_flag_missing_its_value():
     with pytest.raises(UsageError, match="--workers needs a value"):
         parse(["--framework", "torch", "--workers"])
+
+
+def test_cpu_bind_flag_and_its_job_file_override(tmp_path):
+    assert parse(["--framework", "torch", "--cpu-bind", "cores", "t.py"]).cpu_bind == "cores"
+    assert parse(["--framework", "torch", "t.py"]).cpu_bind == "none"
+    job = tmp_path / "j.yaml"
+    job.write_text("framework: torch\nworkers: 2\nscript: t.py\ncpu_bind: cores\n")
+    assert parse(["--job", str(job)]).cpu_bind == "cores"
+    assert parse(["--job", str(job), "--cpu-bind", "none"]).cpu_bind == "none"
+    with pytest.raises(SpecError, match="cpu_bind must be .*, got 'foo'"):
+        parse(["--job", str(job), "--cpu-bind", "foo"])
