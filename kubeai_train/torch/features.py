@@ -47,7 +47,7 @@ CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
 HASH_NAME = "fnv1a64-utf8"
 DEFAULT_BUCKETS = 10000  # the TF trainer's default rows per categorical column
 #: the preprocessing step :meth:`CTRFeatures.model_inputs` implements, as exports declare it
-PREPROCESSING = {"name": "ctr-fnv1a", "version": 1}
+PREPROCESSING: dict[str, Any] = {"name": "ctr-fnv1a", "version": 1}
 
 
 def hash_column(values: Any, buckets: int) -> np.ndarray:
