@@ -11,8 +11,9 @@ ranks. ``TrainConfig(straggler="adaptive")`` sizes each rank's local batch by it
 speed at a fixed global batch and reports slow ranks (:mod:`kubeai_train.torch.adaptive`);
 ``straggler="backup"`` lets up to ``backup_workers`` ranks flagged slow sit steps out, taking
 no batch (:mod:`kubeai_train.torch.backup`).
-:func:`export` writes a TorchScript program that takes hashed ids and raw floats;
-:func:`publish` puts it into the model repository with metrics and lineage.
+:func:`export` writes a TorchScript program that takes hashed ids and raw floats, with the hashing
+declared as a versioned preprocessing step (``kubeai_train.serving.load_predictor`` applies it to
+raw rows); :func:`publish` puts it into the model repository with metrics and lineage.
 
 Example::
 

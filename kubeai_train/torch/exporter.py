@@ -5,13 +5,20 @@ The exported directory (what ``kubeai_train.repository`` stores as one version):
     model.pt        TorchScript: forward(ids: int64 [B, n_cat], dense: float32 [B, n_dense])
                     -> float32 [B] click probabilities. Dense scaling is inside; hashing is not.
     state_dict.pt   the plain state_dict, for fine-tuning or re-export with the training code
-    features.json   CTRFeatures.to_dict(): columns, bucket counts and the exact hash definition
-    signature.json  input / output names, dtypes and shapes
+    features.json   CTRFeatures.to_dict(): columns, bucket counts and the declared, versioned
+                    preprocessing step raw columns -> ids ({"name": "ctr-fnv1a", "version": 1})
+    signature.json  the program's input / output names, dtypes and shapes, and ``raw_inputs``:
+                    the raw columns the export as a whole takes (string / float32)
 
-Serving (or a test in a fresh process) needs only ``torch.jit.load(dir + "/model.pt")``, the
-hash in features.json (``kubeai_train.torch.features.hash_column`` is one implementation) and
-raw floats. :func:`export` checks that the program predicts exactly what the live model does on
-sample inputs before it returns.
+The raw-feature contract (what ``kubeai_train.serving.load_predictor`` serves, the same for a
+SavedModel) is the program plus the declared preprocessing; the ids are computed by
+``CTRFeatures.model_inputs`` over ``data.convert.hash_ids``, the transform and the hash training
+runs, so they are bit-identical. The hash is not inside the program: TorchScript has no bytes
+type and no unsigned 64-bit integers, so FNV-1a over UTF-8 would be a per-character loop over
+code points relying on signed overflow, both slow and fragile. The program alone
+(``torch.jit.load(dir + "/model.pt")``) still serves anyone who computes the ids from
+features.json. :func:`export` checks that the program predicts exactly what the live model does
+on sample inputs before it returns.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubeai_train.torch.features import CTRFeatures
+from kubeai_train.torch.features import PREPROCESSING, CTRFeatures
 from kubeai_train.torch.types import ExportError
 
 __all__ = ["ServingModule", "export", "load", "publish"]
@@ -101,6 +108,11 @@ def export(
             },
         },
         "outputs": {"probability": {"dtype": "float32", "shape": [-1]}},
+        "raw_inputs": {
+            **dict.fromkeys(features.categorical, "string"),
+            **dict.fromkeys(features.dense, "float32"),
+        },
+        "preprocessing": dict(PREPROCESSING),
         "program": PROGRAM,
         "format": "torchscript",
         "torch_version": torch.__version__,

@@ -17,8 +17,13 @@ Arrow buffers in the DataLoader workers). So:
   the exported program takes raw floats and nothing about scaling can drift.
 * **label** -> ``label``, float32 ``[batch]``.
 
-A serving system therefore reimplements only the hash; :meth:`CTRFeatures.to_dict` (stored with
-the exported model) holds everything it needs.
+The export ships this transform as a declared, versioned preprocessing step: ``features.json``
+(:meth:`CTRFeatures.to_dict`) names it ``{"name": "ctr-fnv1a", "version": 1}`` (:data:`PREPROCESSING`)
+with the columns and bucket counts, and :meth:`CTRFeatures.model_inputs` is its one
+implementation: the trainer runs it on every batch (whose strings the reader hashed already with
+the same ``data.convert.hash_ids``), ``kubeai_train.serving.load_predictor`` runs it on raw
+rows, so serving ids are bit-identical to training ids. The version changes whenever the ids a
+raw value maps to would change; a loader that does not know a declared version refuses the export.
 """
 
 from __future__ import annotations
@@ -34,13 +39,15 @@ import pyarrow as pa
 from kubeai_train.data.convert import hash_ids
 from kubeai_train.torch.types import ConfigError
 
-__all__ = ["CATEGORICAL", "DENSE", "HASH_NAME", "LABEL", "CTRFeatures", "hash_column"]
+__all__ = ["CATEGORICAL", "DENSE", "HASH_NAME", "LABEL", "PREPROCESSING", "CTRFeatures", "hash_column"]
 
 LABEL = "label"
 DENSE = tuple(f"I{i}" for i in range(1, 14))
 CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
 HASH_NAME = "fnv1a64-utf8"
 DEFAULT_BUCKETS = 10000  # the TF trainer's default rows per categorical column
+#: the preprocessing step :meth:`CTRFeatures.model_inputs` implements, as exports declare it
+PREPROCESSING: dict[str, Any] = {"name": "ctr-fnv1a", "version": 1}
 
 
 def hash_column(values: Any, buckets: int) -> np.ndarray:
@@ -120,11 +127,38 @@ class CTRFeatures:
             "fill_null": fill,
         }
 
-    def transform(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """A reader batch -> ``{"ids", "dense", "label"}`` numpy arrays (see module doc).
+    def model_inputs(self, batch: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw or reader columns -> ``(ids, dense)``, the model's two inputs (see module doc).
 
-        Categorical columns may come hashed by the reader (integers, taken as they are) or as
-        raw strings (hashed here with :func:`hash_column`; None is null).
+        This is the preprocessing step exports declare as :data:`PREPROCESSING`. Categorical
+        columns may come hashed by the reader (integers, taken as they are) or as raw strings:
+        Arrow string / dictionary arrays (hashed vectorised, null -> 0) or sequences of ``str``
+        with None for null (hashed with :func:`hash_column`). Dense columns may be any numeric
+        array (Arrow nulls and None become NaN). The label is not needed.
+
+        Raises:
+            ConfigError: a feature column is missing (names it and what the batch has).
+        """
+        missing = [c for c in (*self.dense, *self.categorical) if c not in batch]
+        if missing:
+            raise ConfigError(
+                f"batch lacks columns {missing}; it has {sorted(batch)}: read with **features.read_options()"
+            )
+        n = len(batch[self.categorical[0]])
+        ids = np.empty((n, len(self.categorical)), dtype=np.int64)
+        for j, (c, size) in enumerate(zip(self.categorical, self.sizes, strict=True)):
+            col = batch[c]
+            if isinstance(col, (pa.Array, pa.ChunkedArray)) and not pa.types.is_integer(col.type):
+                ids[:, j] = hash_ids(col, size, fill=0)  # no detour through Python strings
+                continue
+            col = np.asarray(col)
+            ids[:, j] = col if col.dtype.kind in "iu" else hash_column(col, size)
+        dense = np.stack([_floats(batch[c]) for c in self.dense], axis=1)
+        return ids, dense
+
+    def transform(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """A reader batch -> ``{"ids", "dense", "label"}`` numpy arrays: :meth:`model_inputs`
+        plus the label.
 
         Raises:
             ConfigError: a column is missing from the batch (names it and what the batch has).
@@ -134,11 +168,7 @@ class CTRFeatures:
             raise ConfigError(
                 f"batch lacks columns {missing}; it has {sorted(batch)}: read with **features.read_options()"
             )
-        ids = np.empty((len(batch[self.label]), len(self.categorical)), dtype=np.int64)
-        for j, (c, size) in enumerate(zip(self.categorical, self.sizes, strict=True)):
-            col = np.asarray(batch[c])
-            ids[:, j] = col if col.dtype.kind in "iu" else hash_column(col, size)
-        dense = np.stack([np.asarray(batch[c], dtype=np.float32) for c in self.dense], axis=1)
+        ids, dense = self.model_inputs(batch)
         label = np.asarray(batch[self.label], dtype=np.float32)
         return {"ids": ids, "dense": dense, "label": label}
 
@@ -150,15 +180,33 @@ class CTRFeatures:
             "label": self.label,
             "buckets": dict(zip(self.categorical, self.sizes, strict=True)),
             "hash": HASH_NAME,
+            "preprocessing": {
+                **PREPROCESSING,
+                "implementation": "kubeai_train.torch.features.CTRFeatures.model_inputs",
+                "categorical": "string; fnv1a64(utf8(value)) % buckets[column]; null -> 0",
+                "dense": "number; as is, null -> NaN",
+            },
             "ids": "int64 [batch, n_categorical]: fnv1a64(utf8(value)) % buckets[column]; null -> 0",
             "dense_input": "float32 [batch, n_dense]: raw values, NaN for null (scaling is inside the model)",
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> CTRFeatures:
+        """The features :meth:`to_dict` wrote (files of exports made before ``preprocessing``
+        was recorded read the same)."""
         return cls(
             dense=tuple(d["dense"]),
             categorical=tuple(d["categorical"]),
             label=str(d["label"]),
             buckets=dict(d["buckets"]),
         )
+
+
+def _floats(col: Any) -> np.ndarray:
+    """A dense column as float32, nulls (Arrow nulls, None) as NaN."""
+    if isinstance(col, (pa.Array, pa.ChunkedArray)):
+        col = col.to_numpy(zero_copy_only=False)  # nulls of a numeric array come out as NaN
+    arr = np.asarray(col)
+    if arr.dtype == object:
+        arr = np.array([math.nan if v is None else v for v in arr], dtype=np.float32)
+    return arr.astype(np.float32, copy=False)
