@@ -30,12 +30,12 @@ the window, so a window holds 8-byte ids). Measured by
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-import queue
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ import pyarrow as pa
 
 from kubeai_train import cluster
 from kubeai_train.data import adapters
+from kubeai_train.data._background import background
 from kubeai_train.data._retry import RetryPolicy
 from kubeai_train.data.assignment import StaticAssignment, share_bounds, slice_rows
 from kubeai_train.data.convert import ColumnPlan, HashMemo, convert, plan_columns, prehash
@@ -468,13 +469,14 @@ class Dataset:
             log.warning("rank %d reads no rows; num_epochs=None iterates nothing", self.reader.rank)
             return
         if self.options.prefetch == 0:
-            for item in self._produce(self._epoch, self._rows, end):
-                if item[0] is _END:
-                    self._epoch, self._rows = item[1] + 1, 0
-                    continue
-                batch, epoch, rows = item
-                self._epoch, self._rows = epoch, rows
-                yield batch
+            with contextlib.closing(self._produce(self._epoch, self._rows, end)) as items:
+                for item in items:
+                    if item[0] is _END:
+                        self._epoch, self._rows = item[1] + 1, 0
+                        continue
+                    batch, epoch, rows = item
+                    self._epoch, self._rows = epoch, rows
+                    yield batch
             return
         yield from self._prefetched(end)
 
@@ -484,43 +486,18 @@ class Dataset:
         produce: Callable[[int, int, int | None], Iterator[tuple[Any, ...]]] | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
         produce = produce or self._produce
-        q: queue.Queue[Any] = queue.Queue(maxsize=self.options.prefetch)
-        stop = threading.Event()
-
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work(epoch: int, rows: int) -> None:
-            try:
-                for item in produce(epoch, rows, end):
-                    if not put(item):
-                        return
-                put(("done",))
-            except BaseException as e:  # delivered to the consumer, after the good batches
-                put(("error", e))
-
-        t = threading.Thread(
-            target=work, args=(self._epoch, self._rows), name="kubeai-data-prefetch", daemon=True
+        items = background(
+            functools.partial(produce, self._epoch, self._rows, end),
+            self.options.prefetch,
+            "kubeai-data-prefetch",
         )
-        t.start()
         try:
-            while True:
-                item = q.get()
+            for item in items:
                 if item[0] is _END:
                     self._epoch, self._rows = item[1] + 1, 0
                     self._piece, self._piece_rows, self._epoch_done = None, 0, False
                     self._next_delivered()
                     continue
-                if item[0] == "done" and len(item) == 1:
-                    return
-                if item[0] == "error" and len(item) == 2:
-                    raise item[1]
                 if len(item) == 5:  # dynamic: (batch or None, epoch, rows, position, acks)
                     batch = self._deliver(item)
                     if batch is not None:
@@ -530,15 +507,7 @@ class Dataset:
                 self._epoch, self._rows = epoch, rows
                 yield batch
         finally:
-            stop.set()
-            deadline = time.monotonic() + 30.0
-            while t.is_alive() and time.monotonic() < deadline:
-                # the worker may be blocked in a slow read; it notices `stop` at its next put and
-                # only ever touches its own queue, so giving up on it after a while is safe
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(timeout=0.05)
+            items.close()  # stops and joins the producer (and its read-ahead)
 
     # -- dynamic assignment ------------------------------------------------------------------------
     def _iter_dynamic(self) -> Iterator[dict[str, np.ndarray]]:
@@ -581,15 +550,16 @@ class Dataset:
         end = None if n is None else (self._epoch // n + 1) * n
         try:
             if self.options.prefetch == 0:
-                for item in self._produce_dynamic(self._epoch, end):
-                    if item[0] is _END:
-                        self._epoch, self._rows = item[1] + 1, 0
-                        self._piece, self._piece_rows, self._epoch_done = None, 0, False
-                        self._next_delivered()
-                        continue
-                    batch = self._deliver(item)
-                    if batch is not None:
-                        yield batch
+                with contextlib.closing(self._produce_dynamic(self._epoch, end)) as items:
+                    for item in items:
+                        if item[0] is _END:
+                            self._epoch, self._rows = item[1] + 1, 0
+                            self._piece, self._piece_rows, self._epoch_done = None, 0, False
+                            self._next_delivered()
+                            continue
+                        batch = self._deliver(item)
+                        if batch is not None:
+                            yield batch
             else:
                 yield from self._prefetched_dynamic(end)
         finally:
@@ -611,7 +581,7 @@ class Dataset:
         self._piece, self._piece_rows, self._epoch_done = pos
         return batch  # type: ignore[no-any-return]
 
-    def _produce_dynamic(self, epoch: int, end: int | None) -> Iterator[tuple[Any, ...]]:
+    def _produce_dynamic(self, epoch: int, end: int | None) -> Generator[tuple[Any, ...], None, None]:
         keep, keep_rows, rows = self._piece, self._piece_rows, self._rows
         while end is None or epoch < end:
             yield from self._dynamic_epoch(epoch, rows, keep, keep_rows)
@@ -692,7 +662,7 @@ class Dataset:
             yield from shuffled.to_batches(max_chunksize=self.options.batch_size)
             del shuffled
 
-    def _produce(self, epoch: int, rows: int, end: int | None) -> Iterator[tuple[Any, ...]]:
+    def _produce(self, epoch: int, rows: int, end: int | None) -> Generator[tuple[Any, ...], None, None]:
         """(batch, epoch, rows delivered after it) items, and (_END, epoch) after each epoch."""
         while end is None or epoch < end:
             yield from self._epoch_batches(epoch, rows)
