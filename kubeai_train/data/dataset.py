@@ -17,14 +17,19 @@ rows already emitted. No bookkeeping of which rows were seen is needed, and the 
 integers whatever the dataset size.
 
 Batches are exactly ``batch_size`` rows across split, file and window boundaries; the last
-batch of an epoch is short unless ``drop_last``. A background thread reads and converts ahead
-into a queue of ``prefetch`` batches. Peak memory does not grow with the dataset: it is about
-``(prefetch + 3) x batch bytes`` (the queue, one batch waiting to be put, one being built, the
-one the caller holds) plus a constant of the source's (for Parquet files: one source record
-batch and a 1 MiB stream buffer per selected column; remote files pre-buffer the selected
-column chunks of one row group), plus, when shuffling, one window of ``shuffle_buffer`` rows
-(two for the moment the window is permuted; string columns that are hashed are hashed before
-the window, so a window holds 8-byte ids). Measured by
+batch of an epoch is short unless ``drop_last``. Two background
+threads overlap the stages: one decodes the source's record batches ``read_ahead`` ahead of
+their conversion (decoding releases the GIL), another converts and cuts batches into a queue
+of ``prefetch`` batches; both stop, and are joined, when the iteration ends, fails or is
+closed, and an error in either reaches the caller as the same exception the synchronous path
+(``prefetch=0, read_ahead=0``) raises, after the same batches. Peak memory does not grow with
+the dataset: it is about ``(prefetch + 3) x batch bytes`` (the queue, one batch waiting to be
+put, one being built, the one the caller holds) plus a constant of the source's (for Parquet files: ``read_ahead + 2``
+source record batches (the read-ahead queue, one waiting to be put, one being converted; one
+with ``read_ahead=0``) and a 1 MiB stream buffer per selected column; remote files pre-buffer
+the selected column chunks of one row group), plus, when shuffling, one window of
+``shuffle_buffer`` rows (two for the moment the window is permuted; string columns that are
+hashed are hashed before the window, so a window holds 8-byte ids). Measured by
 ``tests/data/test_dataset.py::test_peak_memory_does_not_grow_with_dataset_size``.
 """
 
@@ -81,7 +86,10 @@ class ReadOptions:
             ``max(8 * batch_size, 65536)``.
         num_epochs: epochs per iteration (``None``: iterate forever).
         drop_last: drop each epoch's short last batch.
-        prefetch: batches read ahead by a background thread (0: read in the caller's thread).
+        prefetch: batches converted ahead by a background thread (0: in the caller's thread).
+        read_ahead: source record batches decoded ahead of their conversion by another
+            background thread (0: decode in the thread that converts). Decoding releases the
+            GIL, so it overlaps with conversion and hashing.
         hash_buckets: ``{column: buckets}`` string columns -> int64 ids (see ``convert``).
         fill_null: ``{column: value}`` per-column null replacement (defaults in ``convert``).
         retries / backoff: transient read errors are retried this many times with
@@ -97,6 +105,7 @@ class ReadOptions:
     num_epochs: int | None = 1
     drop_last: bool = False
     prefetch: int = 4
+    read_ahead: int = 2
     hash_buckets: Mapping[str, int] = field(default_factory=dict)
     fill_null: Mapping[str, Any] = field(default_factory=dict)
     retries: int = 3
@@ -111,6 +120,7 @@ class ReadOptions:
         check_int("batch_size", self.batch_size, 1)
         check_int("seed", self.seed, 0)
         check_int("prefetch", self.prefetch, 0)
+        check_int("read_ahead", self.read_ahead, 0)
         check_int("retries", self.retries, 0)
         if self.shuffle_buffer is not None:
             check_int("shuffle_buffer", self.shuffle_buffer, 1)
@@ -134,6 +144,7 @@ class ReadOptions:
 _PIPELINE_OPTIONS = {
     "shuffle_buffer",
     "prefetch",
+    "read_ahead",
     "hash_buckets",
     "fill_null",
     "retries",
@@ -169,7 +180,7 @@ def read(
         assignment: which splits each reader reads: an ``Assignment``, or ``"static"`` (the
             default, ``StaticAssignment()``), or ``"dynamic"`` (``DynamicAssignment()``: readers
             ask the job's dispatcher for their next piece, so slow readers read less).
-        **options: pipeline options (``shuffle_buffer``, ``prefetch``, ``hash_buckets``,
+        **options: pipeline options (``shuffle_buffer``, ``prefetch``, ``read_ahead``, ``hash_buckets``,
             ``fill_null``, ``retries``, ``backoff``, ``allow_empty``); the rest go to the
             source (files: ``format``, ``storage_options``, ``partition_filter``,
             ``cache_dir``, ``split_rows``, ...).
@@ -762,9 +773,22 @@ class Dataset:
         """Source record batches of stream rows [lo, hi), string columns already hashed."""
         hashing = any(p.kind in ("hash", "list_hash") for p in self.plans)
         memo = HashMemo() if hashing else None
-        for split in slice_rows(splits, lo, hi):
-            for rb in self._read_split(split):
+        with contextlib.closing(self._decoded(slice_rows(splits, lo, hi))) as batches:
+            for rb in batches:
                 yield prehash(rb, self.plans, memo) if hashing else rb
+
+    def _decoded(self, splits: Sequence[Split]) -> Generator[pa.RecordBatch, None, None]:
+        """The source's record batches of ``splits``, decoded ``read_ahead`` batches ahead on a
+        background thread; its errors (a ReadFailedError after the retries, a CorruptFileError)
+        are raised here unchanged, after the batches before them."""
+
+        def decode() -> Iterator[pa.RecordBatch]:
+            for split in splits:
+                yield from self._read_split(split)
+
+        if self.options.read_ahead == 0 or not splits:
+            return (rb for rb in decode())
+        return background(decode, self.options.read_ahead, "kubeai-data-readahead")
 
     def _read_split(self, split: Split) -> Iterator[pa.RecordBatch]:
         """All rows of ``split``, retrying transient errors from the first row not received."""
