@@ -17,14 +17,17 @@ rows already emitted. No bookkeeping of which rows were seen is needed, and the 
 integers whatever the dataset size.
 
 Batches are exactly ``batch_size`` rows across split, file and window boundaries; the last
-batch of an epoch is short unless ``drop_last``. Two background
+batch of an epoch is short unless ``drop_last``. Each source record batch is converted to
+numpy once, whole (nulls filled, strings hashed); a batch that lies inside one is a set of
+numpy views of it, and only a batch that straddles two is concatenated. Two background
 threads overlap the stages: one decodes the source's record batches ``read_ahead`` ahead of
 their conversion (decoding releases the GIL), another converts and cuts batches into a queue
 of ``prefetch`` batches; both stop, and are joined, when the iteration ends, fails or is
 closed, and an error in either reaches the caller as the same exception the synchronous path
 (``prefetch=0, read_ahead=0``) raises, after the same batches. Peak memory does not grow with
 the dataset: it is about ``(prefetch + 3) x batch bytes`` (the queue, one batch waiting to be
-put, one being built, the one the caller holds) plus a constant of the source's (for Parquet files: ``read_ahead + 2``
+put, one being built, the one the caller holds; a batch that is a view keeps its converted
+source batch alive) plus a constant of the source's (for Parquet files: ``read_ahead + 2``
 source record batches (the read-ahead queue, one waiting to be put, one being converted; one
 with ``read_ahead=0``) and a 1 MiB stream buffer per selected column; remote files pre-buffer
 the selected column chunks of one row group), plus, when shuffling, one window of
@@ -52,7 +55,14 @@ from kubeai_train.data import adapters
 from kubeai_train.data._background import background
 from kubeai_train.data._retry import RetryPolicy
 from kubeai_train.data.assignment import StaticAssignment, share_bounds, slice_rows
-from kubeai_train.data.convert import ColumnPlan, HashMemo, convert, plan_columns, prehash
+from kubeai_train.data.convert import (
+    OFFSETS_SUFFIX,
+    ColumnPlan,
+    HashMemo,
+    convert,
+    plan_columns,
+    prehash,
+)
 from kubeai_train.data.registry import open_source
 from kubeai_train.data.types import (
     Assignment,
@@ -241,6 +251,42 @@ def resolve_assignment(assignment: Assignment | str | None) -> Assignment:
         f"assignment must be a kubeai_train.data.Assignment instance or one of {names}, got {assignment!r} "
         f"({type(assignment).__name__})"
     )
+
+
+class _Rows:
+    """Rows ``[lo, hi)`` of one converted record batch (``arrays``: its numpy outputs).
+
+    Quacks like the record batches it replaces in the batch cutters (``num_rows``,
+    ``slice``), so cutting a batch out of it costs no copy.
+    """
+
+    __slots__ = ("arrays", "hi", "lo")
+
+    def __init__(self, arrays: dict[str, np.ndarray], lo: int, hi: int) -> None:
+        self.arrays, self.lo, self.hi = arrays, lo, hi
+
+    @property
+    def num_rows(self) -> int:
+        return self.hi - self.lo
+
+    def slice(self, offset: int, length: int | None = None) -> _Rows:
+        lo = min(self.hi, self.lo + offset)
+        return _Rows(self.arrays, lo, self.hi if length is None else min(self.hi, lo + length))
+
+    def view(self, plans: Sequence[ColumnPlan]) -> dict[str, np.ndarray]:
+        """The rows as numpy arrays: views, but for list offsets (rebased to start at 0)."""
+        a, lo, hi = self.arrays, self.lo, self.hi
+        out: dict[str, np.ndarray] = {}
+        for plan in plans:
+            if plan.kind.startswith("list_"):
+                name = plan.name + OFFSETS_SUFFIX
+                offsets = a[name]
+                first, last = int(offsets[lo]), int(offsets[hi])
+                out[plan.name] = a[plan.name][first:last]
+                out[name] = offsets[lo : hi + 1] - first if first else offsets[lo : hi + 1]
+            else:
+                out[plan.name] = a[plan.name][lo:hi]
+        return out
 
 
 class Dataset:
@@ -617,7 +663,7 @@ class Dataset:
             for p in a.pieces(self.reader, epoch):
                 yield p, 0
 
-        pending: list[pa.RecordBatch] = []
+        pending: list[_Rows] = []
         have = 0
         finished: list[Any] = []
         for piece, start in stream():
@@ -625,7 +671,7 @@ class Dataset:
             if got >= piece.num_rows:
                 finished.append(piece)
                 continue
-            for rb in self._piece_rows_from(a.split_of(piece), piece.epoch, start):
+            for rb in self._converted(self._piece_rows_from(a.split_of(piece), piece.epoch, start)):
                 while rb.num_rows:
                     take = min(o.batch_size - have, rb.num_rows)
                     pending.append(rb.slice(0, take) if take < rb.num_rows else rb)
@@ -687,9 +733,9 @@ class Dataset:
             return
         splits = self.splits(epoch)
         pos = start
-        pending: list[pa.RecordBatch] = []
+        pending: list[_Rows] = []
         have = 0
-        for rb in self._rows_from(splits, epoch, start):
+        for rb in self._converted(self._rows_from(splits, epoch, start)):
             while rb.num_rows:
                 take = min(o.batch_size - have, rb.num_rows, limit - pos - have)
                 if take <= 0:
@@ -707,15 +753,33 @@ class Dataset:
             pos += have
             yield self._to_numpy(pending), epoch, pos
 
-    def _to_numpy(self, pieces: list[pa.RecordBatch]) -> dict[str, np.ndarray]:
-        if len(pieces) == 1:
-            return convert(pieces[0], self.plans)
+    def _converted(self, batches: Iterator[pa.RecordBatch]) -> Iterator[_Rows]:
+        """Each record batch converted to numpy once, whole: batches are then cut from it as
+        views (a copy only for a batch that straddles two of them)."""
         try:
-            rb = pa.concat_batches(pieces)
-        except pa.ArrowInvalid:  # schemas equal but for metadata (a source's batches may differ)
-            cols = [pa.concat_arrays([p.column(i) for p in pieces]) for i in range(pieces[0].num_columns)]
-            rb = pa.RecordBatch.from_arrays(cols, names=pieces[0].schema.names)
-        return convert(rb, self.plans)
+            for rb in batches:
+                yield _Rows(convert(rb, self.plans), 0, rb.num_rows)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:  # at once, not when collected: it may own a read-ahead thread
+                close()
+
+    def _to_numpy(self, pieces: list[_Rows]) -> dict[str, np.ndarray]:
+        """One batch from consecutive row ranges of converted record batches."""
+        if len(pieces) == 1:
+            return pieces[0].view(self.plans)
+        views = [p.view(self.plans) for p in pieces]
+        out: dict[str, np.ndarray] = {}
+        for plan in self.plans:
+            out[plan.name] = np.concatenate([v[plan.name] for v in views])
+            if plan.kind.startswith("list_"):
+                name = plan.name + OFFSETS_SUFFIX
+                parts, shift = [views[0][name]], int(views[0][name][-1])
+                for v in views[1:]:
+                    parts.append(v[name][1:] + shift)
+                    shift += int(v[name][-1])
+                out[name] = np.concatenate(parts)
+        return out
 
     def _rows_from(self, splits: Sequence[Split], epoch: int, start: int) -> Iterator[pa.RecordBatch]:
         """Record batches of the epoch's emitted row sequence from row ``start`` on."""
