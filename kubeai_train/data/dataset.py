@@ -17,25 +17,33 @@ rows already emitted. No bookkeeping of which rows were seen is needed, and the 
 integers whatever the dataset size.
 
 Batches are exactly ``batch_size`` rows across split, file and window boundaries; the last
-batch of an epoch is short unless ``drop_last``. A background thread reads and converts ahead
-into a queue of ``prefetch`` batches. Peak memory does not grow with the dataset: it is about
-``(prefetch + 3) x batch bytes`` (the queue, one batch waiting to be put, one being built, the
-one the caller holds) plus a constant of the source's (for Parquet files: one source record
-batch and a 1 MiB stream buffer per selected column; remote files pre-buffer the selected
-column chunks of one row group), plus, when shuffling, one window of ``shuffle_buffer`` rows
-(two for the moment the window is permuted; string columns that are hashed are hashed before
-the window, so a window holds 8-byte ids). Measured by
+batch of an epoch is short unless ``drop_last``. Each source record batch is converted to
+numpy once, whole (nulls filled, strings hashed); a batch that lies inside one is a set of
+numpy views of it, and only a batch that straddles two is concatenated. Two background
+threads overlap the stages: one decodes the source's record batches ``read_ahead`` ahead of
+their conversion (decoding releases the GIL), another converts and cuts batches into a queue
+of ``prefetch`` batches; both stop, and are joined, when the iteration ends, fails or is
+closed, and an error in either reaches the caller as the same exception the synchronous path
+(``prefetch=0, read_ahead=0``) raises, after the same batches. Peak memory does not grow with
+the dataset: it is about ``(prefetch + 3) x batch bytes`` (the queue, one batch waiting to be
+put, one being built, the one the caller holds; a batch that is a view keeps its converted
+source batch alive) plus a constant of the source's (for Parquet files: ``read_ahead + 2``
+source record batches (the read-ahead queue, one waiting to be put, one being converted; one
+with ``read_ahead=0``) and a 1 MiB stream buffer per selected column; remote files pre-buffer
+the selected column chunks of one row group), plus, when shuffling, one window of
+``shuffle_buffer`` rows (two for the moment the window is permuted; string columns that are
+hashed are hashed before the window, so a window holds 8-byte ids). Measured by
 ``tests/data/test_dataset.py::test_peak_memory_does_not_grow_with_dataset_size``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-import queue
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,9 +52,17 @@ import pyarrow as pa
 
 from kubeai_train import cluster
 from kubeai_train.data import adapters
+from kubeai_train.data._background import background
 from kubeai_train.data._retry import RetryPolicy
 from kubeai_train.data.assignment import StaticAssignment, share_bounds, slice_rows
-from kubeai_train.data.convert import ColumnPlan, HashMemo, convert, plan_columns, prehash
+from kubeai_train.data.convert import (
+    OFFSETS_SUFFIX,
+    ColumnPlan,
+    HashMemo,
+    convert,
+    plan_columns,
+    prehash,
+)
 from kubeai_train.data.registry import open_source
 from kubeai_train.data.types import (
     Assignment,
@@ -80,7 +96,10 @@ class ReadOptions:
             ``max(8 * batch_size, 65536)``.
         num_epochs: epochs per iteration (``None``: iterate forever).
         drop_last: drop each epoch's short last batch.
-        prefetch: batches read ahead by a background thread (0: read in the caller's thread).
+        prefetch: batches converted ahead by a background thread (0: in the caller's thread).
+        read_ahead: source record batches decoded ahead of their conversion by another
+            background thread (0: decode in the thread that converts). Decoding releases the
+            GIL, so it overlaps with conversion and hashing.
         hash_buckets: ``{column: buckets}`` string columns -> int64 ids (see ``convert``).
         fill_null: ``{column: value}`` per-column null replacement (defaults in ``convert``).
         retries / backoff: transient read errors are retried this many times with
@@ -96,6 +115,7 @@ class ReadOptions:
     num_epochs: int | None = 1
     drop_last: bool = False
     prefetch: int = 4
+    read_ahead: int = 2
     hash_buckets: Mapping[str, int] = field(default_factory=dict)
     fill_null: Mapping[str, Any] = field(default_factory=dict)
     retries: int = 3
@@ -110,6 +130,7 @@ class ReadOptions:
         check_int("batch_size", self.batch_size, 1)
         check_int("seed", self.seed, 0)
         check_int("prefetch", self.prefetch, 0)
+        check_int("read_ahead", self.read_ahead, 0)
         check_int("retries", self.retries, 0)
         if self.shuffle_buffer is not None:
             check_int("shuffle_buffer", self.shuffle_buffer, 1)
@@ -133,6 +154,7 @@ class ReadOptions:
 _PIPELINE_OPTIONS = {
     "shuffle_buffer",
     "prefetch",
+    "read_ahead",
     "hash_buckets",
     "fill_null",
     "retries",
@@ -168,7 +190,7 @@ def read(
         assignment: which splits each reader reads: an ``Assignment``, or ``"static"`` (the
             default, ``StaticAssignment()``), or ``"dynamic"`` (``DynamicAssignment()``: readers
             ask the job's dispatcher for their next piece, so slow readers read less).
-        **options: pipeline options (``shuffle_buffer``, ``prefetch``, ``hash_buckets``,
+        **options: pipeline options (``shuffle_buffer``, ``prefetch``, ``read_ahead``, ``hash_buckets``,
             ``fill_null``, ``retries``, ``backoff``, ``allow_empty``); the rest go to the
             source (files: ``format``, ``storage_options``, ``partition_filter``,
             ``cache_dir``, ``split_rows``, ...).
@@ -229,6 +251,42 @@ def resolve_assignment(assignment: Assignment | str | None) -> Assignment:
         f"assignment must be a kubeai_train.data.Assignment instance or one of {names}, got {assignment!r} "
         f"({type(assignment).__name__})"
     )
+
+
+class _Rows:
+    """Rows ``[lo, hi)`` of one converted record batch (``arrays``: its numpy outputs).
+
+    Quacks like the record batches it replaces in the batch cutters (``num_rows``,
+    ``slice``), so cutting a batch out of it costs no copy.
+    """
+
+    __slots__ = ("arrays", "hi", "lo")
+
+    def __init__(self, arrays: dict[str, np.ndarray], lo: int, hi: int) -> None:
+        self.arrays, self.lo, self.hi = arrays, lo, hi
+
+    @property
+    def num_rows(self) -> int:
+        return self.hi - self.lo
+
+    def slice(self, offset: int, length: int | None = None) -> _Rows:
+        lo = min(self.hi, self.lo + offset)
+        return _Rows(self.arrays, lo, self.hi if length is None else min(self.hi, lo + length))
+
+    def view(self, plans: Sequence[ColumnPlan]) -> dict[str, np.ndarray]:
+        """The rows as numpy arrays: views, but for list offsets (rebased to start at 0)."""
+        a, lo, hi = self.arrays, self.lo, self.hi
+        out: dict[str, np.ndarray] = {}
+        for plan in plans:
+            if plan.kind.startswith("list_"):
+                name = plan.name + OFFSETS_SUFFIX
+                offsets = a[name]
+                first, last = int(offsets[lo]), int(offsets[hi])
+                out[plan.name] = a[plan.name][first:last]
+                out[name] = offsets[lo : hi + 1] - first if first else offsets[lo : hi + 1]
+            else:
+                out[plan.name] = a[plan.name][lo:hi]
+        return out
 
 
 class Dataset:
@@ -468,13 +526,14 @@ class Dataset:
             log.warning("rank %d reads no rows; num_epochs=None iterates nothing", self.reader.rank)
             return
         if self.options.prefetch == 0:
-            for item in self._produce(self._epoch, self._rows, end):
-                if item[0] is _END:
-                    self._epoch, self._rows = item[1] + 1, 0
-                    continue
-                batch, epoch, rows = item
-                self._epoch, self._rows = epoch, rows
-                yield batch
+            with contextlib.closing(self._produce(self._epoch, self._rows, end)) as items:
+                for item in items:
+                    if item[0] is _END:
+                        self._epoch, self._rows = item[1] + 1, 0
+                        continue
+                    batch, epoch, rows = item
+                    self._epoch, self._rows = epoch, rows
+                    yield batch
             return
         yield from self._prefetched(end)
 
@@ -484,43 +543,18 @@ class Dataset:
         produce: Callable[[int, int, int | None], Iterator[tuple[Any, ...]]] | None = None,
     ) -> Iterator[dict[str, np.ndarray]]:
         produce = produce or self._produce
-        q: queue.Queue[Any] = queue.Queue(maxsize=self.options.prefetch)
-        stop = threading.Event()
-
-        def put(item: Any) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def work(epoch: int, rows: int) -> None:
-            try:
-                for item in produce(epoch, rows, end):
-                    if not put(item):
-                        return
-                put(("done",))
-            except BaseException as e:  # delivered to the consumer, after the good batches
-                put(("error", e))
-
-        t = threading.Thread(
-            target=work, args=(self._epoch, self._rows), name="kubeai-data-prefetch", daemon=True
+        items = background(
+            functools.partial(produce, self._epoch, self._rows, end),
+            self.options.prefetch,
+            "kubeai-data-prefetch",
         )
-        t.start()
         try:
-            while True:
-                item = q.get()
+            for item in items:
                 if item[0] is _END:
                     self._epoch, self._rows = item[1] + 1, 0
                     self._piece, self._piece_rows, self._epoch_done = None, 0, False
                     self._next_delivered()
                     continue
-                if item[0] == "done" and len(item) == 1:
-                    return
-                if item[0] == "error" and len(item) == 2:
-                    raise item[1]
                 if len(item) == 5:  # dynamic: (batch or None, epoch, rows, position, acks)
                     batch = self._deliver(item)
                     if batch is not None:
@@ -530,15 +564,7 @@ class Dataset:
                 self._epoch, self._rows = epoch, rows
                 yield batch
         finally:
-            stop.set()
-            deadline = time.monotonic() + 30.0
-            while t.is_alive() and time.monotonic() < deadline:
-                # the worker may be blocked in a slow read; it notices `stop` at its next put and
-                # only ever touches its own queue, so giving up on it after a while is safe
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    t.join(timeout=0.05)
+            items.close()  # stops and joins the producer (and its read-ahead)
 
     # -- dynamic assignment ------------------------------------------------------------------------
     def _iter_dynamic(self) -> Iterator[dict[str, np.ndarray]]:
@@ -581,15 +607,16 @@ class Dataset:
         end = None if n is None else (self._epoch // n + 1) * n
         try:
             if self.options.prefetch == 0:
-                for item in self._produce_dynamic(self._epoch, end):
-                    if item[0] is _END:
-                        self._epoch, self._rows = item[1] + 1, 0
-                        self._piece, self._piece_rows, self._epoch_done = None, 0, False
-                        self._next_delivered()
-                        continue
-                    batch = self._deliver(item)
-                    if batch is not None:
-                        yield batch
+                with contextlib.closing(self._produce_dynamic(self._epoch, end)) as items:
+                    for item in items:
+                        if item[0] is _END:
+                            self._epoch, self._rows = item[1] + 1, 0
+                            self._piece, self._piece_rows, self._epoch_done = None, 0, False
+                            self._next_delivered()
+                            continue
+                        batch = self._deliver(item)
+                        if batch is not None:
+                            yield batch
             else:
                 yield from self._prefetched_dynamic(end)
         finally:
@@ -611,7 +638,7 @@ class Dataset:
         self._piece, self._piece_rows, self._epoch_done = pos
         return batch  # type: ignore[no-any-return]
 
-    def _produce_dynamic(self, epoch: int, end: int | None) -> Iterator[tuple[Any, ...]]:
+    def _produce_dynamic(self, epoch: int, end: int | None) -> Generator[tuple[Any, ...], None, None]:
         keep, keep_rows, rows = self._piece, self._piece_rows, self._rows
         while end is None or epoch < end:
             yield from self._dynamic_epoch(epoch, rows, keep, keep_rows)
@@ -636,7 +663,7 @@ class Dataset:
             for p in a.pieces(self.reader, epoch):
                 yield p, 0
 
-        pending: list[pa.RecordBatch] = []
+        pending: list[_Rows] = []
         have = 0
         finished: list[Any] = []
         for piece, start in stream():
@@ -644,7 +671,7 @@ class Dataset:
             if got >= piece.num_rows:
                 finished.append(piece)
                 continue
-            for rb in self._piece_rows_from(a.split_of(piece), piece.epoch, start):
+            for rb in self._converted(self._piece_rows_from(a.split_of(piece), piece.epoch, start)):
                 while rb.num_rows:
                     take = min(o.batch_size - have, rb.num_rows)
                     pending.append(rb.slice(0, take) if take < rb.num_rows else rb)
@@ -692,7 +719,7 @@ class Dataset:
             yield from shuffled.to_batches(max_chunksize=self.options.batch_size)
             del shuffled
 
-    def _produce(self, epoch: int, rows: int, end: int | None) -> Iterator[tuple[Any, ...]]:
+    def _produce(self, epoch: int, rows: int, end: int | None) -> Generator[tuple[Any, ...], None, None]:
         """(batch, epoch, rows delivered after it) items, and (_END, epoch) after each epoch."""
         while end is None or epoch < end:
             yield from self._epoch_batches(epoch, rows)
@@ -706,9 +733,9 @@ class Dataset:
             return
         splits = self.splits(epoch)
         pos = start
-        pending: list[pa.RecordBatch] = []
+        pending: list[_Rows] = []
         have = 0
-        for rb in self._rows_from(splits, epoch, start):
+        for rb in self._converted(self._rows_from(splits, epoch, start)):
             while rb.num_rows:
                 take = min(o.batch_size - have, rb.num_rows, limit - pos - have)
                 if take <= 0:
@@ -726,15 +753,33 @@ class Dataset:
             pos += have
             yield self._to_numpy(pending), epoch, pos
 
-    def _to_numpy(self, pieces: list[pa.RecordBatch]) -> dict[str, np.ndarray]:
-        if len(pieces) == 1:
-            return convert(pieces[0], self.plans)
+    def _converted(self, batches: Iterator[pa.RecordBatch]) -> Iterator[_Rows]:
+        """Each record batch converted to numpy once, whole: batches are then cut from it as
+        views (a copy only for a batch that straddles two of them)."""
         try:
-            rb = pa.concat_batches(pieces)
-        except pa.ArrowInvalid:  # schemas equal but for metadata (a source's batches may differ)
-            cols = [pa.concat_arrays([p.column(i) for p in pieces]) for i in range(pieces[0].num_columns)]
-            rb = pa.RecordBatch.from_arrays(cols, names=pieces[0].schema.names)
-        return convert(rb, self.plans)
+            for rb in batches:
+                yield _Rows(convert(rb, self.plans), 0, rb.num_rows)
+        finally:
+            close = getattr(batches, "close", None)
+            if close is not None:  # at once, not when collected: it may own a read-ahead thread
+                close()
+
+    def _to_numpy(self, pieces: list[_Rows]) -> dict[str, np.ndarray]:
+        """One batch from consecutive row ranges of converted record batches."""
+        if len(pieces) == 1:
+            return pieces[0].view(self.plans)
+        views = [p.view(self.plans) for p in pieces]
+        out: dict[str, np.ndarray] = {}
+        for plan in self.plans:
+            out[plan.name] = np.concatenate([v[plan.name] for v in views])
+            if plan.kind.startswith("list_"):
+                name = plan.name + OFFSETS_SUFFIX
+                parts, shift = [views[0][name]], int(views[0][name][-1])
+                for v in views[1:]:
+                    parts.append(v[name][1:] + shift)
+                    shift += int(v[name][-1])
+                out[name] = np.concatenate(parts)
+        return out
 
     def _rows_from(self, splits: Sequence[Split], epoch: int, start: int) -> Iterator[pa.RecordBatch]:
         """Record batches of the epoch's emitted row sequence from row ``start`` on."""
@@ -792,9 +837,22 @@ class Dataset:
         """Source record batches of stream rows [lo, hi), string columns already hashed."""
         hashing = any(p.kind in ("hash", "list_hash") for p in self.plans)
         memo = HashMemo() if hashing else None
-        for split in slice_rows(splits, lo, hi):
-            for rb in self._read_split(split):
+        with contextlib.closing(self._decoded(slice_rows(splits, lo, hi))) as batches:
+            for rb in batches:
                 yield prehash(rb, self.plans, memo) if hashing else rb
+
+    def _decoded(self, splits: Sequence[Split]) -> Generator[pa.RecordBatch, None, None]:
+        """The source's record batches of ``splits``, decoded ``read_ahead`` batches ahead on a
+        background thread; its errors (a ReadFailedError after the retries, a CorruptFileError)
+        are raised here unchanged, after the batches before them."""
+
+        def decode() -> Iterator[pa.RecordBatch]:
+            for split in splits:
+                yield from self._read_split(split)
+
+        if self.options.read_ahead == 0 or not splits:
+            return (rb for rb in decode())
+        return background(decode, self.options.read_ahead, "kubeai-data-readahead")
 
     def _read_split(self, split: Split) -> Iterator[pa.RecordBatch]:
         """All rows of ``split``, retrying transient errors from the first row not received."""

@@ -185,14 +185,15 @@ class FileSource(Source):
             ``[("ds", ">=", "20260101"), ...]`` (ANDed; int/float values compare numerically).
         partition_columns: append the hive partition values as string columns (default True).
         split_rows: cut row groups / stripes larger than this into row ranges.
-        batch_rows: rows per record batch handed to the pipeline: the decoded Arrow data held
-            at once (a constant in peak memory; 8192 keeps it small without slowing reads).
+        batch_rows: rows per record batch handed to the pipeline: the unit of decoded Arrow
+            data held (a constant in peak memory: the pipeline holds ``read_ahead + 2`` of
+            them; 8192 keeps it small without slowing reads much).
         use_threads: decode the columns of a Parquet batch on Arrow's thread pool: up to ~12%
             faster for 40 columns on 2 cores, but it holds a whole decoded row group in memory
             (92 MiB instead of 29 MiB for one 2M-row row group of 9 columns) and makes RSS
             noisy (allocator caches per thread: 18-37 MiB growth for the same read). ``None``:
             only for row groups whose selected columns decode to at most 32 MiB. Default
-            ``False``: the pipeline's prefetch thread already overlaps decoding with training,
+            ``False``: the pipeline's read-ahead thread already overlaps decoding with conversion,
             and peak memory stays bounded whatever the row group size.
         cache_dir: copy remote files to this local directory on first read.
         csv_options: ``delimiter``, ``column_names`` (no header line), ``column_types``.

@@ -136,3 +136,89 @@ def test_prehash_matches_convert_and_memo_follows_dictionaries():
 def test_fnv1a64_any_lengths_offsets_and_widths(values, start, large):
     arr = pa.array([b"pad"] * start + values, pa.large_binary() if large else pa.binary()).slice(start)
     assert fnv1a64(arr).tolist() == [fnv_reference(v) for v in values]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.one_of(st.none(), st.just(""), st.binary(min_size=5, max_size=5)), min_size=1, max_size=40),
+    st.integers(0, 3),
+)
+def test_fnv1a64_fixed_width_values_among_nulls_and_empty_ones(values, start):
+    # the matrix path: every value 5 bytes long or empty; nulls are filled by the caller
+    arr = pa.array([b"pad"] * start + values, pa.binary()).slice(start)
+    got = fnv1a64(arr).tolist()
+    assert [g for g, v in zip(got, values, strict=True) if v is not None] == [
+        fnv_reference(v) for v in values if v is not None
+    ]
+    assert hash_ids(arr, 977, fill=-3).tolist() == [
+        -3 if v is None else fnv_reference(v) % 977 for v in values
+    ]
+
+
+def test_fnv1a64_null_slots_spanning_bytes_do_not_shift_the_others():
+    # Arrow allows bytes under a null slot: then the values are not one matrix
+    offsets = pa.py_buffer(np.array([0, 2, 5, 7], dtype=np.int32).tobytes())
+    data = pa.py_buffer(b"abXYZcd")
+    validity = pa.py_buffer(np.packbits([1, 0, 1], bitorder="little").tobytes())
+    arr = pa.Array.from_buffers(pa.binary(), 3, [validity, offsets, data], null_count=1)
+    assert hash_ids(arr, 1 << 20, fill=0).tolist() == [
+        fnv_reference(b"ab") % (1 << 20),
+        0,
+        fnv_reference(b"cd") % (1 << 20),
+    ]
+
+
+_FILL_TYPES = [
+    (pa.int8(), 7),
+    (pa.int32(), -2),
+    (pa.int64(), 3),
+    (pa.uint16(), 9),
+    (pa.float32(), -1.5),
+    (pa.float64(), float("nan")),
+    (pa.bool_(), True),
+    (pa.timestamp("ms"), 0),
+    (pa.date32(), 0),
+    (pa.string(), "missing"),
+]
+
+
+@pytest.mark.parametrize("nulls", [True, False])
+@pytest.mark.parametrize("typ, fill", _FILL_TYPES, ids=[str(t) for t, _ in _FILL_TYPES])
+def test_fill_paths_give_what_fill_null_gives(typ, fill, nulls):
+    """With nulls: the values ``pc.fill_null`` gives (what conversion used before); without:
+    the column itself, zero-copy where Arrow allows it."""
+    import pyarrow.compute as pc
+
+    rng = np.random.default_rng(0)
+    ints = rng.integers(0, 100, 1000)
+    values = (
+        [f"s{i}" for i in ints]
+        if pa.types.is_string(typ)
+        else ints.astype(bool if pa.types.is_boolean(typ) else np.int64)
+    )
+    mask = rng.random(1000) < 0.1 if nulls else None
+    arr = pa.array(values, mask=mask)
+    arr = (
+        (arr.cast(pa.int32()) if pa.types.is_date32(typ) else arr).cast(typ).slice(13, 900)
+    )  # a slice: an offset into the buffers
+    assert (arr.null_count > 0) == nulls
+    rb = pa.record_batch({"x": arr})
+    plans = plan_columns(rb.schema, ["x"], fill_null={"x": fill})
+    for _ in range(2):  # the fill scalar is made once and reused
+        got = convert(rb, plans)["x"]
+        want = pc.fill_null(arr, pa.scalar(fill, typ)).to_numpy(zero_copy_only=False)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    if not nulls and not pa.types.is_boolean(typ) and not pa.types.is_string(typ):
+        assert not got.flags.owndata  # a view of the Arrow buffer
+
+
+def test_dictionary_columns_fill_as_their_values():
+    arr = pa.array(["a", None, "b", None]).dictionary_encode()
+    rb = pa.record_batch({"d": arr})
+    assert convert(rb, plan_columns(rb.schema, ["d"], fill_null={"d": "?"}))["d"].tolist() == [
+        "a",
+        "?",
+        "b",
+        "?",
+    ]

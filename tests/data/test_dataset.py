@@ -102,23 +102,27 @@ def test_plugged_source_and_assignment() -> None:
         registry._sources.pop("arr", None)
 
 
-def test_prefetch_is_bounded_and_stops_with_the_consumer() -> None:
+@pytest.mark.parametrize("read_ahead", [0, 2])
+def test_prefetch_is_bounded_and_stops_with_the_consumer(read_ahead: int) -> None:
     src = ArraySource(n=100_000, split=1000, chunk=10)
-    ds = data.read(src, batch_size=10, prefetch=2, rank=0, world_size=1)
+    ds = data.read(src, batch_size=10, prefetch=2, read_ahead=read_ahead, rank=0, world_size=1)
     before = set(threading.enumerate())
     it = iter(ds)
     next(it)
     # the producer fills the queue and blocks: wait for it (however loaded the machine), then
     # check it stays blocked. One batch consumed, 2 queued, one waiting to be put, and at most
-    # one record batch read for the next
+    # one record batch read for the next; the read-ahead adds its queue and the record batch
+    # it waits to put
+    bound = (1 + 2 + 1) * 10 + (read_ahead + 1) * 10 if read_ahead else (1 + 2 + 1) * 10
     deadline = time.monotonic() + 30
-    while src.rows_read < (1 + 2 + 1) * 10 and time.monotonic() < deadline:
+    while src.rows_read < bound and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)
-    assert (1 + 2 + 1) * 10 <= src.rows_read <= (1 + 2 + 1) * 10 + 10, src.rows_read
+    assert bound <= src.rows_read <= bound + 10, src.rows_read
     it.close()  # type: ignore[attr-defined]
-    # close() joins the producer: no sleep needed, and threads of other tests do not count
-    assert not [t for t in set(threading.enumerate()) - before if t.name == "kubeai-data-prefetch"]
+    # close() joins the producer and its read-ahead: no sleep needed, and threads of other
+    # tests do not count
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("kubeai-data-")]
     assert ds.state_dict()["rows"] == 10
 
 
@@ -166,7 +170,9 @@ def test_state_after_the_last_batch_resumes_to_nothing_left(prefetch: int, num_e
 
 def test_non_transient_errors_propagate_after_good_batches() -> None:
     src = ArraySource(n=100, split=50, chunk=50)
-    ds = data.read(src, batch_size=50, rank=0, world_size=1, prefetch=0)
+    # read_ahead=0: the failure is injected between two reads, which a read-ahead would have
+    # done already (test_read_ahead_errors_* inject it at a row instead)
+    ds = data.read(src, batch_size=50, rank=0, world_size=1, prefetch=0, read_ahead=0)
     it = iter(ds)
     assert len(next(it)["id"]) == 50
     src.fail = KeyError
@@ -300,3 +306,126 @@ def test_peak_memory_does_not_grow_with_dataset_size(tmp_path) -> None:
     # shuffling costs one window (two while it is permuted)
     assert shuffled["arrow_peak"] <= big["arrow_peak"] + 2.5 * window
     assert shuffled["growth"] <= big["growth"] + 2.5 * window + 16 * mib
+
+
+# -- read-ahead: same batches, same errors, no thread left behind ---------------------------------
+
+
+class FailingSource(ArraySource):
+    """An ArraySource whose reads of the record batch holding row ``fail_at`` raise ``error()``,
+    every time (or only the first ``times`` times)."""
+
+    def __init__(self, fail_at: int, error: type[BaseException], times: int | None = None, **kw: int) -> None:
+        super().__init__(**kw)
+        self.fail_at, self.error, self.times = fail_at, error, times
+        self.failures = 0
+
+    def read(
+        self, split: Split, columns: Sequence[str] | None = None, offset: int = 0
+    ) -> Iterator[pa.RecordBatch]:
+        for rb in super().read(split, columns, offset):
+            first = int(rb.column(0)[0].as_py()) if "id" in rb.schema.names else -1
+            if first <= self.fail_at < first + rb.num_rows and (
+                self.times is None or self.failures < self.times
+            ):
+                self.failures += 1
+                raise self.error(f"injected at row {self.fail_at}")
+            yield rb
+
+
+def _kubeai_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("kubeai-data-")]
+
+
+def _read_until_error(src: Source, **kw: object) -> tuple[list[list[int]], BaseException | None, int]:
+    ds = data.read(src, rank=0, world_size=1, backoff=0.0, **kw)
+    got: list[list[int]] = []
+    err = None
+    try:
+        for b in ds:
+            got.append(b["id"].tolist())
+    except Exception as e:
+        err = e
+    return got, err, ds.state_dict()["rows"]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize(
+    "error, want",
+    [(data.CorruptFileError, data.CorruptFileError), (ConnectionError, data.ReadFailedError)],
+)
+def test_read_ahead_errors_surface_as_the_sync_path_raises_them(prefetch: int, error, want) -> None:
+    """A failure in the read-ahead thread (a bad file, or transient errors past the retries)
+    reaches the caller as the same error the synchronous path raises, after the same batches,
+    with the state at the first row not delivered; no thread is left running."""
+    results = []
+    for read_ahead in (0, 3):
+        src = FailingSource(fail_at=537, error=error, n=1000, split=100, chunk=25)
+        results.append(_read_until_error(src, batch_size=40, prefetch=prefetch, read_ahead=read_ahead))
+        assert not _kubeai_threads()
+    (sync_batches, sync_err, sync_rows), (ra_batches, ra_err, ra_rows) = results
+    assert isinstance(sync_err, want) and isinstance(ra_err, want)
+    assert type(ra_err) is type(sync_err) and str(ra_err) == str(sync_err)
+    if want is data.ReadFailedError:
+        assert "rows [525, 600)" in str(ra_err) and isinstance(ra_err.__cause__, ConnectionError)
+    # every batch before the failing rows, and the state right after the last one delivered
+    assert ra_batches == sync_batches == [list(range(a, a + 40)) for a in range(0, 520, 40)]
+    assert ra_rows == sync_rows == 520
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_read_ahead_retries_transient_errors_on_its_thread(prefetch: int) -> None:
+    src = FailingSource(fail_at=537, error=ConnectionError, times=2, n=1000, split=100, chunk=25)
+    batches, err, _ = _read_until_error(src, batch_size=40, prefetch=prefetch, read_ahead=2)
+    assert err is None and src.failures == 2
+    assert [i for b in batches for i in b] == list(range(1000))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("how", ["close", "garbage", "exhausted"])
+def test_read_ahead_threads_stop_with_the_iteration(prefetch: int, how: str) -> None:
+    import gc
+
+    ds = data.read(
+        ArraySource(n=100_000, split=1000, chunk=10), batch_size=10, rank=0, world_size=1, prefetch=prefetch
+    )
+    assert ds.options.read_ahead > 0  # on by default
+    it = iter(ds)
+    next(it)
+    assert _kubeai_threads()
+    if how == "close":
+        it.close()  # type: ignore[attr-defined]
+    elif how == "garbage":
+        del it
+        gc.collect()
+    else:
+        for _ in it:
+            pass
+    assert not _kubeai_threads()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_read_ahead_reads_the_same_batches_and_states(prefetch: int, shuffle: bool) -> None:
+    def run(read_ahead: int) -> tuple[list[list[int]], list[dict]]:
+        kw = {"batch_size": 33, "shuffle": shuffle, "shuffle_buffer": 250, "num_epochs": 2}
+        ds = data.read(
+            ArraySource(n=1000, split=90, chunk=40),
+            rank=1,
+            world_size=2,
+            prefetch=prefetch,
+            read_ahead=read_ahead,
+            **kw,
+        )
+        batches, states = [], []
+        for b in ds:
+            batches.append(b["id"].tolist())
+            states.append(ds.state_dict())
+        return batches, states
+
+    assert run(0) == run(1) == run(4)
+
+
+def test_read_ahead_is_validated() -> None:
+    with pytest.raises(ValueError, match="read_ahead must be an integer >= 0, got -1"):
+        data.read(ArraySource(), rank=0, world_size=1, read_ahead=-1)

@@ -471,3 +471,43 @@ def test_orc_and_csv_row_ranges_are_exactly_once_and_resumable(tmp_path: Path, f
     again = data.read(str(tmp_path), rank=1, world_size=3, **opts)
     again.load_state_dict(ds.state_dict())
     np.testing.assert_array_equal(np.concatenate(head + [b["id"] for b in again]), got[1])
+
+
+@pytest.mark.parametrize("read_ahead", [0, 2])
+@pytest.mark.parametrize("batch_size", [1, 7, 128, 5000])
+def test_batches_equal_the_table_across_source_batch_boundaries(
+    parted: tuple[Path, np.ndarray], batch_size: int, read_ahead: int
+) -> None:
+    """Batches are cut from converted source batches (views inside one, a copy across two):
+    whatever the batch size, they concatenate to the table itself, nulls filled as
+    ``pc.fill_null`` fills them, lists rebased, strings hashed by ``hash_ids``."""
+    import pyarrow.compute as pc
+
+    from kubeai_train.data.convert import hash_ids
+
+    root, _ = parted
+    kw = {"hash_buckets": {"tags": 64, "c": 1000}, "fill_null": {"f": -1.0}, "read_ahead": read_ahead}
+    # small source batches (batch_rows), so that batches straddle them as well as row groups
+    ds = data.read(str(root), batch_size=batch_size, rank=0, world_size=1, batch_rows=50, **kw)
+    batches = list(ds)
+    assert [len(b["id"]) for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
+    t = pq.read_table(str(root))
+    t = t.sort_by("id")  # the files are read in path order, which is id order
+    want = {
+        "id": t["id"].to_numpy(),
+        "f": pc.fill_null(t["f"], -1.0).to_numpy(),
+        "w": t["w"].to_numpy(),
+        "c": hash_ids(t["c"], 1000),
+    }
+    for name, values in want.items():
+        got = np.concatenate([b[name] for b in batches])
+        assert got.dtype == values.dtype, name
+        np.testing.assert_array_equal(got, values, err_msg=name)
+    tags = t["tags"].combine_chunks()
+    lengths = pc.list_value_length(tags).fill_null(0).to_numpy()
+    np.testing.assert_array_equal(np.concatenate([np.diff(b["tags.offsets"]) for b in batches]), lengths)
+    np.testing.assert_array_equal(
+        np.concatenate([b["tags"] for b in batches]), hash_ids(pc.list_flatten(tags), 64)
+    )
+    for b in batches:
+        assert b["tags.offsets"][0] == 0 and b["tags.offsets"][-1] == len(b["tags"])
