@@ -39,6 +39,7 @@ NOISE = (
         r"Could not find cuda drivers on your machine, GPU will not be used\."
     ),
     re.compile(r"E0000 [\d:. ]+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit: .*"),
+    re.compile(r"I0000 [\d:. ]+ +\d+ port\.cc:\d+\] oneDNN custom operations are on\. .*"),
 )
 
 #: seconds to wait for the forwarding thread after fd 2 is restored (it ends at once unless
